@@ -1,0 +1,1 @@
+"""skewless core: plain Python, torch, numpy, faiss and pyarrow. Never imports Ray."""

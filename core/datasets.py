@@ -1,0 +1,115 @@
+"""Partitioned parquet datasets with a self-describing `_dataset.json`.
+
+A dataset directory holds `part-NNNNN.parquet` files (what Ray Data maps over) and `_dataset.json`:
+kind, row count, feature schema, source, and a fingerprint of the partition files' bytes. It is staged
+in a temp directory and renamed into place, so a reader never sees a half-written dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from core.features import FeatureSchema
+from core.fsutil import commit_dir, sha256_file, staging_dir
+
+DATASET_MANIFEST = "_dataset.json"
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def write_dataset(
+    final: Path,
+    parts: Iterable[pa.Table],
+    *,
+    kind: str,
+    schema: FeatureSchema | None,
+    source: dict,
+    overwrite: bool = False,
+) -> dict:
+    """Write each table of `parts` as one partition file, then the manifest, then rename into place.
+    Memory stays bounded by one part: `parts` may be a generator."""
+    final = Path(final)
+    tmp = staging_dir(final)
+    n_rows, arrow_schema = 0, None
+    try:
+        for i, table in enumerate(parts):
+            pq.write_table(table, tmp / part_name(i), compression="zstd", row_group_size=65536)
+            n_rows += table.num_rows
+            arrow_schema = arrow_schema or table.schema
+        files = sorted(p.name for p in tmp.glob("part-*.parquet"))
+        manifest = {
+            "kind": kind,
+            "row_count": n_rows,
+            "num_partitions": len(files),
+            "columns": [] if arrow_schema is None else arrow_schema.names,
+            "feature_schema": None if schema is None else schema.to_dict(),
+            "fingerprint": fingerprint_files([tmp / f for f in files]),
+            "source": source,
+        }
+        (tmp / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            if not overwrite:
+                raise DatasetError(f"{final} already exists; pass overwrite to replace it")
+            # Replace by rename-aside: the old copy stays whole until the new one is in place.
+            aside = final.with_name(f".old-{final.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)
+            commit_dir(tmp, final)
+            shutil.rmtree(aside)
+        else:
+            commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    """sha256 over (name, sha256 of bytes) of each partition, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def read_dataset_manifest(path: Path, kind: str) -> dict:
+    path = Path(path)
+    mf = path / DATASET_MANIFEST
+    if not mf.is_file():
+        raise DatasetError(f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (run jobs.prepare_data)")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("kind") != kind:
+        raise DatasetError(f"{path}: expected a {kind!r} dataset, got {manifest.get('kind')!r}")
+    return manifest
+
+
+def partition_files(path: Path) -> list[Path]:
+    files = sorted(Path(path).glob("part-*.parquet"))
+    if not files:
+        raise DatasetError(f"{path} has no part-*.parquet partition files")
+    return files
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in partition_files(path)])
+
+
+def split_table(table: pa.Table, num_parts: int) -> list[pa.Table]:
+    """Split into `num_parts` nearly equal contiguous slices (at least one row each when possible)."""
+    n = table.num_rows
+    num_parts = max(1, min(num_parts, n)) if n else 1
+    bounds = [round(i * n / num_parts) for i in range(num_parts + 1)]
+    return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

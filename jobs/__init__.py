@@ -1,0 +1,1 @@
+"""Thin entrypoints: each `python -m jobs.NAME` parses flags into a frozen config and calls core/."""
