@@ -94,7 +94,9 @@ def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not mf.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MANIFEST}; expected a directory written by jobs.train")
+        raise CheckpointError(
+            f"checkpoint {path} has no {MANIFEST}; expected a directory written by jobs.train"
+        )
     try:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as e:

@@ -89,7 +89,9 @@ def read_dataset_manifest(path: Path, kind: str) -> dict:
     path = Path(path)
     mf = path / DATASET_MANIFEST
     if not mf.is_file():
-        raise DatasetError(f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (run jobs.prepare_data)")
+        raise DatasetError(
+            f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (run jobs.prepare_data)"
+        )
     manifest = json.loads(mf.read_text())
     if manifest.get("kind") != kind:
         raise DatasetError(f"{path}: expected a {kind!r} dataset, got {manifest.get('kind')!r}")

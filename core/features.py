@@ -127,7 +127,9 @@ def encode_item_rows(
         cols["tags"].append(str(r.get("tags", "") or ""))
         cols["genre_ids"].append(genre_ids(cols["genres"][-1], schema))
         cols["year_slot"].append(year_slot(year, schema))
-        cols["title_tokens"].append(hash_tokens(cols["title"][-1], schema.title_buckets, schema.max_title_tokens))
+        cols["title_tokens"].append(
+            hash_tokens(cols["title"][-1], schema.title_buckets, schema.max_title_tokens)
+        )
         cols["tag_tokens"].append(hash_tokens(cols["tags"][-1], schema.tag_buckets, schema.max_tag_tokens))
     return pa.Table.from_pydict(cols, schema=ITEM_ARROW_SCHEMA)
 
@@ -135,7 +137,9 @@ def encode_item_rows(
 def check_columns(names: Sequence[str], required: Sequence[str], what: str) -> None:
     missing = [c for c in required if c not in names]
     if missing:
-        raise ValueError(f"{what} is missing required columns {missing}; expected {list(required)}, got {list(names)}")
+        raise ValueError(
+            f"{what} is missing required columns {missing}; expected {list(required)}, got {list(names)}"
+        )
 
 
 def list_column_to_bag(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,9 @@ def popularity_scores(item_counts: np.ndarray, n_users: int) -> torch.Tensor:
     return torch.from_numpy(item_counts.astype(np.float32))[None, :].expand(n_users, -1)
 
 
-def evaluate_topk(scores: torch.Tensor, users: pa.Table, item_ids: np.ndarray, eval_split: pa.Table, k: int = 10) -> dict:
+def evaluate_topk(
+    scores: torch.Tensor, users: pa.Table, item_ids: np.ndarray, eval_split: pa.Table, k: int = 10
+) -> dict:
     """scores: (U, N) for users in `users` order and items in `item_ids` order.
 
     Only users with a non-empty train history and at least one held-out item they had not seen in
@@ -38,4 +40,8 @@ def evaluate_topk(scores: torch.Tensor, users: pa.Table, item_ids: np.ndarray, e
         n_hit = len(top & rel)
         recalls.append(n_hit / len(rel))
         hits.append(float(n_hit > 0))
-    return {"recall": float(np.mean(recalls)) if recalls else 0.0, "hr": float(np.mean(hits)) if hits else 0.0, "users": len(recalls)}
+    return {
+        "recall": float(np.mean(recalls)) if recalls else 0.0,
+        "hr": float(np.mean(hits)) if hits else 0.0,
+        "users": len(recalls),
+    }

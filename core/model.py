@@ -79,20 +79,30 @@ def item_inputs_from_arrow(table: pa.Table, schema: FeatureSchema) -> ItemInputs
     ids = table.column("item_id").to_numpy()
     year = table.column("year_slot").to_numpy(zero_copy_only=False).astype(np.int64)
     t = torch.as_tensor  # copies read-only Arrow buffers instead of aliasing them
-    return ItemInputs(t(bucket_ids(ids, schema.item_id_buckets)), t(gv), t(go), t(year), t(tv), t(to), t(kv), t(ko))
+    return ItemInputs(
+        t(bucket_ids(ids, schema.item_id_buckets)), t(gv), t(go), t(year), t(tv), t(to), t(kv), t(ko)
+    )
 
 
-def user_inputs_from_lists(user_ids: np.ndarray, histories: list[np.ndarray] | pa.Array, schema: FeatureSchema) -> UserInputs:
+def user_inputs_from_lists(
+    user_ids: np.ndarray, histories: list[np.ndarray] | pa.Array | pa.ChunkedArray, schema: FeatureSchema
+) -> UserInputs:
     """User ids and their histories (item ids, most recent last) -> tensors; keeps the last
-    `schema.history_len` items of each history."""
+    `schema.history_len` items of each history. Arrow list columns are handled without a row loop."""
     if isinstance(histories, pa.Array | pa.ChunkedArray):
-        histories = histories.to_pylist()
-    hist = [np.asarray(h, dtype=np.int64)[-schema.history_len :] for h in histories]
-    lens = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-    offs = np.zeros(len(hist), dtype=np.int64)
+        values, starts = list_column_to_bag(histories)
+        ends = np.append(starts[1:], len(values))
+    else:
+        lens_all = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+        ends = np.cumsum(lens_all)
+        starts = ends - lens_all
+        values = np.concatenate(histories).astype(np.int64) if len(histories) else np.zeros(0, np.int64)
+    keep_from = np.maximum(starts, ends - schema.history_len)
+    lens = ends - keep_from
+    offs = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=offs[1:])
-    flat = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)
-    t = torch.from_numpy
+    flat = values[np.repeat(keep_from - offs, lens) + np.arange(int(lens.sum()))]
+    t = torch.as_tensor
     return UserInputs(
         t(bucket_ids(np.asarray(user_ids, dtype=np.int64), schema.user_id_buckets)),
         t(bucket_ids(flat, schema.item_id_buckets)),

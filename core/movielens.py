@@ -94,12 +94,23 @@ def _read_csv(path: Path) -> pa.Table:
     return pcsv.read_csv(path)
 
 
-def load(directory: Path, schema: FeatureSchema, val_frac: float = 0.1, test_frac: float = 0.1) -> MovieLensTables:
+def load(
+    directory: Path, schema: FeatureSchema, val_frac: float = 0.1, test_frac: float = 0.1
+) -> MovieLensTables:
     directory = Path(directory)
     movies = _read_csv(directory / "movies.csv")
-    ratings = _read_csv(directory / "ratings.csv").rename_columns(["user_id", "item_id", "rating", "timestamp"])
+    ratings = _read_csv(directory / "ratings.csv").rename_columns(
+        ["user_id", "item_id", "rating", "timestamp"]
+    )
     ratings = ratings.cast(
-        pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64())])
+        pa.schema(
+            [
+                ("user_id", pa.int64()),
+                ("item_id", pa.int64()),
+                ("rating", pa.float32()),
+                ("timestamp", pa.int64()),
+            ]
+        )
     )
     tags = _read_csv(directory / "tags.csv")
 
@@ -112,13 +123,18 @@ def load(directory: Path, schema: FeatureSchema, val_frac: float = 0.1, test_fra
         for u, i in zip(t["user_id"].to_numpy(), t["item_id"].to_numpy(), strict=True)
     }
     tag_text: dict[int, list[str]] = {}
-    for uid, mid, tag in zip(tags["userId"].to_pylist(), tags["movieId"].to_pylist(), tags["tag"].to_pylist(), strict=True):
+    for uid, mid, tag in zip(
+        tags["userId"].to_pylist(), tags["movieId"].to_pylist(), tags["tag"].to_pylist(), strict=True
+    ):
         if (uid, mid) not in held_out:
             tag_text.setdefault(mid, []).append(str(tag))
 
     def rows():
         for mid, title, genres in zip(
-            movies["movieId"].to_pylist(), movies["title"].to_pylist(), movies["genres"].to_pylist(), strict=True
+            movies["movieId"].to_pylist(),
+            movies["title"].to_pylist(),
+            movies["genres"].to_pylist(),
+            strict=True,
         ):
             m = _YEAR_RE.search(title)
             yield {
@@ -134,11 +150,15 @@ def load(directory: Path, schema: FeatureSchema, val_frac: float = 0.1, test_fra
     return MovieLensTables(catalog, users, train, val, test)
 
 
-def split_by_user_time(ratings: pa.Table, val_frac: float, test_frac: float) -> tuple[pa.Table, pa.Table, pa.Table]:
+def split_by_user_time(
+    ratings: pa.Table, val_frac: float, test_frac: float
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Per-user chronological split: each user's latest `test_frac` of interactions test, the
     `val_frac` before them validate, the rest train (every user keeps at least one train row).
     Every user is then evaluable, which a single global cut-off would not allow on 610 users."""
-    order = pc.sort_indices(ratings, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    order = pc.sort_indices(
+        ratings, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
+    )
     r = ratings.take(order)
     uid = r["user_id"].to_numpy()
     first = np.searchsorted(uid, uid, side="left")
@@ -154,7 +174,9 @@ def split_by_user_time(ratings: pa.Table, val_frac: float, test_frac: float) -> 
 
 def user_histories(all_ratings: pa.Table, train: pa.Table) -> pa.Table:
     """Every user who appears anywhere, with their TRAIN items in time order (may be empty)."""
-    order = pc.sort_indices(train, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    order = pc.sort_indices(
+        train, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
+    )
     t = train.take(order)
     uid = t["user_id"].to_numpy()
     iid = t["item_id"].to_numpy()

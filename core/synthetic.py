@@ -28,11 +28,15 @@ def _word_lists(rng: np.random.Generator, n: int, lo: int, hi: int, words: pa.Ar
     """n lists of lo..hi Zipf-ish word picks -> (joined strings, hashed token lists)."""
     lengths = rng.integers(lo, hi + 1, size=n)
     picks = np.minimum(rng.zipf(1.3, size=int(lengths.sum())) - 1, VOCAB - 1)
-    text = pc.binary_join(_lists(words.take(pa.array(picks)).to_numpy(zero_copy_only=False), lengths, pa.string()), " ")
+    text = pc.binary_join(
+        _lists(words.take(pa.array(picks)).to_numpy(zero_copy_only=False), lengths, pa.string()), " "
+    )
     return text, _lists(hashed[picks], lengths, pa.int32())
 
 
-def catalog_chunks(rows: int, seed: int, schema: FeatureSchema, chunk_rows: int = 500_000) -> Iterator[pa.Table]:
+def catalog_chunks(
+    rows: int, seed: int, schema: FeatureSchema, chunk_rows: int = 500_000
+) -> Iterator[pa.Table]:
     words = pa.array([f"w{i}" for i in range(VOCAB)])
     title_hash = np.array([hash_tokens(f"w{i}", schema.title_buckets, 1)[0] for i in range(VOCAB)], np.int32)
     tag_hash = np.array([hash_tokens(f"w{i}", schema.tag_buckets, 1)[0] for i in range(VOCAB)], np.int32)
@@ -72,6 +76,9 @@ def user_chunks(rows: int, n_items: int, seed: int, chunk_rows: int = 1_000_000)
         lengths = rng.integers(1, 51, size=n)
         items = ((rng.zipf(1.2, size=int(lengths.sum())) - 1) % n_items + 1).astype(np.int64)
         yield pa.table(
-            {"user_id": np.arange(start + 1, start + n + 1, dtype=np.int64), "history": _lists(items, lengths, pa.int64())},
+            {
+                "user_id": np.arange(start + 1, start + n + 1, dtype=np.int64),
+                "history": _lists(items, lengths, pa.int64()),
+            },
             schema=USER_ARROW_SCHEMA,
         )

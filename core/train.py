@@ -35,7 +35,9 @@ class TrainConfig:
 
 
 def _examples(train: pa.Table, history_len: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    order = pc.sort_indices(train, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    order = pc.sort_indices(
+        train, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
+    )
     t = train.take(order)
     uid, iid = t["user_id"].to_numpy(), t["item_id"].to_numpy()
     start = np.searchsorted(uid, uid, side="left")  # first row of each row's user
@@ -46,7 +48,10 @@ def _examples(train: pa.Table, history_len: int) -> tuple[np.ndarray, np.ndarray
 def item_embeddings(model: TwoTower, catalog: pa.Table, batch: int = 8192) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat(
-            [model.item_tower(item_inputs_from_arrow(catalog.slice(s, batch), model.schema)) for s in range(0, catalog.num_rows, batch)]
+            [
+                model.item_tower(item_inputs_from_arrow(catalog.slice(s, batch), model.schema))
+                for s in range(0, catalog.num_rows, batch)
+            ]
         )
 
 
@@ -55,7 +60,9 @@ def user_embeddings(model: TwoTower, users: pa.Table, batch: int = 8192) -> torc
         out = []
         for s in range(0, users.num_rows, batch):
             u = users.slice(s, batch)
-            out.append(model.user_tower(user_inputs_from_lists(u["user_id"].to_numpy(), u["history"], model.schema)))
+            out.append(
+                model.user_tower(user_inputs_from_lists(u["user_id"].to_numpy(), u["history"], model.schema))
+            )
         return torch.cat(out)
 
 
@@ -98,7 +105,9 @@ def train(
             # Ranking head: positives vs a shuffled in-batch item as negative.
             neg = torch.roll(torch.arange(len(b)), 1)
             pos_s, neg_s = model.scorer(u, i), model.scorer(u, i[neg])
-            rank_loss = F.binary_cross_entropy_with_logits(torch.cat([pos_s, neg_s]), torch.cat([torch.ones(len(b)), torch.zeros(len(b))]))
+            rank_loss = F.binary_cross_entropy_with_logits(
+                torch.cat([pos_s, neg_s]), torch.cat([torch.ones(len(b)), torch.zeros(len(b))])
+            )
             opt.zero_grad()
             (loss + cfg.ranker_weight * rank_loss).backward()
             opt.step()

@@ -1,7 +1,7 @@
 """Prepare catalog, users and interactions as partitioned parquet.
 
-  python -m jobs.prepare_data movielens [--movielens PATH] [--out data/movielens]
-  python -m jobs.prepare_data synthetic --items 1000000 --users 1000000 --out data/synth-1m
+python -m jobs.prepare_data movielens [--movielens PATH] [--out data/movielens]
+python -m jobs.prepare_data synthetic --items 1000000 --users 1000000 --out data/synth-1m
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ def prepare_movielens(cfg: MovieLensConfig) -> dict:
     src = movielens.locate(cfg.movielens, cfg.download_dir)
     print(f"reading MovieLens from {src}")
     t = movielens.load(src, schema)
-    source = {"dataset": "movielens/ml-latest-small", "path": str(src), "split": "per-user chronological 80/10/10"}
+    source = {
+        "dataset": "movielens/ml-latest-small",
+        "path": str(src),
+        "split": "per-user chronological 80/10/10",
+    }
     out = cfg.out
     counts = {}
     for name, table, kind, fs in [
@@ -51,7 +55,14 @@ def prepare_movielens(cfg: MovieLensConfig) -> dict:
         ("interactions/val", t.val, "interactions", None),
         ("interactions/test", t.test, "interactions", None),
     ]:
-        m = write_dataset(out / name, split_table(table, cfg.partitions), kind=kind, schema=fs, source=source, overwrite=True)
+        m = write_dataset(
+            out / name,
+            split_table(table, cfg.partitions),
+            kind=kind,
+            schema=fs,
+            source=source,
+            overwrite=True,
+        )
         counts[name] = m["row_count"]
         print(f"  {out / name}: {m['row_count']:,} rows in {m['num_partitions']} partitions")
     return counts
@@ -59,36 +70,72 @@ def prepare_movielens(cfg: MovieLensConfig) -> dict:
 
 def prepare_synthetic(cfg: SyntheticConfig) -> dict:
     schema = FeatureSchema()
-    source = {"dataset": "synthetic", "seed": cfg.seed, "items": cfg.items, "users": cfg.users, "chunk_rows": cfg.chunk_rows}
+    source = {
+        "dataset": "synthetic",
+        "seed": cfg.seed,
+        "items": cfg.items,
+        "users": cfg.users,
+        "chunk_rows": cfg.chunk_rows,
+    }
     t0 = time.perf_counter()
 
     def progress(chunks, total, what):
         for i, c in enumerate(chunks):
-            print(f"  {what}: chunk {i + 1}/{-(-total // cfg.chunk_rows)} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  {what}: chunk {i + 1}/{-(-total // cfg.chunk_rows)} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
             yield c
 
     counts = {}
     if cfg.items:
         chunks = synthetic.catalog_chunks(cfg.items, cfg.seed, schema, cfg.chunk_rows)
-        m = write_dataset(cfg.out / "catalog", progress(chunks, cfg.items, "catalog"), kind="catalog", schema=schema, source=source, overwrite=True)
+        m = write_dataset(
+            cfg.out / "catalog",
+            progress(chunks, cfg.items, "catalog"),
+            kind="catalog",
+            schema=schema,
+            source=source,
+            overwrite=True,
+        )
         counts["catalog"] = m["row_count"]
     if cfg.users:
         chunks = synthetic.user_chunks(cfg.users, max(cfg.items, 1), cfg.seed, cfg.chunk_rows)
-        m = write_dataset(cfg.out / "users", progress(chunks, cfg.users, "users"), kind="users", schema=schema, source=source, overwrite=True)
+        m = write_dataset(
+            cfg.out / "users",
+            progress(chunks, cfg.users, "users"),
+            kind="users",
+            schema=schema,
+            source=source,
+            overwrite=True,
+        )
         counts["users"] = m["row_count"]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"synthetic data in {cfg.out}: {counts}; {time.perf_counter() - t0:.1f}s, peak RSS {peak_mib:,.0f} MiB")
+    print(
+        f"synthetic data in {cfg.out}: {counts}; {time.perf_counter() - t0:.1f}s, peak RSS {peak_mib:,.0f} MiB"
+    )
     return counts
 
 
 def parse(argv: list[str] | None) -> MovieLensConfig | SyntheticConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.prepare_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="source")
     ml = sub.add_parser("movielens", help="MovieLens ml-latest-small (the default)")
-    ml.add_argument("--movielens", type=Path, default=None, help="unpacked ml-latest-small directory (default: ../shared/data/movielens/ml-latest-small, else download)")
+    ml.add_argument(
+        "--movielens",
+        type=Path,
+        default=None,
+        help="unpacked ml-latest-small directory (default: ../shared/data/movielens/ml-latest-small, else download)",
+    )
     ml.add_argument("--out", type=Path, default=Path("data/movielens"))
     ml.add_argument("--download-dir", type=Path, default=Path("data/downloads"))
-    ml.add_argument("--partitions", type=int, default=8, help="parquet files per table (Ray Data maps over them)")
+    ml.add_argument(
+        "--partitions", type=int, default=8, help="parquet files per table (Ray Data maps over them)"
+    )
     sy = sub.add_parser("synthetic", help="deterministic synthetic catalog/users of any size")
     sy.add_argument("--items", type=int, required=True)
     sy.add_argument("--users", type=int, default=0)

@@ -31,9 +31,18 @@ class JobConfig:
 
 
 def parse(argv: list[str] | None) -> JobConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("data/movielens"), help="output of jobs.prepare_data movielens")
-    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoint root; the checkpoint goes to OUT/<family>-<hash>")
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", type=Path, default=Path("data/movielens"), help="output of jobs.prepare_data movielens"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("checkpoints"),
+        help="checkpoint root; the checkpoint goes to OUT/<family>-<hash>",
+    )
     p.add_argument("--family", default="ml-two-tower", help="model family name (skew checks are per family)")
     p.add_argument("--eval-split", choices=["val", "test"], default="test")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -58,13 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     cat_m = datasets.read_dataset_manifest(cfg.data / "catalog", "catalog")
     data_schema = FeatureSchema.from_dict(cat_m["feature_schema"])
     if data_schema != schema:
-        raise ValueError(f"catalog {cfg.data / 'catalog'} was encoded with another feature schema: {schema_diff(schema, data_schema)}")
+        raise ValueError(
+            f"catalog {cfg.data / 'catalog'} was encoded with another feature schema: {schema_diff(schema, data_schema)}"
+        )
     train_m = datasets.read_dataset_manifest(cfg.data / "interactions/train", "interactions")
     catalog = datasets.read_table(cfg.data / "catalog")
     users = datasets.read_table(cfg.data / "users")
     train_split = datasets.read_table(cfg.data / "interactions/train")
     eval_split = datasets.read_table(cfg.data / f"interactions/{cfg.eval_split}")
-    print(f"training on {train_split.num_rows:,} interactions, {catalog.num_rows:,} items, {users.num_rows:,} users")
+    print(
+        f"training on {train_split.num_rows:,} interactions, {catalog.num_rows:,} items, {users.num_rows:,} users"
+    )
     model, metrics = train(catalog, users, train_split, eval_split, schema, cfg.model, cfg.train)
     metrics["eval_split"] = cfg.eval_split
     training = {

@@ -1,0 +1,66 @@
+"""Embedding catalog and user batches with ONE verified checkpoint.
+
+Every output row carries the checkpoint version it was embedded with; the rebuild refuses to publish
+unless all rows carry the same one. The Ray Data callable classes in jobs/ are one-line shells over
+these functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from core.checkpoint import Checkpoint, load_checkpoint
+from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS, FeatureSchema, check_columns
+from core.model import item_inputs_from_arrow, user_inputs_from_lists
+
+
+def embedding_table(ids: np.ndarray, emb: np.ndarray, version: str, id_name: str) -> pa.Table:
+    """(ids, (N, D) float32) -> item_id/user_id, embedding fixed_size_list<float32>[D], checkpoint_version.
+    The version is dictionary-encoded: one string per build, not per row."""
+    n, d = emb.shape
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb, np.float32).reshape(-1)), d)
+    version_col = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([version]))
+    return pa.table({id_name: pa.array(ids, pa.int64()), "embedding": vec, "checkpoint_version": version_col})
+
+
+def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
+    """embedding column -> (N, D) float32, contiguous."""
+    col = table.column("embedding").combine_chunks()
+    d = col.type.list_size
+    return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d), dtype=np.float32)
+
+
+class Embedder:
+    """Holds one checkpoint on one device and embeds Arrow batches of items or users."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        expected_schema: FeatureSchema | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.ckpt: Checkpoint = load_checkpoint(Path(checkpoint), expected_schema=expected_schema)
+        self.device = torch.device(device)
+        self.model = self.ckpt.model.to(self.device)
+
+    @torch.inference_mode()
+    def items(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch.column_names, ITEM_FEATURE_COLUMNS, "catalog batch")
+        x = item_inputs_from_arrow(batch, self.ckpt.schema).to(self.device)
+        emb = self.model.item_tower(x).float().cpu().numpy()  # (N, D)
+        return embedding_table(batch.column("item_id").to_numpy(), emb, self.ckpt.version, "item_id")
+
+    @torch.inference_mode()
+    def users(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch.column_names, USER_FEATURE_COLUMNS, "users batch")
+        ids = batch.column("user_id").to_numpy()
+        x = user_inputs_from_lists(ids, batch.column("history"), self.ckpt.schema).to(self.device)
+        emb = self.model.user_tower(x).float().cpu().numpy()  # (U, D)
+        return embedding_table(ids, emb, self.ckpt.version, "user_id")

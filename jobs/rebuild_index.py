@@ -1,0 +1,255 @@
+"""Rebuild the ANN index with ONE frozen checkpoint over the whole catalog, validate it, publish it.
+
+  python -m jobs.rebuild_index --checkpoint checkpoints/ml-two-tower-XXXX \\
+      --catalog data/movielens/catalog --users data/movielens/users --registry registry
+
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+      python -m jobs.rebuild_index --checkpoint $PWD/checkpoints/... --catalog $PWD/data/movielens/catalog ...
+
+Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
+the inputs', unique ids, finite vectors, and held-out recall@k >= the target. Exit code 0 = published,
+2 = refused (bad input or failed gate), 1 = unexpected error. CURRENT is untouched on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from core import index as ann
+from core.embed import Embedder
+from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
+from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
+from core.registry import Registry
+from jobs.common import run_main
+
+log = logging.getLogger("skewless.rebuild")
+
+
+@dataclasses.dataclass(frozen=True)
+class RebuildConfig:
+    checkpoint: Path
+    catalog: Path
+    users: Path | None
+    registry: Path
+    address: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    read_cpus: float = 0.25
+    num_gpus_per_worker: float = 0.0
+    resources_per_worker: tuple[tuple[str, float], ...] = ()
+    batch_size: int = 8192
+    torch_threads: int = 2
+    faiss_threads: int = 2
+    index: IndexOptions = IndexOptions()
+    timeout_s: int = 3600
+    wait_for_min_actors_s: int = 300
+
+
+class EmbedBatches:
+    """Ray Data callable: loads the checkpoint from its path once per actor, then embeds batches."""
+
+    def __init__(self, checkpoint: str, what: str, threads: int):
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned; a CPU-pool actor gets none even on a
+        # GPU node (torch.cuda.is_available() would still say True there).
+        device = "cuda:0" if ray.get_gpu_ids() else "cpu"
+        self.embedder = Embedder(checkpoint, device=device, threads=threads)
+        self.fn = self.embedder.items if what == "items" else self.embedder.users
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.fn(batch)
+
+
+def _embed(cfg: RebuildConfig, files: list[Path], columns: tuple[str, ...], what: str, out: Path) -> None:
+    # Read tasks reserve a fraction of a CPU: with whole CPUs, an actor pool that holds every CPU would
+    # starve the reads that feed it and the pipeline would wait forever.
+    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=cfg.read_cpus).select_columns(list(columns))
+    ds = ds.map_batches(
+        EmbedBatches,
+        fn_constructor_kwargs={
+            "checkpoint": str(cfg.checkpoint.resolve()),
+            "what": what,
+            "threads": cfg.torch_threads,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.num_gpus_per_worker or None,
+        resources=dict(cfg.resources_per_worker) or None,
+        udf_modifying_row_count=False,
+    )
+    ds.write_parquet(str(out))
+
+
+def _timeout(signum, frame):
+    raise TimeoutError("rebuild exceeded --timeout-s; nothing was published")
+
+
+def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
+    phase = on_phase or (lambda _n: None)
+    t_start = time.perf_counter()
+    inputs: Inputs = preflight(cfg.checkpoint, cfg.catalog, cfg.users)
+    ck = inputs.checkpoint
+    registry = Registry(cfg.registry)
+    expected_seq = registry.pointer().seq
+    build_id = new_build_id(ck.version)
+    print(
+        f"rebuild {build_id}: checkpoint {ck.version}, {inputs.catalog_manifest['row_count']:,} items in "
+        f"{len(inputs.catalog_files)} partitions, registry {cfg.registry} (seq {expected_seq})",
+        flush=True,
+    )
+    ray.init(address=cfg.address, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = 0  # a failed block must fail the build, never silently drop catalog rows
+    ctx.wait_for_min_actors_s = cfg.wait_for_min_actors_s
+    ann.configure(cfg.faiss_threads)
+
+    staging = registry.staging(build_id)
+    try:
+        timings = {}
+        t0 = time.perf_counter()
+        _embed(cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", staging / "embeddings")
+        timings["read_embed_s"] = round(time.perf_counter() - t0, 3)
+        if inputs.users_manifest is not None:
+            t0 = time.perf_counter()
+            _embed(cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", staging / "users")
+            timings["users_embed_s"] = round(time.perf_counter() - t0, 3)
+        phase("embedded")
+        run_info = {
+            "num_workers": cfg.num_workers,
+            "cpus_per_worker": cfg.cpus_per_worker,
+            "read_cpus": cfg.read_cpus,
+            "num_gpus_per_worker": cfg.num_gpus_per_worker,
+            "resources_per_worker": dict(cfg.resources_per_worker),
+            "batch_size": cfg.batch_size,
+            "torch_threads": cfg.torch_threads,
+            "faiss_threads": cfg.faiss_threads,
+            "ray_version": ray.__version__,
+        }
+        manifest = finalize(
+            inputs, registry, staging, build_id, expected_seq, cfg.index, timings, run_info, on_phase=phase
+        )
+    except BaseException:
+        if staging.exists():  # a committed build has left staging; only a half-written one is removed
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    total = time.perf_counter() - t_start
+    n = manifest["catalog"]["row_count"]
+    summary = {
+        "build_id": build_id,
+        "checkpoint_version": ck.version,
+        "items": n,
+        "users": manifest["homogeneity"]["user_rows"],
+        "seconds": round(total, 2),
+        "items_per_s": round(n / timings["read_embed_s"], 1),
+        "index": manifest["index"]["factory"],
+        "search_params": manifest["index"]["search_params"],
+        "recall_at_10": manifest["quality"]["recall_at_k"],
+        "timings": timings,
+        "published": True,
+    }
+    print(
+        f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} items/s embedding), "
+        f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f}, "
+        f"checkpoint {ck.version}"
+    )
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    return summary
+
+
+def _resource(s: str) -> tuple[str, float]:
+    name, _, amount = s.partition("=")
+    try:
+        return name, float(amount or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. gpu_pool=1), got {s!r}") from None
+
+
+def parse(argv: list[str] | None) -> RebuildConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.rebuild_index",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint directory written by jobs.train"
+    )
+    p.add_argument(
+        "--catalog", type=Path, required=True, help="catalog dataset directory (jobs.prepare_data)"
+    )
+    p.add_argument(
+        "--users",
+        type=Path,
+        default=None,
+        help="users dataset; embedded with the SAME checkpoint for serving (default: CATALOG/../users if present)",
+    )
+    p.add_argument("--no-users", action="store_true", help="do not embed users")
+    p.add_argument("--registry", type=Path, default=Path("registry"))
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--num-workers", type=int, default=1, help="embedding actor pool size (one per GPU on a GPU pool)"
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs each actor reserves")
+    p.add_argument(
+        "--read-cpus", type=float, default=0.25, help="logical CPUs each parquet read task reserves"
+    )
+    p.add_argument(
+        "--num-gpus-per-worker", type=float, default=0.0, help="0 = CPU pool, 1 = one GPU per actor"
+    )
+    p.add_argument(
+        "--resources-per-worker",
+        type=_resource,
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="custom resource each actor needs, e.g. gpu_pool=1 (repeatable)",
+    )
+    p.add_argument("--batch-size", type=int, default=8192, help="rows per embedding batch")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch intra-op threads per actor")
+    p.add_argument("--faiss-threads", type=int, default=2, help="faiss OpenMP threads in the driver")
+    p.add_argument(
+        "--index",
+        choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+        default="auto",
+        help="index type (auto: Flat up to 200k items, else IVF)",
+    )
+    p.add_argument("--target-recall", type=float, default=0.95, help="held-out recall@10 needed to publish")
+    p.add_argument("--timeout-s", type=int, default=3600)
+    p.add_argument("--wait-for-min-actors-s", type=int, default=300)
+    a = p.parse_args(argv)
+    if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
+        p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
+    users = None
+    if not a.no_users:
+        users = a.users or (
+            a.catalog.parent / "users" if (a.catalog.parent / "users" / "_dataset.json").exists() else None
+        )
+    return RebuildConfig(
+        checkpoint=a.checkpoint, catalog=a.catalog, users=users, registry=a.registry, address=a.address,
+        num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, read_cpus=a.read_cpus, num_gpus_per_worker=a.num_gpus_per_worker,
+        resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
+        faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall),
+        timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None, on_phase=None) -> int:
+    cfg = parse(argv)
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(cfg.timeout_s)
+    rebuild(cfg, on_phase=on_phase)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

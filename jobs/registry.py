@@ -1,0 +1,90 @@
+"""Inspect and operate the build registry.
+
+python -m jobs.registry [--registry registry] list
+python -m jobs.registry current
+python -m jobs.registry rollback            # back to the build live before the current one
+python -m jobs.registry promote BUILD_ID    # make any complete build live
+python -m jobs.registry gc [--dry-run]      # never removes the live build or its rollback targets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from core.registry import Registry
+from jobs.common import run_main
+
+
+def _describe(reg: Registry, build_id: str) -> dict:
+    m = reg.manifest(build_id)
+    return {
+        "build_id": build_id,
+        "checkpoint_version": m["checkpoint"]["version"],
+        "items": m["catalog"]["row_count"],
+        "index": m["index"]["factory"],
+        "search_params": m["index"]["search_params"],
+        "recall_at_10": m["quality"]["recall_at_k"],
+        "created_at": m["created_at"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.registry",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--registry", type=Path, default=Path("registry"))
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="all complete builds, the live one marked")
+    sub.add_parser("current", help="the live build")
+    sub.add_parser("rollback", help="make the previously live build live again")
+    pr = sub.add_parser("promote", help="make BUILD_ID live")
+    pr.add_argument("build_id")
+    gc = sub.add_parser("gc", help="delete old builds and crashed staging directories")
+    gc.add_argument("--rollback-window", type=int, default=2, help="earlier live builds kept for rollback")
+    gc.add_argument("--keep-extra", type=int, default=2, help="newest other builds kept")
+    gc.add_argument("--stale-staging-s", type=float, default=3600.0)
+    gc.add_argument("--dry-run", action="store_true")
+    a = p.parse_args(argv)
+    reg = Registry(a.registry)
+    if a.cmd == "list":
+        live = reg.current()
+        for b in reg.list_builds():
+            d = _describe(reg, b)
+            print(
+                f"{'*' if b == live else ' '} {b}  {d['checkpoint_version']}  {d['items']:>10,} items  {d['index']} {d['search_params']}  recall@10 {d['recall_at_10']}"
+            )
+    elif a.cmd == "current":
+        ptr = reg.pointer()
+        if ptr.build_id is None:
+            print(f"no live build in {a.registry}")
+            return 1
+        print(
+            json.dumps(
+                {
+                    **_describe(reg, ptr.build_id),
+                    "seq": ptr.seq,
+                    "since": ptr.log[-1]["at"] if ptr.log else None,
+                },
+                indent=2,
+            )
+        )
+    elif a.cmd == "rollback":
+        before = reg.current()
+        ptr = reg.rollback()
+        print(f"rolled back: {before} -> {ptr.build_id} (seq {ptr.seq})")
+    elif a.cmd == "promote":
+        before = reg.current()
+        ptr = reg.promote(a.build_id)
+        print(f"promoted: {before} -> {ptr.build_id} (seq {ptr.seq})")
+    elif a.cmd == "gc":
+        removed = reg.gc(a.rollback_window, a.keep_extra, a.stale_staging_s, a.dry_run)
+        print(("would remove: " if a.dry_run else "removed: ") + (", ".join(removed) or "nothing"))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

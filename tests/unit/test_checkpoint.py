@@ -1,0 +1,59 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from core.features import FeatureSchema
+from core.model import ModelConfig, TwoTower
+
+SMALL = FeatureSchema(item_id_buckets=256, user_id_buckets=64, title_buckets=128, tag_buckets=64)
+CFG = ModelConfig(embed_dim=8, field_dim=4, hidden=(16,), ranker_hidden=8)
+
+
+def _save(root, seed=0):
+    torch.manual_seed(seed)
+    return save_checkpoint(
+        TwoTower(SMALL, CFG), root, family="tiny", training={"seed": seed}, metrics={"recall_at_10": 0.1}
+    )
+
+
+def test_roundtrip_keeps_version_weights_and_manifest(tmp_path):
+    path = _save(tmp_path)
+    ck = load_checkpoint(path, expected_schema=SMALL)
+    m = json.loads((path / "manifest.json").read_text())
+    assert ck.version == m["version"] == path.name
+    assert m["weights_sha256"].startswith(m["version"].split("-")[-1])
+    assert m["embed_dim"] == 8 and m["feature_schema"]["item_id_buckets"] == 256
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir()), "staging dir left behind"
+
+
+def test_different_weights_give_different_versions(tmp_path):
+    assert _save(tmp_path, seed=0).name != _save(tmp_path, seed=1).name
+
+
+def test_one_flipped_byte_is_refused_naming_expected_and_actual(tmp_path):
+    path = _save(tmp_path)
+    weights = path / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    expected = json.loads((path / "manifest.json").read_text())["weights_sha256"]
+    with pytest.raises(CheckpointError, match=f"expected {expected}, got [0-9a-f]{{64}}"):
+        load_checkpoint(path)
+
+
+def test_schema_mismatch_is_refused_naming_field_expected_and_actual(tmp_path):
+    path = _save(tmp_path)
+    other = dataclasses.replace(SMALL, title_buckets=4096)
+    with pytest.raises(CheckpointError, match=r"title_buckets: expected 128, got 4096"):
+        load_checkpoint(path, expected_schema=other)
+
+
+def test_missing_checkpoint_and_missing_manifest_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        load_checkpoint(tmp_path / "empty")
