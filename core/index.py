@@ -95,7 +95,7 @@ def candidate_params(spec: IndexSpec) -> list[dict]:
     probes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= nlist]
     if spec.kind == "ivf":
         return [{"nprobe": p} for p in probes]
-    return [{"nprobe": p, "k_factor": k} for p in probes for k in (4, 16)]
+    return [{"nprobe": p, "k_factor": k} for p in probes for k in (4, 16, 64)]
 
 
 def search(
