@@ -78,7 +78,8 @@ def item_inputs_from_arrow(table: pa.Table, schema: FeatureSchema) -> ItemInputs
     kv, ko = list_column_to_bag(table.column("tag_tokens"))
     ids = table.column("item_id").to_numpy()
     year = table.column("year_slot").to_numpy(zero_copy_only=False).astype(np.int64)
-    t = torch.as_tensor  # copies read-only Arrow buffers instead of aliasing them
+    # Shares the (read-only) Arrow buffers without a copy; nothing writes to model inputs.
+    t = torch.as_tensor
     return ItemInputs(
         t(bucket_ids(ids, schema.item_id_buckets)), t(gv), t(go), t(year), t(tv), t(to), t(kv), t(ko)
     )

@@ -1,0 +1,116 @@
+"""Integration tier: real files, real `ray start --head`, real `ray job submit`, real Serve HTTP.
+
+Session fixtures prepare MovieLens, train two small checkpoints (different seeds -> different
+versions), and start ONE local Ray head with token authentication, as Ray 2.60 users run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repo root; output captured and echoed on failure."""
+    p = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ml_data(tmp_path_factory, movielens_dir) -> Path:
+    out = tmp_path_factory.mktemp("data") / "movielens"
+    run_module("jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
+    """Two checkpoints of one family, trained with different seeds (3 epochs each, ~20 s)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    paths = []
+    for seed in (0, 1):
+        p = run_module("jobs.train", "--data", ml_data, "--out", root, "--epochs", "3", "--seed", str(seed))
+        paths.append(Path(p.stdout.strip().splitlines()[-1].split("checkpoint: ")[1]))
+    assert paths[0] != paths[1]
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
+def ray_env() -> dict:
+    """Environment for Ray processes and clients: token auth on, with the token in the environment
+    (so nothing depends on ~/.ray/auth_token)."""
+    env = os.environ.copy()
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_head(ray_env, tmp_path_factory) -> dict:
+    port, dash = _free_port(), _free_port()
+    subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+        env=ray_env, check=True, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": ray_env}
+    try:
+        yield info
+    finally:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ray_env, capture_output=True, timeout=120)
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"ray {args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def rebuild(ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The rebuild job's driver, connected to the session's Ray head."""
+    return run_module(
+        "jobs.rebuild_index", "--checkpoint", checkpoint, "--catalog", catalog, "--registry", registry,
+        "--address", ray_head["gcs"], *extra, env=ray_head["env"], check=check,
+    )  # fmt: skip
+
+
+def summary(p: subprocess.CompletedProcess) -> dict:
+    line = next(x for x in p.stdout.splitlines() if x.startswith("SUMMARY "))
+    return json.loads(line[len("SUMMARY ") :])
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
