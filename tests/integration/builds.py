@@ -42,5 +42,7 @@ def check_build(registry: Path, build_id: str, *, checkpoint_version: str, catal
     scores = xq @ xb.T  # (Q, N)
     kth = np.sort(scores, axis=1)[:, -10]
     row = {int(i): r for r, i in enumerate(ids)}
-    true = np.array([[scores[q, row[int(i)]] if i >= 0 else -np.inf for i in found[q]] for q in range(len(xq))])
+    true = np.array(
+        [[scores[q, row[int(i)]] if i >= 0 else -np.inf for i in found[q]] for q in range(len(xq))]
+    )
     return {"recall_at_10": float((true >= kth[:, None] - 1e-5).mean()), "manifest": m}

@@ -32,20 +32,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, env: dict | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m module args` from the repo root; output captured and echoed on failure."""
     p = subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        env=env or os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and p.returncode != 0:
-        raise AssertionError(f"{module} {args} exited {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"{module} {args} exited {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-4000:]}"
+        )
     return p
 
 
 @pytest.fixture(scope="session")
 def ml_data(tmp_path_factory, movielens_dir) -> Path:
     out = tmp_path_factory.mktemp("data") / "movielens"
-    run_module("jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8")
+    run_module(
+        "jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8"
+    )
     return out
 
 
@@ -83,17 +94,31 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     try:
         yield info
     finally:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], env=ray_env, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+            env=ray_env,
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"ray {args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
 
-def rebuild(ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+def rebuild(
+    ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
     """The rebuild job's driver, connected to the session's Ray head."""
     return run_module(
         "jobs.rebuild_index", "--checkpoint", checkpoint, "--catalog", catalog, "--registry", registry,

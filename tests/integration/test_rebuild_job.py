@@ -45,13 +45,16 @@ def submitted(ray_head, ml_data, checkpoints, tmp_path_factory):
 def job_status(ray_head: dict, sid: str) -> str:
     """The job's status from the dashboard's Jobs API (what the dashboard's Jobs page shows)."""
     req = urllib.request.Request(
-        f"{ray_head['dashboard']}/api/jobs/{sid}", headers={"Authorization": f"Bearer {ray_head['env']['RAY_AUTH_TOKEN']}"}
+        f"{ray_head['dashboard']}/api/jobs/{sid}",
+        headers={"Authorization": f"Bearer {ray_head['env']['RAY_AUTH_TOKEN']}"},
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["status"]
 
 
-def test_ray_job_submit_publishes_all_items_from_one_checkpoint(submitted, ray_head, checkpoints, catalog_ids):
+def test_ray_job_submit_publishes_all_items_from_one_checkpoint(
+    submitted, ray_head, checkpoints, catalog_ids
+):
     assert submitted["status"] == "SUCCEEDED", submitted["logs"][-3000:]
     assert "succeeded" in submitted["cli_status"].lower()  # what `ray job status` reports
 
@@ -63,7 +66,9 @@ def test_ray_job_submit_publishes_all_items_from_one_checkpoint(submitted, ray_h
     assert f"published {build}" in submitted["logs"] and "SUMMARY " in submitted["logs"]
 
 
-def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(submitted, ray_head, ml_data, checkpoints, catalog_ids):
+def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(
+    submitted, ray_head, ml_data, checkpoints, catalog_ids
+):
     registry = submitted["registry"]
     first = current_build(registry)
     out = rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry)

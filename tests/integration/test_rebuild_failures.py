@@ -1,0 +1,162 @@
+"""Crashes at injected points and bad inputs: CURRENT always names a complete, loadable build."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pyarrow as pa
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from core.datasets import read_table, split_table, write_dataset
+from core.features import FeatureSchema
+from core.registry import Registry
+from tests.integration.builds import check_build, current_build
+from tests.integration.conftest import rebuild, run_module, summary
+
+
+@pytest.fixture(scope="module")
+def live(ray_head, ml_data, checkpoints, tmp_path_factory):
+    """A registry whose live build came from checkpoint A."""
+    registry = tmp_path_factory.mktemp("reg-live")
+    build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+    return {
+        "registry": registry,
+        "build": build,
+        "ids": set(read_table(ml_data / "catalog")["item_id"].to_pylist()),
+    }
+
+
+def _assert_untouched(live, checkpoints, pointer_before: bytes):
+    reg = live["registry"]
+    assert (reg / "CURRENT").read_bytes() == pointer_before
+    assert current_build(reg) == live["build"]
+    check_build(
+        reg,
+        live["build"],
+        checkpoint_version=read_manifest(checkpoints[0])["version"],
+        catalog_ids=live["ids"],
+    )
+
+
+@pytest.mark.parametrize("phase", ["embedded", "index_written", "build_committed", "pointer_temp_written"])
+def test_sigkill_at_each_phase_leaves_current_on_a_complete_build(
+    phase, live, ray_head, ml_data, checkpoints
+):
+    before = (live["registry"] / "CURRENT").read_bytes()
+    p = run_module(
+        "tests.integration.crash_rebuild", phase, "--", "--checkpoint", checkpoints[1], "--catalog", ml_data / "catalog",
+        "--registry", live["registry"], "--address", ray_head["gcs"], env=ray_head["env"], check=False,
+    )  # fmt: skip
+    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"phase {phase}" in p.stdout
+    _assert_untouched(live, checkpoints, before)
+    staged = [d for d in (live["registry"] / "builds").iterdir() if d.name.startswith(".tmp-")]
+    if phase in ("embedded", "index_written"):
+        assert staged, "the killed build should have left its staging directory behind"
+    removed = Registry(live["registry"]).gc(rollback_window=2, keep_extra=10)
+    assert {d.name for d in staged} <= set(removed)  # gc clears what the dead job half-wrote
+    _assert_untouched(live, checkpoints, before)
+
+
+def _bad_catalog(ml_data, tmp_path, transform, schema: FeatureSchema | None = None):
+    schema = schema or FeatureSchema()
+    table = transform(read_table(ml_data / "catalog"))
+    out = tmp_path / "bad" / "catalog"
+    write_dataset(
+        out,
+        split_table(table, 4) if table.num_rows else [table],
+        kind="catalog",
+        schema=schema,
+        source={"test": True},
+    )
+    return out
+
+
+def _corrupt_copy(checkpoint, tmp_path):
+    bad = tmp_path / "corrupt" / checkpoint.name
+    shutil.copytree(checkpoint, bad)
+    data = bytearray((bad / "weights.pt").read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (bad / "weights.pt").write_bytes(bytes(data))
+    return bad
+
+
+def _nan_checkpoint(checkpoint, tmp_path):
+    ck = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        ck.model.item_tower.mlp[-1].bias[0] = float("nan")
+    return save_checkpoint(ck.model, tmp_path / "nan", family="ml-two-tower", training={}, metrics={})
+
+
+BAD_INPUTS = {
+    "missing checkpoint": (
+        lambda ck, ml, tmp: (tmp / "no-such-checkpoint", ml / "catalog"),
+        "does not exist",
+    ),
+    "corrupted checkpoint": (
+        lambda ck, ml, tmp: (_corrupt_copy(ck, tmp), ml / "catalog"),
+        "is corrupted: weights sha256 expected",
+    ),
+    "duplicate ids": (
+        lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: pa.concat_tables([t, t.slice(0, 5)]))),
+        "item_id must be unique; 5 duplicates",
+    ),
+    "missing columns": (
+        lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: t.drop_columns(["title_tokens"]))),
+        "missing required columns ['title_tokens']",
+    ),
+    "empty catalog": (
+        lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: t.slice(0, 0))),
+        "is empty (0 rows)",
+    ),
+    "schema mismatch": (
+        lambda ck, ml, tmp: (
+            ck,
+            _bad_catalog(ml, tmp, lambda t: t, dataclasses.replace(FeatureSchema(), title_buckets=999)),
+        ),
+        "feature schema mismatch",
+    ),
+    "NaN embeddings": (
+        lambda ck, ml, tmp: (_nan_checkpoint(ck, tmp), ml / "catalog"),
+        "vectors contain NaN or infinity",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_nonzero_names_the_problem_and_publishes_nothing(
+    case, live, ray_head, ml_data, checkpoints, tmp_path
+):
+    make, message = BAD_INPUTS[case]
+    checkpoint, catalog = make(checkpoints[0], ml_data, tmp_path)
+    before = (live["registry"] / "CURRENT").read_bytes()
+    builds_before = Registry(live["registry"]).list_builds()
+    p = rebuild(ray_head, checkpoint, catalog, live["registry"], "--no-users", check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-3000:]
+    assert message in p.stderr, p.stderr[-3000:]
+    _assert_untouched(live, checkpoints, before)
+    assert Registry(live["registry"]).list_builds() == builds_before
+    assert not [d for d in (live["registry"] / "builds").iterdir() if d.name.startswith(".tmp-")]
+
+
+def test_schema_mismatch_names_field_expected_and_actual(live, ray_head, ml_data, checkpoints, tmp_path):
+    catalog = _bad_catalog(
+        ml_data, tmp_path, lambda t: t, dataclasses.replace(FeatureSchema(), title_buckets=999)
+    )
+    p = rebuild(ray_head, checkpoints[0], catalog, live["registry"], check=False)
+    assert "title_buckets: expected 16384, got 999" in p.stderr
+
+
+def test_nan_vectors_are_reported_with_example_ids(live, ray_head, ml_data, checkpoints, tmp_path):
+    p = rebuild(
+        ray_head,
+        _nan_checkpoint(checkpoints[0], tmp_path),
+        ml_data / "catalog",
+        live["registry"],
+        "--no-users",
+        check=False,
+    )
+    assert "9,742 vectors contain NaN" in p.stderr and "e.g. item_id [1, 2, 3" in p.stderr
