@@ -1,0 +1,1 @@
+"""Thin Ray Serve adapters over core/: the scoring/retrieval application and its config."""
