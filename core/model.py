@@ -7,6 +7,7 @@ ONCE per unique user in a batch and broadcast the result to that user's candidat
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +72,14 @@ class UserInputs:
         return UserInputs(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Share (read-only) Arrow/numpy buffers without a copy; nothing writes to model inputs, so
+    torch's non-writable-array warning does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(a)
+
+
 def item_inputs_from_arrow(table: pa.Table, schema: FeatureSchema) -> ItemInputs:
     """Encoded catalog columns (see features.ITEM_FEATURE_COLUMNS) -> tensors. No Python loop per row."""
     gv, go = list_column_to_bag(table.column("genre_ids"))
@@ -78,8 +87,7 @@ def item_inputs_from_arrow(table: pa.Table, schema: FeatureSchema) -> ItemInputs
     kv, ko = list_column_to_bag(table.column("tag_tokens"))
     ids = table.column("item_id").to_numpy()
     year = table.column("year_slot").to_numpy(zero_copy_only=False).astype(np.int64)
-    # Shares the (read-only) Arrow buffers without a copy; nothing writes to model inputs.
-    t = torch.as_tensor
+    t = _tensor
     return ItemInputs(
         t(bucket_ids(ids, schema.item_id_buckets)), t(gv), t(go), t(year), t(tv), t(to), t(kv), t(ko)
     )
@@ -103,7 +111,7 @@ def user_inputs_from_lists(
     offs = np.zeros(len(lens), dtype=np.int64)
     np.cumsum(lens[:-1], out=offs[1:])
     flat = values[np.repeat(keep_from - offs, lens) + np.arange(int(lens.sum()))]
-    t = torch.as_tensor
+    t = _tensor
     return UserInputs(
         t(bucket_ids(np.asarray(user_ids, dtype=np.int64), schema.user_id_buckets)),
         t(bucket_ids(flat, schema.item_id_buckets)),

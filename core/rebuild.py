@@ -159,7 +159,9 @@ def finalize(
             f"{opts.target_recall} even at the most accurate setting tried ({quality['params']}); not publishing"
         )
     ann.save(idx, staging / "index.faiss")
+    # Sorted ids + row-aligned vectors: serving memory-maps both to score candidates by id.
     np.save(staging / "item_ids.npy", item_ids)
+    np.save(staging / "item_embeddings.npy", xb)
     phase("index_written")
 
     t2 = time.perf_counter()

@@ -1,0 +1,162 @@
+"""Request-level user-embedding broadcast for ranking.
+
+A batch holds many (user, candidate) rows but few unique users. The broadcast path looks each unique
+user up ONCE (one gather from the memory-mapped user table) and runs the user-only part of the scorer
+ONCE, then expands to rows through the inverse index. The per-row path does both for every row; its
+scores are the reference the broadcast path must reproduce.
+
+Requests are validated one by one: a request with unknown ids gets its own error and never fails its
+batch neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import torch
+
+from core.live_build import LiveBuild
+
+POLICIES = ("split", "reject", "fallback")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRequest:
+    user_ids: np.ndarray  # (R,) int64, one per row
+    item_ids: np.ndarray  # (R,) int64
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    scores: np.ndarray | None = None  # (R,) float32
+    status: int = 200
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class BatchStats:
+    rows: int = 0
+    unique_users: int = 0
+    user_lookups: int = 0  # rows gathered from the user table
+    cap_events: Counter = dataclasses.field(default_factory=Counter)
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcastConfig:
+    enabled: bool = True
+    max_unique_users: int = 1024
+    policy: str = "split"  # what to do when a batch has more unique users than the cap
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"cap policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_unique_users < 1:
+            raise ValueError(f"max_unique_users must be >= 1, got {self.max_unique_users}")
+
+
+def _first_appearance_unique(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique users in order of first appearance and the inverse index (rows -> position)."""
+    uniq, first, inv = np.unique(user_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # rank by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return uniq[order], rank[inv.reshape(-1)]
+
+
+@torch.inference_mode()
+def _score_per_row(
+    build: LiveBuild, user_rows: np.ndarray, item_rows: np.ndarray, stats: BatchStats
+) -> np.ndarray:
+    u = torch.from_numpy(np.ascontiguousarray(build.user_emb[user_rows]))  # (R, D): one lookup per row
+    i = torch.from_numpy(np.ascontiguousarray(build.item_emb[item_rows]))  # (R, D)
+    stats.user_lookups += len(user_rows)
+    return build.scorer(u, i).numpy()  # user_side runs per row
+
+
+@torch.inference_mode()
+def _score_broadcast(
+    build: LiveBuild, user_rows: np.ndarray, item_rows: np.ndarray, stats: BatchStats, buf: np.ndarray | None
+) -> np.ndarray:
+    uniq, inv = _first_appearance_unique(user_rows)
+    n_u = len(uniq)
+    out = buf[:n_u] if buf is not None and len(buf) >= n_u else None
+    u_uniq = np.take(build.user_emb, uniq, axis=0, out=out)  # (U, D): one lookup per unique user
+    stats.user_lookups += n_u
+    stats.unique_users += n_u
+    u_uniq = torch.from_numpy(u_uniq)
+    pre = build.scorer.user_side(u_uniq)  # (U, H): user-only compute once per user
+    inv_t = torch.from_numpy(inv)
+    i = torch.from_numpy(np.ascontiguousarray(build.item_emb[item_rows]))  # (R, D)
+    return build.scorer.pair_side(u_uniq[inv_t], pre[inv_t], i).numpy()  # broadcast to rows via inverse
+
+
+def score_batch(
+    build: LiveBuild,
+    requests: list[ScoreRequest],
+    cfg: BroadcastConfig,
+    user_buffer: np.ndarray | None = None,
+) -> tuple[list[ScoreResult], BatchStats]:
+    """Score every request of a batch; returns one result per request, in order."""
+    stats = BatchStats()
+    results: list[ScoreResult | None] = [None] * len(requests)
+    valid: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for k, req in enumerate(requests):
+        u_rows, u_bad = build.user_rows(req.user_ids)
+        i_rows, i_bad = build.item_rows(req.item_ids)
+        if u_bad.any() or i_bad.any():
+            msg = []
+            if u_bad.any():
+                msg.append(f"unknown user_id(s) {np.unique(req.user_ids[u_bad])[:5].tolist()}")
+            if i_bad.any():
+                msg.append(f"unknown item_id(s) {np.unique(req.item_ids[i_bad])[:5].tolist()}")
+            results[k] = ScoreResult(status=404, error="; ".join(msg) + f" in build {build.build_id}")
+        else:
+            valid.append((k, u_rows, i_rows))
+
+    if cfg.enabled and valid and cfg.policy == "reject":
+        admitted, seen = [], set()
+        for k, u_rows, i_rows in valid:
+            new = seen | set(np.unique(u_rows).tolist())
+            if len(new) > cfg.max_unique_users:
+                stats.cap_events["reject"] += 1
+                results[k] = ScoreResult(
+                    status=429,
+                    error=f"batch unique-user cap {cfg.max_unique_users} reached ({len(new)} with this request); retry",
+                )
+            else:
+                seen = new
+                admitted.append((k, u_rows, i_rows))
+        valid = admitted
+
+    if valid:
+        user_rows = np.concatenate([v[1] for v in valid])
+        item_rows = np.concatenate([v[2] for v in valid])
+        stats.rows = len(user_rows)
+        if not cfg.enabled:
+            scores = _score_per_row(build, user_rows, item_rows, stats)
+        else:
+            scores = _score_capped(build, user_rows, item_rows, cfg, stats, user_buffer)
+        ends = np.cumsum([len(v[1]) for v in valid])
+        for (k, _, _), part in zip(valid, np.split(scores, ends[:-1]), strict=True):
+            results[k] = ScoreResult(scores=part)
+    return results, stats  # type: ignore[return-value]
+
+
+def _score_capped(build, user_rows, item_rows, cfg: BroadcastConfig, stats: BatchStats, buf) -> np.ndarray:
+    n_unique = len(np.unique(user_rows))
+    if n_unique <= cfg.max_unique_users:
+        return _score_broadcast(build, user_rows, item_rows, stats, buf)
+    if cfg.policy == "fallback":
+        stats.cap_events["fallback"] += 1
+        return _score_per_row(build, user_rows, item_rows, stats)
+    # split: users ranked by first appearance go to chunk rank // cap; each chunk stays under the cap.
+    stats.cap_events["split"] += 1
+    _, inv = _first_appearance_unique(user_rows)
+    chunk = inv // cfg.max_unique_users
+    scores = np.empty(len(user_rows), dtype=np.float32)
+    for c in range(int(chunk.max()) + 1):
+        rows = np.flatnonzero(chunk == c)
+        scores[rows] = _score_broadcast(build, user_rows[rows], item_rows[rows], stats, buf)
+    return scores

@@ -1,0 +1,190 @@
+"""The skewless Serve application: POST /score, POST /retrieve, GET /healthz, GET /version.
+
+    serve run serve_app.app:build_app registry=/abs/path/registry
+    serve deploy serve_app/config.yaml        # or: serve run serve_app/config.yaml
+
+Each replica follows the registry's CURRENT pointer in a background thread, loads a new build
+(index + towers + tables of ONE checkpoint), validates it and swaps one reference; every batch keeps
+the build it started with. The /score route validates the body and awaits a `@serve.batch` method
+with plain data; inside a batch each unique user is looked up once and broadcast to its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+
+from core import index as ann
+from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
+from core.live_build import BuildWatcher, LiveBuild
+from serve_app.metrics import ReplicaMetrics
+from serve_app.schemas import AppArgs, RetrieveBody, RetrieveResponse, ScoreBody, ScoreResponse
+
+log = logging.getLogger("skewless.serve")
+api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
+
+
+@serve.deployment(
+    name="Recommender",
+    # max_ongoing_requests >= max_batch_size x max_concurrent_batches, or batches never fill.
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+    ray_actor_options={"num_cpus": 1},
+)
+@serve.ingress(api)
+class Recommender:
+    def __init__(self, args: dict):
+        self.args = AppArgs(**args)
+        torch.set_num_threads(self.args.torch_threads)
+        ann.configure(self.args.faiss_threads)
+        self.bcfg = BroadcastConfig(
+            self.args.broadcast, self.args.max_unique_users_per_batch, self.args.cap_policy
+        )
+        self.replica = serve.get_replica_context().replica_tag
+        self.metrics = ReplicaMetrics(self.replica)
+        self._user_buf: np.ndarray | None = None
+        self._score_batch.set_max_batch_size(self.args.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.watcher = BuildWatcher(Path(self.args.registry), on_event=self._on_build_event)
+        self.watcher.poll()  # serve at once if a build is live; otherwise /healthz says 503 until one is
+        self._stop = threading.Event()
+        threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
+
+    def _follow_registry(self) -> None:
+        while not self._stop.wait(self.args.poll_interval_s):
+            try:
+                self.watcher.poll()
+            except Exception:  # the follower must survive a flaky filesystem read
+                log.exception("registry poll failed; will retry")
+
+    def _on_build_event(
+        self, outcome: str, old: LiveBuild | None, new: LiveBuild | None, detail: str
+    ) -> None:
+        self.metrics.swap(outcome, old, new)
+        if outcome == "refused":
+            log.error("replica %s keeps serving %s; refused %s", self.replica, old and old.build_id, detail)
+
+    def _live(self) -> LiveBuild:
+        live = self.watcher.live
+        if live is None:
+            raise HTTPException(
+                503, f"no build is live in registry {self.args.registry}", headers={"Retry-After": "1"}
+            )
+        return live
+
+    # ---- routes ----------------------------------------------------------------------------------
+    @api.get("/healthz")
+    def healthz(self):
+        live = self.watcher.live
+        if live is None:
+            return JSONResponse(
+                {"status": "no build loaded", "registry": self.args.registry}, status_code=503
+            )
+        return {"status": "ok", "build_id": live.build_id}
+
+    @api.get("/version")
+    def version(self):
+        live = self._live()
+        return {
+            "build_id": live.build_id,
+            "checkpoint_version": live.checkpoint_version,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.loaded_at)),
+            "replica": self.replica,
+            "last_refused": None
+            if self.watcher.last_refused is None
+            else dict(zip(("build_id", "reason"), self.watcher.last_refused, strict=True)),
+        }
+
+    @api.post("/score", response_model=ScoreResponse)
+    async def score(self, body: ScoreBody):
+        n = body.n_rows()
+        if n > self.args.max_candidates:
+            self.metrics.error(413)
+            raise HTTPException(413, f"{n} rows exceed the limit of {self.args.max_candidates} per request")
+        if body.rows is not None:
+            arr = np.asarray(body.rows, dtype=np.int64)  # (R, 2)
+            req = ScoreRequest(arr[:, 0].copy(), arr[:, 1].copy())
+        else:
+            req = ScoreRequest(
+                np.full(n, body.user_id, dtype=np.int64), np.asarray(body.item_ids, dtype=np.int64)
+            )
+        result, live = await self._score_batch(req)
+        if result.error is not None:
+            self.metrics.error(result.status)
+            headers = {"Retry-After": "1"} if result.status in (429, 503) else None
+            raise HTTPException(result.status, result.error, headers=headers)
+        return ScoreResponse(
+            scores=result.scores.tolist(), build_id=live.build_id, checkpoint_version=live.checkpoint_version
+        )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[tuple[ScoreResult, LiveBuild | None]]:
+        live = self.watcher.live  # the whole batch is scored by this one build
+        if live is None:
+            err = ScoreResult(status=503, error=f"no build is live in registry {self.args.registry}")
+            return [(err, None)] * len(requests)
+        t0 = time.perf_counter()
+        try:
+            results, stats = await asyncio.to_thread(
+                score_batch, live, requests, self.bcfg, self._buffer(live)
+            )
+        except Exception:
+            # Never let one request's failure fail its neighbours: isolate by scoring one at a time.
+            log.exception("batch scoring failed; retrying requests one by one")
+            results = [await asyncio.to_thread(self._score_one, live, r) for r in requests]
+            return [(r, live) for r in results]
+        self.metrics.batch(stats, (time.perf_counter() - t0) * 1000)
+        return [(r, live) for r in results]
+
+    def _score_one(self, live: LiveBuild, req: ScoreRequest) -> ScoreResult:
+        try:
+            return score_batch(live, [req], self.bcfg, None)[0][0]
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            return ScoreResult(status=500, error=f"scoring failed: {type(e).__name__}: {e}")
+
+    def _buffer(self, live: LiveBuild) -> np.ndarray:
+        """(cap, D) user-embedding buffer, allocated once and reused (bounded by the unique-user cap)."""
+        if self._user_buf is None or self._user_buf.shape[1] != live.dim:
+            self._user_buf = np.empty((self.bcfg.max_unique_users, live.dim), dtype=np.float32)
+        return self._user_buf
+
+    @api.post("/retrieve", response_model=RetrieveResponse)
+    async def retrieve(self, body: RetrieveBody):
+        if body.k > self.args.max_k:
+            raise HTTPException(422, f"k={body.k} exceeds the limit of {self.args.max_k}")
+        live = self._live()
+        rows, unknown = live.user_rows(np.array([body.user_id], dtype=np.int64))
+        if unknown[0]:
+            self.metrics.error(404)
+            raise HTTPException(404, f"unknown user_id {body.user_id} in build {live.build_id}")
+        ids, scores = await asyncio.to_thread(live.retrieve, rows, body.k)
+        keep = ids[0] >= 0  # faiss pads with -1 when fewer than k results exist
+        return RetrieveResponse(
+            item_ids=ids[0][keep].tolist(),
+            scores=scores[0][keep].tolist(),
+            build_id=live.build_id,
+            checkpoint_version=live.checkpoint_version,
+        )
+
+    def __del__(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+
+def build_app(args: dict) -> Application:
+    """Application builder: `serve run serve_app.app:build_app registry=... broadcast=false`."""
+    a = AppArgs(**args)
+    a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
+    return Recommender.bind(a.model_dump())

@@ -1,0 +1,81 @@
+"""Custom Prometheus metrics of a replica (never labelled by user or item id).
+
+Exported through Ray's metrics endpoint next to Serve's built-in `serve_batch_*` metrics.
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536]
+_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
+
+
+class ReplicaMetrics:
+    def __init__(self, replica: str):
+        self.replica = replica
+        tags = ("replica",)
+        self.rows = metrics.Counter("skewless_scored_rows", "Candidate rows scored", tag_keys=tags)
+        self.unique_users = metrics.Counter(
+            "skewless_batch_unique_users", "Unique users looked up once per batch", tag_keys=tags
+        )
+        self.user_lookups = metrics.Counter(
+            "skewless_user_table_lookups", "Rows gathered from the user-embedding table", tag_keys=tags
+        )
+        self.batch_rows = metrics.Histogram(
+            "skewless_batch_rows", "Rows per scoring batch", boundaries=_SIZES, tag_keys=tags
+        )
+        self.batch_unique = metrics.Histogram(
+            "skewless_batch_unique_users_hist",
+            "Unique users per scoring batch",
+            boundaries=_SIZES,
+            tag_keys=tags,
+        )
+        self.cap_events = metrics.Counter(
+            "skewless_cap_events",
+            "Batches/requests past the unique-user cap, by policy",
+            tag_keys=(*tags, "policy"),
+        )
+        self.request_errors = metrics.Counter(
+            "skewless_request_errors",
+            "Requests answered with an error, by status",
+            tag_keys=(*tags, "status"),
+        )
+        self.swaps = metrics.Counter(
+            "skewless_build_swaps", "Build loads, by outcome (swapped / refused)", tag_keys=(*tags, "outcome")
+        )
+        self.live_build = metrics.Gauge(
+            "skewless_live_build",
+            "1 for the build this replica serves",
+            tag_keys=(*tags, "build_id", "checkpoint_version"),
+        )
+        self.latency_ms = metrics.Histogram(
+            "skewless_score_latency_ms", "Scoring batch compute time", boundaries=_MS, tag_keys=tags
+        )
+
+    def _t(self, **extra) -> dict:
+        return {"replica": self.replica, **extra}
+
+    def batch(self, stats, latency_ms: float) -> None:
+        self.rows.inc(stats.rows, self._t()) if stats.rows else None
+        if stats.unique_users:
+            self.unique_users.inc(stats.unique_users, self._t())
+        if stats.user_lookups:
+            self.user_lookups.inc(stats.user_lookups, self._t())
+        self.batch_rows.observe(stats.rows, self._t())
+        self.batch_unique.observe(stats.unique_users, self._t())
+        for policy, n in stats.cap_events.items():
+            self.cap_events.inc(n, self._t(policy=policy))
+        self.latency_ms.observe(latency_ms, self._t())
+
+    def error(self, status: int) -> None:
+        self.request_errors.inc(1, self._t(status=str(status)))
+
+    def swap(self, outcome: str, old, new) -> None:
+        self.swaps.inc(1, self._t(outcome=outcome))
+        if outcome == "swapped":
+            if old is not None:
+                self.live_build.set(
+                    0, self._t(build_id=old.build_id, checkpoint_version=old.checkpoint_version)
+                )
+            self.live_build.set(1, self._t(build_id=new.build_id, checkpoint_version=new.checkpoint_version))

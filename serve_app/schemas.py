@@ -1,0 +1,69 @@
+"""HTTP request/response bodies and the application's typed arguments."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (from `serve run ... key=value` or the Serve config YAML's `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str = "registry"
+    broadcast: bool = True
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_unique_users_per_batch: int = Field(1024, ge=1)
+    cap_policy: Literal["split", "reject", "fallback"] = "split"
+    max_candidates: int = Field(2000, ge=1)
+    max_k: int = Field(1000, ge=1)
+    poll_interval_s: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    faiss_threads: int = Field(1, ge=1)
+
+
+class ScoreBody(BaseModel):
+    """Either one user with candidates, or explicit (user_id, item_id) rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: StrictInt | None = None
+    item_ids: list[StrictInt] | None = Field(None, min_length=1)
+    rows: list[tuple[StrictInt, StrictInt]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ScoreBody:
+        single = self.user_id is not None or self.item_ids is not None
+        if single and self.rows is not None:
+            raise ValueError("send either {user_id, item_ids} or {rows}, not both")
+        if self.rows is None and (self.user_id is None or self.item_ids is None):
+            raise ValueError(
+                "expected {user_id: int, item_ids: [int, ...]} or {rows: [[user_id, item_id], ...]}"
+            )
+        return self
+
+    def n_rows(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.item_ids or [])
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+    build_id: str
+    checkpoint_version: str
+
+
+class RetrieveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: StrictInt
+    k: StrictInt = Field(10, ge=1)
+
+
+class RetrieveResponse(BaseModel):
+    item_ids: list[int]
+    scores: list[float]
+    build_id: str
+    checkpoint_version: str

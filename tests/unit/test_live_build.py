@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from core.live_build import BuildRefused, BuildWatcher, load_build
+from core.registry import Registry
+from tests.unit.tiny_build import make_build, make_checkpoint
+
+
+def test_retrieve_matches_exact_search(tmp_path):
+    b = load_build(make_build(tmp_path / "reg", "b1", make_checkpoint(tmp_path / "ck")))
+    ids, scores = b.retrieve(np.array([0, 5]), 10)
+    exact = np.argsort(-(b.user_emb[[0, 5]] @ b.item_emb.T), axis=1)[:, :10]
+    assert (ids == b.item_ids[exact]).all() and np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_query_tower_of_another_version_is_refused(tmp_path):
+    build = make_build(tmp_path / "reg", "b1", make_checkpoint(tmp_path / "ck", seed=0))
+    other = make_checkpoint(tmp_path / "ck", seed=1)
+    with pytest.raises(BuildRefused, match="differs from the index's checkpoint version"):
+        load_build(build, query_checkpoint=other)
+
+
+def test_watcher_swaps_on_publish_and_keeps_old_build_when_new_one_is_broken(tmp_path):
+    reg_dir = tmp_path / "reg"
+    ck = make_checkpoint(tmp_path / "ck")
+    make_build(reg_dir, "b1", ck)
+    events = []
+    w = BuildWatcher(
+        reg_dir, on_event=lambda outcome, old, new, detail: events.append((outcome, new and new.build_id))
+    )
+    reg = Registry(reg_dir)
+    assert w.poll() == "empty" and w.live is None
+    reg.publish("b1", expected_seq=0)
+    assert w.poll() == "swapped" and w.live.build_id == "b1"
+    assert w.poll() == "unchanged"
+
+    broken = make_build(reg_dir, "b2", ck, seed=1)
+    (broken / "index.faiss").write_bytes(b"not a faiss index")
+    reg.publish("b2", expected_seq=1)
+    assert w.poll() == "refused" and w.live.build_id == "b1"
+    assert w.last_refused[0] == "b2" and "cannot be loaded" in w.last_refused[1]
+    assert w.poll() == "unchanged"  # a refused build is not reloaded every poll
+
+    make_build(reg_dir, "b3", ck, seed=2)
+    reg.publish("b3", expected_seq=2)
+    assert w.poll() == "swapped" and w.live.build_id == "b3"
+    reg.rollback()
+    assert w.poll() == "refused"  # rollback lands on b2, which is still broken; b3 keeps serving
+    assert events == [("swapped", "b1"), ("refused", None), ("swapped", "b3"), ("refused", None)]
