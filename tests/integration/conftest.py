@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,13 +84,18 @@ def ray_env() -> dict:
 
 @pytest.fixture(scope="session")
 def ray_head(ray_env, tmp_path_factory) -> dict:
-    port, dash = _free_port(), _free_port()
+    port, dash, metrics = free_port(), free_port(), free_port()
     subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats", f"--metrics-export-port={metrics}"],
         env=ray_env, check=True, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    info = {"gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": ray_env}
+    info = {
+        "gcs": f"127.0.0.1:{port}",
+        "dashboard": f"http://127.0.0.1:{dash}",
+        "metrics": f"http://127.0.0.1:{metrics}/metrics",
+        "env": ray_env,
+    }
     try:
         yield info
     finally:

@@ -1,0 +1,260 @@
+"""Serving through Serve's real HTTP proxy, deployed with `serve deploy` as users do.
+
+Several applications share one registry: the main one (2 replicas, broadcast on), a per-row
+reference (broadcast off), one per cap policy (cap of 2 unique users per batch) and a metered one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from core.checkpoint import read_manifest
+from core.datasets import read_table
+from tests.integration.builds import current_build
+from tests.integration.conftest import free_port, ray_cli, rebuild, run_module, summary, wait_for
+
+APPS = {
+    "main": {"route": "/", "replicas": 2, "args": {"broadcast": True}},
+    "perrow": {"route": "/perrow", "replicas": 1, "args": {"broadcast": False}},
+    "split": {"route": "/split", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "split"}},
+    "reject": {"route": "/reject", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "reject"}},
+    "fallback": {"route": "/fallback", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "fallback"}},
+    "metered": {"route": "/metered", "replicas": 1, "args": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def serving(ray_head, ml_data, checkpoints, tmp_path_factory):
+    registry = tmp_path_factory.mktemp("reg-serve")
+    build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+    port = free_port()
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {
+                "name": name,
+                "route_prefix": spec["route"],
+                "import_path": "serve_app.app:build_app",
+                "args": {"registry": str(registry), "poll_interval_s": 0.3, "batch_wait_timeout_s": 0.03, "max_candidates": 500, **spec["args"]},
+                "deployments": [{"name": "Recommender", "num_replicas": spec["replicas"], "ray_actor_options": {"num_cpus": 0.1}}],
+            }
+            for name, spec in APPS.items()
+        ],
+    }
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(json.dumps(config))  # JSON is valid YAML
+    ray_cli("serve", "deploy", str(path), "--address", ray_head["dashboard"], env=ray_head["env"])  # noqa
+    base = f"http://127.0.0.1:{port}"
+
+    def all_healthy():
+        try:
+            return all(requests.get(f"{base}{s['route'].rstrip('/')}/healthz", timeout=5).status_code == 200 for s in APPS.values())
+        except requests.ConnectionError:
+            return False
+
+    wait_for(all_healthy, 240, "all Serve applications to report healthy", interval_s=1)
+    catalog = read_table(ml_data / "catalog")["item_id"].to_numpy()
+    users = read_table(ml_data / "users")["user_id"].to_numpy()
+    return {"base": base, "registry": registry, "build_a": build_a, "items": catalog, "users": users}
+
+
+def url(serving, app, path):
+    return f"{serving['base']}{APPS[app]['route'].rstrip('/')}{path}"
+
+
+def post(serving, app, path, body, **kw):
+    return requests.post(url(serving, app, path), json=body, timeout=30, **kw)
+
+
+def test_score_and_retrieve_answer_on_the_movielens_build(serving, checkpoints):
+    version = read_manifest(checkpoints[0])["version"]
+    items = serving["items"][:20].tolist()
+    r = post(serving, "main", "/score", {"user_id": int(serving["users"][0]), "item_ids": items})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["scores"]) == 20 and body["build_id"] == serving["build_a"] and body["checkpoint_version"] == version
+    rows = [[int(serving["users"][i % 3]), it] for i, it in enumerate(items)]
+    r = post(serving, "main", "/score", {"rows": rows})
+    assert r.status_code == 200 and len(r.json()["scores"]) == 20
+
+    r = post(serving, "main", "/retrieve", {"user_id": int(serving["users"][0]), "k": 10})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert len(got["item_ids"]) == 10 and set(got["item_ids"]) <= set(serving["items"].tolist())
+    assert got["scores"] == sorted(got["scores"], reverse=True) and got["build_id"] == serving["build_a"]
+    v = requests.get(url(serving, "main", "/version"), timeout=10).json()
+    assert v["build_id"] == serving["build_a"] and v["checkpoint_version"] == version and v["since"]
+
+
+def _random_requests(serving, rng, n):
+    users = rng.choice(serving["users"], 5, replace=False)  # few users: repeats within and across requests
+    out = []
+    for k in range(n):
+        items = rng.choice(serving["items"], int(rng.integers(1, 80))).tolist()
+        if k % 2:
+            out.append({"rows": [[int(rng.choice(users)), it] for it in items]})
+        else:
+            out.append({"user_id": int(rng.choice(users)), "item_ids": items})
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_broadcast_equals_per_row_on_concurrent_randomized_batches(serving, seed):
+    reqs = _random_requests(serving, np.random.default_rng(seed), 40)
+    with ThreadPoolExecutor(16) as pool:
+        on = list(pool.map(lambda b: post(serving, "main", "/score", b), reqs))
+        off = list(pool.map(lambda b: post(serving, "perrow", "/score", b), reqs))
+    for a, b in zip(on, off, strict=True):
+        assert a.status_code == b.status_code == 200, (a.text, b.text)
+        assert np.max(np.abs(np.array(a.json()["scores"]) - np.array(b.json()["scores"]))) <= 1e-5
+
+
+BAD = {
+    "malformed json": (dict(data="{not json", headers={"content-type": "application/json"}), 422, "json"),
+    "wrong type": (dict(json={"user_id": "abc", "item_ids": [1]}), 422, "user_id"),
+    "both forms": (dict(json={"user_id": 1, "item_ids": [1], "rows": [[1, 1]]}), 422, "not both"),
+    "empty candidates": (dict(json={"user_id": 1, "item_ids": []}), 422, "item_ids"),
+    "too many candidates": (dict(json={"user_id": 1, "item_ids": [1] * 501}), 413, "exceed the limit of 500"),
+    "unknown user": (dict(json={"user_id": 987654321, "item_ids": [1]}), 404, "unknown user_id(s) [987654321]"),
+    "unknown item": (dict(json={"user_id": 1, "item_ids": [1, 424242424]}), 404, "unknown item_id(s) [424242424]"),
+}
+
+
+def test_each_bad_input_gets_its_4xx_while_concurrent_good_requests_succeed(serving):
+    good = {"user_id": int(serving["users"][3]), "item_ids": serving["items"][:30].tolist()}
+    expected = post(serving, "perrow", "/score", good).json()["scores"]
+    jobs = [("good", None)] * 12 + [(name, spec) for name, spec in BAD.items()] * 2
+    np.random.default_rng(0).shuffle(jobs)
+
+    def send(job):
+        name, spec = job
+        if spec is None:
+            return name, post(serving, "main", "/score", good)
+        return name, requests.post(url(serving, "main", "/score"), timeout=30, **spec[0])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(send, jobs))
+    for name, r in results:
+        if name == "good":
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["scores"], expected, atol=1e-5)
+        else:
+            _, status, fragment = BAD[name]
+            assert r.status_code == status, (name, r.status_code, r.text)
+            assert fragment.lower() in r.text.lower(), (name, r.text)
+
+
+def _distinct_user_burst(serving, app, n=10):
+    users = serving["users"][10 : 10 + n]
+    bodies = [{"user_id": int(u), "item_ids": serving["items"][i * 5 : i * 5 + 5].tolist()} for i, u in enumerate(users)]
+    start = threading.Barrier(n)
+
+    def send(b):
+        start.wait()
+        return post(serving, app, "/score", b)
+
+    with ThreadPoolExecutor(n) as pool:
+        return bodies, list(pool.map(send, bodies))
+
+
+@pytest.mark.parametrize("app", ["split", "fallback"])
+def test_cap_split_and_fallback_answer_every_request_with_reference_scores(serving, app):
+    bodies, res = _distinct_user_burst(serving, app)
+    for b, r in zip(bodies, res, strict=True):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["scores"], post(serving, "perrow", "/score", b).json()["scores"], atol=1e-5)
+
+
+def test_cap_reject_answers_429_with_a_reason_and_retry_after(serving):
+    for _ in range(5):  # batches form by timing; retry until a burst lands in one batch
+        _, res = _distinct_user_burst(serving, "reject")
+        rejected = [r for r in res if r.status_code == 429]
+        if rejected:
+            break
+    assert rejected, "no batch exceeded the cap of 2 unique users"
+    assert all(r.status_code in (200, 429) for r in res)
+    assert "unique-user cap 2" in rejected[0].text and rejected[0].headers.get("retry-after") == "1"
+
+
+def _scrape(ray_head) -> str:
+    return requests.get(ray_head["metrics"], timeout=10).text
+
+
+def _metric_sum(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_endpoint_reports_custom_metrics_consistent_with_traffic(serving, ray_head):
+    # 12 requests x 7 rows, all from 2 users: rows 84, at most 2 unique users per batch.
+    users = serving["users"][20:22]
+    bodies = [{"user_id": int(users[i % 2]), "item_ids": serving["items"][:7].tolist()} for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda b: post(serving, "metered", "/score", b), bodies))
+
+    def scraped():
+        text = _scrape(ray_head)
+        return text if _metric_sum(text, "ray_skewless_scored_rows", application="metered") >= 84 else None
+
+    text = wait_for(scraped, 60, "the metered app's rows to reach the metrics endpoint", interval_s=2)
+    rows = _metric_sum(text, "ray_skewless_scored_rows", application="metered")
+    unique = _metric_sum(text, "ray_skewless_batch_unique_users", application="metered")
+    lookups = _metric_sum(text, "ray_skewless_user_table_lookups", application="metered")
+    assert rows == 84
+    assert 2 <= unique == lookups < rows / 2  # deduplicated: each batch looks each user up once
+    assert _metric_sum(text, "ray_skewless_cap_events", application="reject", policy="reject") >= 1
+    assert _metric_sum(text, "ray_skewless_cap_events", application="split", policy="split") >= 1
+    assert _metric_sum(text, "ray_skewless_live_build", application="main", build_id=serving["build_a"]) == 2  # 2 replicas
+    assert "ray_serve_batch_execution_time_ms" in text or "serve_batch_execution_time_ms" in text
+
+
+def test_swap_publish_then_rollback_under_load_fails_nothing(serving, ray_head, ml_data, checkpoints):
+    registry, build_a = serving["registry"], serving["build_a"]
+    body = {"user_id": int(serving["users"][1]), "item_ids": serving["items"][:50].tolist()}
+    seen, failures, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = post(serving, "main", "/score", body)
+            if r.status_code != 200:
+                failures.append((r.status_code, r.text))
+            else:
+                seen.append(r.json()["build_id"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        build_b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry))["build_id"]
+        wait_for(lambda: build_b in seen[-20:], 60, "responses from the new build")
+        run_module("jobs.registry", "--registry", registry, "rollback")
+        assert current_build(registry) == build_a
+        n_before = len(seen)
+        wait_for(lambda: len(seen) > n_before + 50 and set(seen[-40:]) == {build_a}, 60, "responses from the rolled-back build")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert set(seen) == {build_a, build_b} and len(seen) > 100
+    replicas = {}
+    for _ in range(60):  # reach every replica of the main app
+        v = requests.get(url(serving, "main", "/version"), timeout=10).json()
+        replicas[v["replica"]] = v["build_id"]
+        if len(replicas) == APPS["main"]["replicas"]:
+            break
+    assert len(replicas) == 2 and set(replicas.values()) == {build_a}
