@@ -9,9 +9,11 @@ the build it started with. The /score route validates the body and awaits a `@se
 with plain data; inside a batch each unique user is looked up once and broadcast to its rows.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: FastAPI must see the real body types through
+# Serve's class-based ingress, or it treats `body` as a query parameter.
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -52,9 +54,11 @@ class Recommender:
         self.bcfg = BroadcastConfig(
             self.args.broadcast, self.args.max_unique_users_per_batch, self.args.cap_policy
         )
-        self.replica = serve.get_replica_context().replica_tag
-        self.metrics = ReplicaMetrics(self.replica)
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_tag
+        self.metrics = ReplicaMetrics(ctx.app_name, self.replica)
         self._user_buf: np.ndarray | None = None
+        self.totals: collections.Counter = collections.Counter()  # this replica's counters, for GET /stats
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self.watcher = BuildWatcher(Path(self.args.registry), on_event=self._on_build_event)
@@ -107,6 +111,11 @@ class Recommender:
             else dict(zip(("build_id", "reason"), self.watcher.last_refused, strict=True)),
         }
 
+    @api.get("/stats")
+    def stats(self):
+        """This replica's scoring counters since start (the same numbers feed the Prometheus metrics)."""
+        return {"replica": self.replica, "broadcast": self.bcfg.enabled, "cap_policy": self.bcfg.policy, **self.totals}
+
     @api.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreBody):
         n = body.n_rows()
@@ -146,6 +155,8 @@ class Recommender:
             results = [await asyncio.to_thread(self._score_one, live, r) for r in requests]
             return [(r, live) for r in results]
         self.metrics.batch(stats, (time.perf_counter() - t0) * 1000)
+        self.totals.update(batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups)
+        self.totals.update({f"cap_{policy}": n for policy, n in stats.cap_events.items()})
         return [(r, live) for r in results]
 
     def _score_one(self, live: LiveBuild, req: ScoreRequest) -> ScoreResult:

@@ -1,6 +1,7 @@
 """Custom Prometheus metrics of a replica (never labelled by user or item id).
 
-Exported through Ray's metrics endpoint next to Serve's built-in `serve_batch_*` metrics.
+Exported through Ray's metrics endpoint (prefixed `ray_`, counters suffixed `_total`) next to Serve's
+built-in `ray_serve_batch_*` metrics.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
 
 
 class ReplicaMetrics:
-    def __init__(self, replica: str):
-        self.replica = replica
-        tags = ("replica",)
+    def __init__(self, application: str, replica: str):
+        self.application, self.replica = application, replica
+        tags = ("application", "replica")
         self.rows = metrics.Counter("skewless_scored_rows", "Candidate rows scored", tag_keys=tags)
         self.unique_users = metrics.Counter(
             "skewless_batch_unique_users", "Unique users looked up once per batch", tag_keys=tags
@@ -54,10 +55,11 @@ class ReplicaMetrics:
         )
 
     def _t(self, **extra) -> dict:
-        return {"replica": self.replica, **extra}
+        return {"application": self.application, "replica": self.replica, **extra}
 
     def batch(self, stats, latency_ms: float) -> None:
-        self.rows.inc(stats.rows, self._t()) if stats.rows else None
+        if stats.rows:
+            self.rows.inc(stats.rows, self._t())
         if stats.unique_users:
             self.unique_users.inc(stats.unique_users, self._t())
         if stats.user_lookups:

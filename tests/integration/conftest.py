@@ -87,7 +87,7 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     port, dash, metrics = free_port(), free_port(), free_port()
     subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats", f"--metrics-export-port={metrics}"],
+         "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats", f"--metrics-export-port={metrics}"],
         env=ray_env, check=True, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     info = {
@@ -124,7 +124,8 @@ def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> 
 def rebuild(
     ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The rebuild job's driver, connected to the session's Ray head."""
+    """The rebuild job's driver, connected to the session's Ray head (4 logical CPUs: the job needs one
+    per embedding actor plus one for Ray Data's file listing task, beside the Serve replicas)."""
     return run_module(
         "jobs.rebuild_index", "--checkpoint", checkpoint, "--catalog", catalog, "--registry", registry,
         "--address", ray_head["gcs"], *extra, env=ray_head["env"], check=check,
