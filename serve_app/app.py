@@ -9,7 +9,6 @@ the build it started with. The /score route validates the body and awaits a `@se
 with plain data; inside a batch each unique user is looked up once and broadcast to its rows.
 """
 
-
 # No `from __future__ import annotations` here: FastAPI must see the real body types through
 # Serve's class-based ingress, or it treats `body` as a query parameter.
 import asyncio
@@ -114,7 +113,12 @@ class Recommender:
     @api.get("/stats")
     def stats(self):
         """This replica's scoring counters since start (the same numbers feed the Prometheus metrics)."""
-        return {"replica": self.replica, "broadcast": self.bcfg.enabled, "cap_policy": self.bcfg.policy, **self.totals}
+        return {
+            "replica": self.replica,
+            "broadcast": self.bcfg.enabled,
+            "cap_policy": self.bcfg.policy,
+            **self.totals,
+        }
 
     @api.post("/score", response_model=ScoreResponse)
     async def score(self, body: ScoreBody):
@@ -155,7 +159,9 @@ class Recommender:
             results = [await asyncio.to_thread(self._score_one, live, r) for r in requests]
             return [(r, live) for r in results]
         self.metrics.batch(stats, (time.perf_counter() - t0) * 1000)
-        self.totals.update(batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups)
+        self.totals.update(
+            batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups
+        )
         self.totals.update({f"cap_{policy}": n for policy, n in stats.cap_events.items()})
         return [(r, live) for r in results]
 
@@ -198,4 +204,6 @@ def build_app(args: dict) -> Application:
     """Application builder: `serve run serve_app.app:build_app registry=... broadcast=false`."""
     a = AppArgs(**args)
     a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
-    return Recommender.bind(a.model_dump())
+    # A replica must accept a whole batch at once (PITFALLS: max_ongoing_requests caps the batch); the
+    # Serve config's `deployments` section can still override this.
+    return Recommender.options(max_ongoing_requests=max(64, 2 * a.max_batch_size)).bind(a.model_dump())

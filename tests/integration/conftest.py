@@ -84,11 +84,15 @@ def ray_env() -> dict:
 
 @pytest.fixture(scope="session")
 def ray_head(ray_env, tmp_path_factory) -> dict:
+    """`ray start --head --block` as a child process: stopping it stops only THIS cluster (a plain
+    `ray stop` would kill every Ray on the machine). 4 logical CPUs: a rebuild needs one per embedding
+    actor plus one for Ray Data's file-listing task, beside the Serve replicas."""
     port, dash, metrics = free_port(), free_port(), free_port()
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+    log = open(tmp_path_factory.mktemp("ray") / "ray-head.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats", f"--metrics-export-port={metrics}"],
-        env=ray_env, check=True, capture_output=True, text=True, timeout=180,
+        env=ray_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     info = {
         "gcs": f"127.0.0.1:{port}",
@@ -96,15 +100,29 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
         "metrics": f"http://127.0.0.1:{metrics}/metrics",
         "env": ray_env,
     }
+
+    def up():
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}; see {log.name}"
+        try:
+            return (
+                ray_cli(
+                    "job", "list", "--address", info["dashboard"], env=ray_env, check=False, timeout=30
+                ).returncode
+                == 0
+            )
+        except subprocess.TimeoutExpired:
+            return False
+
     try:
+        wait_for(up, 180, "the Ray head to accept job API calls", interval_s=1)
         yield info
     finally:
-        subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-            env=ray_env,
-            capture_output=True,
-            timeout=120,
-        )
+        proc.terminate()  # --block turns SIGTERM into a clean stop of this cluster's processes
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
 
 
 def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -124,8 +142,7 @@ def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> 
 def rebuild(
     ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The rebuild job's driver, connected to the session's Ray head (4 logical CPUs: the job needs one
-    per embedding actor plus one for Ray Data's file listing task, beside the Serve replicas)."""
+    """The rebuild job's driver, connected to the session's Ray head."""
     return run_module(
         "jobs.rebuild_index", "--checkpoint", checkpoint, "--catalog", catalog, "--registry", registry,
         "--address", ray_head["gcs"], *extra, env=ray_head["env"], check=check,

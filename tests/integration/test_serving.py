@@ -23,9 +23,21 @@ from tests.integration.conftest import free_port, ray_cli, rebuild, run_module, 
 APPS = {
     "main": {"route": "/", "replicas": 2, "args": {"broadcast": True}},
     "perrow": {"route": "/perrow", "replicas": 1, "args": {"broadcast": False}},
-    "split": {"route": "/split", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "split"}},
-    "reject": {"route": "/reject", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "reject"}},
-    "fallback": {"route": "/fallback", "replicas": 1, "args": {"max_unique_users_per_batch": 2, "cap_policy": "fallback"}},
+    "split": {
+        "route": "/split",
+        "replicas": 1,
+        "args": {"max_unique_users_per_batch": 2, "cap_policy": "split"},
+    },
+    "reject": {
+        "route": "/reject",
+        "replicas": 1,
+        "args": {"max_unique_users_per_batch": 2, "cap_policy": "reject"},
+    },
+    "fallback": {
+        "route": "/fallback",
+        "replicas": 1,
+        "args": {"max_unique_users_per_batch": 2, "cap_policy": "fallback"},
+    },
     "metered": {"route": "/metered", "replicas": 1, "args": {}},
 }
 
@@ -43,8 +55,20 @@ def serving(ray_head, ml_data, checkpoints, tmp_path_factory):
                 "name": name,
                 "route_prefix": spec["route"],
                 "import_path": "serve_app.app:build_app",
-                "args": {"registry": str(registry), "poll_interval_s": 0.3, "batch_wait_timeout_s": 0.03, "max_candidates": 500, **spec["args"]},
-                "deployments": [{"name": "Recommender", "num_replicas": spec["replicas"], "ray_actor_options": {"num_cpus": 0.1}}],
+                "args": {
+                    "registry": str(registry),
+                    "poll_interval_s": 0.3,
+                    "batch_wait_timeout_s": 0.03,
+                    "max_candidates": 500,
+                    **spec["args"],
+                },
+                "deployments": [
+                    {
+                        "name": "Recommender",
+                        "num_replicas": spec["replicas"],
+                        "ray_actor_options": {"num_cpus": 0.1},
+                    }
+                ],
             }
             for name, spec in APPS.items()
         ],
@@ -56,7 +80,10 @@ def serving(ray_head, ml_data, checkpoints, tmp_path_factory):
 
     def all_healthy():
         try:
-            return all(requests.get(f"{base}{s['route'].rstrip('/')}/healthz", timeout=5).status_code == 200 for s in APPS.values())
+            return all(
+                requests.get(f"{base}{s['route'].rstrip('/')}/healthz", timeout=5).status_code == 200
+                for s in APPS.values()
+            )
         except requests.RequestException:  # proxy not up yet, or the app still deploying
             return False
 
@@ -80,7 +107,11 @@ def test_score_and_retrieve_answer_on_the_movielens_build(serving, checkpoints):
     r = post(serving, "main", "/score", {"user_id": int(serving["users"][0]), "item_ids": items})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert len(body["scores"]) == 20 and body["build_id"] == serving["build_a"] and body["checkpoint_version"] == version
+    assert (
+        len(body["scores"]) == 20
+        and body["build_id"] == serving["build_a"]
+        and body["checkpoint_version"] == version
+    )
     rows = [[int(serving["users"][i % 3]), it] for i, it in enumerate(items)]
     r = post(serving, "main", "/score", {"rows": rows})
     assert r.status_code == 200 and len(r.json()["scores"]) == 20
@@ -123,8 +154,16 @@ BAD = {
     "both forms": (dict(json={"user_id": 1, "item_ids": [1], "rows": [[1, 1]]}), 422, "not both"),
     "empty candidates": (dict(json={"user_id": 1, "item_ids": []}), 422, "item_ids"),
     "too many candidates": (dict(json={"user_id": 1, "item_ids": [1] * 501}), 413, "exceed the limit of 500"),
-    "unknown user": (dict(json={"user_id": 987654321, "item_ids": [1]}), 404, "unknown user_id(s) [987654321]"),
-    "unknown item": (dict(json={"user_id": 1, "item_ids": [1, 424242424]}), 404, "unknown item_id(s) [424242424]"),
+    "unknown user": (
+        dict(json={"user_id": 987654321, "item_ids": [1]}),
+        404,
+        "unknown user_id(s) [987654321]",
+    ),
+    "unknown item": (
+        dict(json={"user_id": 1, "item_ids": [1, 424242424]}),
+        404,
+        "unknown item_id(s) [424242424]",
+    ),
 }
 
 
@@ -154,7 +193,10 @@ def test_each_bad_input_gets_its_4xx_while_concurrent_good_requests_succeed(serv
 
 def _distinct_user_burst(serving, app, n=10):
     users = serving["users"][10 : 10 + n]
-    bodies = [{"user_id": int(u), "item_ids": serving["items"][i * 5 : i * 5 + 5].tolist()} for i, u in enumerate(users)]
+    bodies = [
+        {"user_id": int(u), "item_ids": serving["items"][i * 5 : i * 5 + 5].tolist()}
+        for i, u in enumerate(users)
+    ]
     start = threading.Barrier(n)
 
     def send(b):
@@ -171,7 +213,9 @@ def test_cap_split_and_fallback_answer_every_request_with_reference_scores(servi
         bodies, res = _distinct_user_burst(serving, app)
         for b, r in zip(bodies, res, strict=True):
             assert r.status_code == 200, r.text
-            np.testing.assert_allclose(r.json()["scores"], post(serving, "perrow", "/score", b).json()["scores"], atol=1e-5)
+            np.testing.assert_allclose(
+                r.json()["scores"], post(serving, "perrow", "/score", b).json()["scores"], atol=1e-5
+            )
         stats = requests.get(url(serving, app, "/stats"), timeout=10).json()
         if stats.get(f"cap_{app}", 0) >= 1:
             break
@@ -210,11 +254,15 @@ def test_metrics_endpoint_reports_custom_metrics_consistent_with_traffic(serving
     users = serving["users"][20:22]
     bodies = [{"user_id": int(users[i % 2]), "item_ids": serving["items"][:7].tolist()} for i in range(12)]
     with ThreadPoolExecutor(12) as pool:
-        assert all(r.status_code == 200 for r in pool.map(lambda b: post(serving, "metered", "/score", b), bodies))
+        assert all(
+            r.status_code == 200 for r in pool.map(lambda b: post(serving, "metered", "/score", b), bodies)
+        )
 
     def scraped():
         text = _scrape(ray_head)
-        return text if _metric_sum(text, "ray_skewless_scored_rows_total", application="metered") >= 84 else None
+        return (
+            text if _metric_sum(text, "ray_skewless_scored_rows_total", application="metered") >= 84 else None
+        )
 
     text = wait_for(scraped, 60, "the metered app's rows to reach the metrics endpoint", interval_s=2)
     rows = _metric_sum(text, "ray_skewless_scored_rows_total", application="metered")
@@ -224,7 +272,9 @@ def test_metrics_endpoint_reports_custom_metrics_consistent_with_traffic(serving
     assert 2 <= unique == lookups < rows / 2  # deduplicated: each batch looks each user up once
     assert _metric_sum(text, "ray_skewless_cap_events_total", application="reject", policy="reject") >= 1
     assert _metric_sum(text, "ray_skewless_cap_events_total", application="split", policy="split") >= 1
-    assert _metric_sum(text, "ray_skewless_live_build", application="main", build_id=serving["build_a"]) == 2  # 2 replicas
+    assert (
+        _metric_sum(text, "ray_skewless_live_build", application="main", build_id=serving["build_a"]) == 2
+    )  # 2 replicas
     assert "ray_serve_batch_execution_time_ms" in text or "serve_batch_execution_time_ms" in text
 
 
@@ -251,7 +301,11 @@ def test_swap_publish_then_rollback_under_load_fails_nothing(serving, ray_head, 
         run_module("jobs.registry", "--registry", registry, "rollback")
         assert current_build(registry) == build_a
         n_before = len(seen)
-        wait_for(lambda: len(seen) > n_before + 50 and set(seen[-40:]) == {build_a}, 60, "responses from the rolled-back build")
+        wait_for(
+            lambda: len(seen) > n_before + 50 and set(seen[-40:]) == {build_a},
+            60,
+            "responses from the rolled-back build",
+        )
     finally:
         stop.set()
         for t in threads:
