@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from core import index as ann
+from core import skew
 from core.checkpoint import load_checkpoint
 from core.model import RankingScorer
 from core.registry import Registry
@@ -68,18 +69,21 @@ class LiveBuild:
         return I, D
 
 
-def load_build(build_dir: Path, query_checkpoint: Path | None = None, clock=time.time) -> LiveBuild:
+def load_build(
+    build_dir: Path, query_checkpoint: Path | None = None, clock=time.time, pair_allowed=None
+) -> LiveBuild:
     """Load a complete build for serving. `query_checkpoint` (optional) names a query tower to use
-    instead of the build's own copy; it must be the same version as the index."""
+    instead of the build's own copy; it must be the same version as the index unless
+    `pair_allowed(family, query_version, index_version)` says that pair passed a skew check."""
     build_dir = Path(build_dir)
     try:
         manifest = json.loads((build_dir / "manifest.json").read_text())
         version = manifest["checkpoint"]["version"]
         ck = load_checkpoint(query_checkpoint or build_dir / "checkpoint")
-        if ck.version != version:
+        if ck.version != version and not (pair_allowed and pair_allowed(ck.family, ck.version, version)):
             raise BuildRefused(
                 f"query tower version {ck.version} differs from the index's checkpoint version {version} in build "
-                f"{manifest['build_id']}; serving a skewed pair is refused"
+                f"{manifest['build_id']} and that pair has not passed a skew check; serving it is refused"
             )
         idx = ann.load(build_dir / "index.faiss")
         mm = {
@@ -149,6 +153,9 @@ class BuildWatcher:
         # on_event(outcome, old_build, new_build_or_None, detail) after each load attempt
         self._on_event = on_event or (lambda outcome, old, new, detail: None)
 
+    def _pair_allowed(self, family: str, query_version: str, index_version: str) -> bool:
+        return skew.pair_allowed(self.registry.root, family, query_version, index_version)
+
     def poll(self) -> str:
         """Returns 'unchanged', 'swapped', 'refused' or 'empty'."""
         target = self.registry.current()
@@ -159,7 +166,9 @@ class BuildWatcher:
         ):
             return "unchanged"
         try:
-            new = load_build(self.registry.build_dir(target), self.query_checkpoint)
+            new = load_build(
+                self.registry.build_dir(target), self.query_checkpoint, pair_allowed=self._pair_allowed
+            )
         except Exception as e:  # noqa: BLE001 - any failure to load must leave the old build serving
             self.last_refused = (target, str(e))
             log.error("refusing build %s, still serving %s: %s", target, self.live and self.live.build_id, e)

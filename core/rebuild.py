@@ -207,6 +207,7 @@ def finalize(
         },
         "quality": quality,
         "timings": timings,
+        "skew_gate": run_info.get("skew_gate"),
         "run": run_info,
         "based_on_seq": expected_seq,
     }

@@ -75,11 +75,16 @@ def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     progress=print,
+    init_state: dict | None = None,
 ) -> tuple[TwoTower, dict]:
+    """`init_state` warm-starts from an earlier checkpoint's weights: the usual way a family's next
+    version is trained, and what keeps its embedding space close enough to pass a skew check."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     model = TwoTower(schema, model_cfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     uid, iid, hist = _examples(train_split, schema.history_len)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import ray
 
 from core import index as ann
+from core import skew
 from core.embed import Embedder
 from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
@@ -53,6 +54,7 @@ class RebuildConfig:
     index: IndexOptions = IndexOptions()
     timeout_s: int = 3600
     wait_for_min_actors_s: int = 300
+    force_unchecked: bool = False
 
 
 class EmbedBatches:
@@ -100,6 +102,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     t_start = time.perf_counter()
     inputs: Inputs = preflight(cfg.checkpoint, cfg.catalog, cfg.users)
     ck = inputs.checkpoint
+    gate = skew.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
     registry = Registry(cfg.registry)
     expected_seq = registry.pointer().seq
     build_id = new_build_id(ck.version)
@@ -135,6 +138,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "torch_threads": cfg.torch_threads,
             "faiss_threads": cfg.faiss_threads,
             "ray_version": ray.__version__,
+            "skew_gate": gate,
         }
         manifest = finalize(
             inputs, registry, staging, build_id, expected_seq, cfg.index, timings, run_info, on_phase=phase
@@ -224,6 +228,11 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         help="index type (auto: Flat up to 200k items, else IVF)",
     )
     p.add_argument("--target-recall", type=float, default=0.95, help="held-out recall@10 needed to publish")
+    p.add_argument(
+        "--force-unchecked",
+        action="store_true",
+        help="publish without a passed skew check (recorded in the manifest)",
+    )
     p.add_argument("--timeout-s", type=int, default=3600)
     p.add_argument("--wait-for-min-actors-s", type=int, default=300)
     a = p.parse_args(argv)
@@ -239,7 +248,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, read_cpus=a.read_cpus, num_gpus_per_worker=a.num_gpus_per_worker,
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall),
-        timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s,
+        timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
     )  # fmt: skip
 
 

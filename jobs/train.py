@@ -28,6 +28,7 @@ class JobConfig:
     eval_split: str
     model: ModelConfig
     train: TrainConfig
+    init_from: Path | None = None
 
 
 def parse(argv: list[str] | None) -> JobConfig:
@@ -51,6 +52,12 @@ def parse(argv: list[str] | None) -> JobConfig:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
     p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim)
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm-start from this checkpoint (same family and architecture)",
+    )
     a = p.parse_args(argv)
     if a.epochs < 1 or a.batch_size < 2:
         p.error("--epochs must be >= 1 and --batch-size >= 2")
@@ -58,6 +65,7 @@ def parse(argv: list[str] | None) -> JobConfig:
         a.data, a.out, a.family, a.eval_split,
         ModelConfig(embed_dim=a.embed_dim),
         TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads),
+        a.init_from,
     )  # fmt: skip
 
 
@@ -78,13 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"training on {train_split.num_rows:,} interactions, {catalog.num_rows:,} items, {users.num_rows:,} users"
     )
-    model, metrics = train(catalog, users, train_split, eval_split, schema, cfg.model, cfg.train)
+    init = None
+    if cfg.init_from is not None:
+        parent = checkpoint.load_checkpoint(cfg.init_from, expected_schema=schema)
+        if parent.family != cfg.family or parent.model.cfg != cfg.model:
+            raise ValueError(
+                f"--init-from {cfg.init_from}: expected family {cfg.family!r} with {cfg.model}, got {parent.family!r} with {parent.model.cfg}"
+            )
+        init = parent.model.state_dict()
+        print(f"warm-starting from {parent.version}")
+    model, metrics = train(
+        catalog, users, train_split, eval_split, schema, cfg.model, cfg.train, init_state=init
+    )
     metrics["eval_split"] = cfg.eval_split
     training = {
         "data": str(cfg.data),
         "train_fingerprint": train_m["fingerprint"],
         "catalog_fingerprint": cat_m["fingerprint"],
         "config": dataclasses.asdict(cfg.train),
+        "init_from": None if init is None else parent.version,
     }
     path = checkpoint.save_checkpoint(model, cfg.out, family=cfg.family, training=training, metrics=metrics)
     print(json.dumps(metrics, indent=2))

@@ -60,7 +60,10 @@ class Recommender:
         self.totals: collections.Counter = collections.Counter()  # this replica's counters, for GET /stats
         self._score_batch.set_max_batch_size(self.args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.watcher = BuildWatcher(Path(self.args.registry), on_event=self._on_build_event)
+        query = Path(self.args.query_checkpoint) if self.args.query_checkpoint else None
+        self.watcher = BuildWatcher(
+            Path(self.args.registry), query_checkpoint=query, on_event=self._on_build_event
+        )
         self.watcher.poll()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         self._stop = threading.Event()
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()

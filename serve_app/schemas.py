@@ -13,6 +13,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     registry: str = "registry"
+    # A query tower other than the build's own: refused unless (its version, index version) passed a skew check.
+    query_checkpoint: str | None = None
     broadcast: bool = True
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,16 +61,46 @@ def ml_data(tmp_path_factory, movielens_dir) -> Path:
     return out
 
 
+def _train(ml_data: Path, root: Path, *args: str) -> Path:
+    p = run_module("jobs.train", "--data", ml_data, "--out", root, *args)
+    return Path(p.stdout.strip().splitlines()[-1].split("checkpoint: ")[1])
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
-    """Two checkpoints of one family, trained with different seeds (3 epochs each, ~20 s)."""
+    """Two versions of one family as it evolves: A from scratch, B warm-started from A (so the pair
+    passes the skew check)."""
     root = tmp_path_factory.mktemp("checkpoints")
-    paths = []
-    for seed in (0, 1):
-        p = run_module("jobs.train", "--data", ml_data, "--out", root, "--epochs", "3", "--seed", str(seed))
-        paths.append(Path(p.stdout.strip().splitlines()[-1].split("checkpoint: ")[1]))
-    assert paths[0] != paths[1]
-    return paths[0], paths[1]
+    a = _train(ml_data, root, "--epochs", "3", "--seed", "0")
+    b = _train(ml_data, root, "--epochs", "1", "--seed", "1", "--lr", "5e-4", "--init-from", str(a))
+    assert a != b
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def scratch_checkpoint(tmp_path_factory, ml_data) -> Path:
+    """Same family, trained from scratch with another seed: an unrelated embedding space."""
+    return _train(ml_data, tmp_path_factory.mktemp("scratch"), "--epochs", "3", "--seed", "7")
+
+
+@pytest.fixture(scope="session")
+def skew_results(tmp_path_factory, ml_data, checkpoints) -> Path:
+    """A passed skew check of (A, B), stored the way jobs.skew_check stores it."""
+    registry = tmp_path_factory.mktemp("skew-registry")
+    run_module("jobs.skew_check", "--checkpoints", *checkpoints, "--data", ml_data, "--registry", registry)
+    return registry / "skew"
+
+
+@pytest.fixture(scope="session")
+def new_registry(tmp_path_factory, skew_results):
+    """Factory: a fresh registry that already holds the family's passed skew check."""
+
+    def make(name: str) -> Path:
+        registry = tmp_path_factory.mktemp(name)
+        shutil.copytree(skew_results, registry / "skew")
+        return registry
+
+    return make
 
 
 @pytest.fixture(scope="session")

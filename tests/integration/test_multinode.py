@@ -10,8 +10,8 @@ from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import run_module
 
 
-def test_embedding_actors_run_on_pool_nodes_only(ml_data, checkpoints, tmp_path, ray_env):
-    registry = tmp_path / "registry"
+def test_embedding_actors_run_on_pool_nodes_only(ml_data, checkpoints, new_registry, ray_env):
+    registry = new_registry("reg-multinode")
     p = run_module(
         "tests.integration.multinode_cluster", "--", "--checkpoint", checkpoints[0], "--catalog", ml_data / "catalog",
         "--registry", registry, "--num-workers", "2", "--resources-per-worker", "gpu_pool=1", env=ray_env,

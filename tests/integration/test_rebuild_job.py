@@ -21,9 +21,9 @@ def catalog_ids(ml_data) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def submitted(ray_head, ml_data, checkpoints, tmp_path_factory):
+def submitted(ray_head, ml_data, checkpoints, new_registry):
     """Rebuild with checkpoint A through the real `ray job submit` path."""
-    registry = tmp_path_factory.mktemp("reg-submit")
+    registry = new_registry("reg-submit")
     sid = f"skewless-rebuild-{uuid.uuid4().hex[:8]}"
     ray_cli(
         "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO), "--submission-id", sid, "--no-wait",

@@ -43,8 +43,8 @@ APPS = {
 
 
 @pytest.fixture(scope="module")
-def serving(ray_head, ml_data, checkpoints, tmp_path_factory):
-    registry = tmp_path_factory.mktemp("reg-serve")
+def serving(ray_head, ml_data, checkpoints, new_registry, tmp_path_factory):
+    registry = new_registry("reg-serve")
     build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
     port = free_port()
     config = {

@@ -20,6 +20,34 @@ def test_query_tower_of_another_version_is_refused(tmp_path):
         load_build(build, query_checkpoint=other)
 
 
+def test_query_tower_of_another_version_is_served_only_if_the_pair_passed_a_skew_check(tmp_path):
+    from core import skew
+
+    reg = tmp_path / "reg"
+    ck_a, ck_b = make_checkpoint(tmp_path / "ck", seed=0), make_checkpoint(tmp_path / "ck", seed=1)
+    build = make_build(reg, "b1", ck_a)
+    va, vb = ck_a.name, ck_b.name
+
+    def allowed(family, q, i):
+        return skew.pair_allowed(reg, family, q, i)
+
+    with pytest.raises(BuildRefused, match="has not passed a skew check"):
+        load_build(build, query_checkpoint=ck_b, pair_allowed=allowed)
+    check = {
+        "family": "tiny",
+        "versions": [va, vb],
+        "k": 10,
+        "recall": [[0.1, 0.09], [0.095, 0.1]],
+        "overlap": [[1, 0.8], [0.8, 1]],
+    }
+    skew.save(reg, skew.judge(check, max_relative_drop=0.2))
+    assert load_build(build, query_checkpoint=ck_b, pair_allowed=allowed).checkpoint_version == va
+    failed = {**check, "recall": [[0.1, 0.01], [0.01, 0.1]]}
+    reg2 = tmp_path / "reg2"
+    skew.save(reg2, skew.judge(failed, max_relative_drop=0.2))
+    assert not skew.pair_allowed(reg2, "tiny", vb, va)
+
+
 def test_watcher_swaps_on_publish_and_keeps_old_build_when_new_one_is_broken(tmp_path):
     reg_dir = tmp_path / "reg"
     ck = make_checkpoint(tmp_path / "ck")

@@ -1,0 +1,140 @@
+"""Version-skew sensitivity check for a model family: a readiness gate before it is trusted.
+
+  python -m jobs.skew_check --checkpoints checkpoints/A checkpoints/B [...] \\
+      [--data data/movielens] [--registry registry] [--k 10] [--max-relative-drop 0.2]
+
+For every (query-tower version, index version) pair: Recall@K on held-out interactions and overlap@K
+with the matched-version retrieval. Prints the matrix, saves JSON + a heatmap PNG into the registry
+(`skew/<family>/`). Exit 0 = passed, 3 = the family failed the check (its results are still stored).
+Runs the same through `ray job submit --working-dir . -- python -m jobs.skew_check ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from core import datasets, skew
+from core.checkpoint import load_checkpoint
+from core.features import FeatureSchema
+from jobs.common import run_main
+
+
+@dataclasses.dataclass(frozen=True)
+class SkewConfig:
+    checkpoints: tuple[Path, ...]
+    data: Path
+    registry: Path
+    k: int
+    max_relative_drop: float
+    split: str
+
+
+def _heatmap(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'); skipping the heatmap PNG")
+        return False
+    short = [v.rsplit("-", 1)[-1][:8] for v in result["versions"]]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(short), 3 + 0.6 * len(short)))
+    for ax, key, title in (
+        (axes[0], "recall", f"Recall@{result['k']}"),
+        (axes[1], "overlap", f"overlap@{result['k']} with (i, i)"),
+    ):
+        im = ax.imshow(result[key], cmap="viridis")
+        ax.set_xticks(range(len(short)), short, rotation=45)
+        ax.set_yticks(range(len(short)), short)
+        ax.set_xlabel("index (item tower) version")
+        ax.set_ylabel("query (user tower) version")
+        ax.set_title(title)
+        for q, row in enumerate(result[key]):
+            for i, v in enumerate(row):
+                ax.text(i, q, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(
+        f"{result['family']}: {'PASSED' if result['passed'] else 'FAILED'} (max relative drop {result['max_relative_drop']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def parse(argv: list[str] | None) -> SkewConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.skew_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoints", type=Path, nargs="+", required=True, help="two or more checkpoints of ONE family"
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/movielens"),
+        help="prepared MovieLens (catalog, users, interactions)",
+    )
+    p.add_argument(
+        "--registry", type=Path, default=Path("registry"), help="results go to REGISTRY/skew/<family>/"
+    )
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--max-relative-drop",
+        type=float,
+        default=0.2,
+        help="largest allowed off-diagonal Recall@K drop, relative to (i, i)",
+    )
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    a = p.parse_args(argv)
+    if len(a.checkpoints) < 2:
+        p.error("--checkpoints needs at least two checkpoints")
+    return SkewConfig(tuple(a.checkpoints), a.data, a.registry, a.k, a.max_relative_drop, a.split)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    schema = FeatureSchema.from_dict(
+        datasets.read_dataset_manifest(cfg.data / "catalog", "catalog")["feature_schema"]
+    )
+    cks = [load_checkpoint(c, expected_schema=schema) for c in cfg.checkpoints]
+    result = skew.judge(
+        skew.skew_matrix(
+            cks,
+            datasets.read_table(cfg.data / "catalog"),
+            datasets.read_table(cfg.data / "users"),
+            datasets.read_table(cfg.data / f"interactions/{cfg.split}"),
+            cfg.k,
+        ),
+        cfg.max_relative_drop,
+    )
+    path = skew.save(cfg.registry, result)
+    png = path.with_suffix(".png")
+    _heatmap(result, png)
+    width = max(len(v) for v in result["versions"])
+    print(f"Recall@{cfg.k} (rows: query version, columns: index version); overlap@{cfg.k} in brackets")
+    print(" " * width + "  " + "  ".join(v.rjust(width) for v in result["versions"]))
+    for q, vq in enumerate(result["versions"]):
+        cells = [
+            f"{result['recall'][q][i]:.4f} [{result['overlap'][q][i]:.2f}]".rjust(width)
+            for i in range(len(result["versions"]))
+        ]
+        print(vq.rjust(width) + "  " + "  ".join(cells))
+    worst = max(p["relative_drop"] for p in result["pairs"].values())
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    print(
+        f"{verdict}: worst off-diagonal relative drop {worst:.3f} (allowed {cfg.max_relative_drop}); results: {path}"
+        + (f", {png}" if png.exists() else "")
+    )
+    print("SKEW " + json.dumps({"passed": result["passed"], "path": str(path), "worst_relative_drop": worst}))
+    return 0 if result["passed"] else 3
+
+
+if __name__ == "__main__":
+    run_main(main)
