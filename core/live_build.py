@@ -19,7 +19,8 @@ import torch
 from core import index as ann
 from core import skew
 from core.checkpoint import load_checkpoint
-from core.model import RankingScorer
+from core.features import FeatureSchema
+from core.model import ItemTower, RankingScorer
 from core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class LiveBuild:
     user_ids: np.ndarray  # (U,) sorted, memory-mapped
     user_emb: np.ndarray  # (U, D) float32, memory-mapped
     scorer: RankingScorer
+    item_tower: ItemTower  # the index's own item tower: embeds sidecar items in the same version
+    schema: FeatureSchema
     loaded_at: float
 
     @property
@@ -79,10 +82,17 @@ def load_build(
     try:
         manifest = json.loads((build_dir / "manifest.json").read_text())
         version = manifest["checkpoint"]["version"]
-        ck = load_checkpoint(query_checkpoint or build_dir / "checkpoint")
-        if ck.version != version and not (pair_allowed and pair_allowed(ck.family, ck.version, version)):
+        ck = load_checkpoint(build_dir / "checkpoint")
+        if ck.version != version:
             raise BuildRefused(
-                f"query tower version {ck.version} differs from the index's checkpoint version {version} in build "
+                f"build {build_dir.name}: its checkpoint copy is {ck.version}, the manifest says {version}"
+            )
+        query = load_checkpoint(query_checkpoint) if query_checkpoint else ck
+        if query.version != version and not (
+            pair_allowed and pair_allowed(query.family, query.version, version)
+        ):
+            raise BuildRefused(
+                f"query tower version {query.version} differs from the index's checkpoint version {version} in build "
                 f"{manifest['build_id']} and that pair has not passed a skew check; serving it is refused"
             )
         idx = ann.load(build_dir / "index.faiss")
@@ -121,6 +131,8 @@ def load_build(
         user_ids=mm["user_ids"],
         user_emb=mm["user_embeddings"],
         scorer=ck.model.scorer,
+        item_tower=ck.model.item_tower,
+        schema=ck.schema,
         loaded_at=clock(),
     )
     _smoke(build)

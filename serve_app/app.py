@@ -29,8 +29,9 @@ from ray.serve.config import BackpressureConfig
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.live_build import BuildWatcher, LiveBuild
+from core.sidecar import Sidecar, SidecarFull, SidecarLog, SidecarSnapshot, merge_topk
 from serve_app.metrics import ReplicaMetrics
-from serve_app.schemas import AppArgs, RetrieveBody, RetrieveResponse, ScoreBody, ScoreResponse
+from serve_app.schemas import AppArgs, ItemsBody, RetrieveBody, RetrieveResponse, ScoreBody, ScoreResponse
 
 log = logging.getLogger("skewless.serve")
 api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
@@ -64,16 +65,35 @@ class Recommender:
         self.watcher = BuildWatcher(
             Path(self.args.registry), query_checkpoint=query, on_event=self._on_build_event
         )
-        self.watcher.poll()  # serve at once if a build is live; otherwise /healthz says 503 until one is
-        self._stop = threading.Event()
+        self.sidecar_log = SidecarLog(Path(self.args.registry))
+        self._sidecar = Sidecar(self.sidecar_log)
+        # (live build, its sidecar view): replaced as ONE reference, so retrieval never mixes a build
+        # with sidecar vectors embedded by another checkpoint.
+        self.state: tuple[LiveBuild, SidecarSnapshot] | None = None
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._tick()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
 
     def _follow_registry(self) -> None:
-        while not self._stop.wait(self.args.poll_interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.args.poll_interval_s)
+            self._wake.clear()
             try:
-                self.watcher.poll()
+                self._tick()
             except Exception:  # the follower must survive a flaky filesystem read
-                log.exception("registry poll failed; will retry")
+                log.exception("registry/sidecar poll failed; will retry")
+
+    def _tick(self) -> None:
+        """Runs on the follower thread only: follow CURRENT, then the sidecar log."""
+        self.watcher.poll()
+        live = self.watcher.live
+        if live is None:
+            return
+        prev = self.state[1] if self.state else None
+        snap = self._sidecar.snapshot(live, prev)
+        if self.state is None or snap is not prev or self.state[0] is not live:
+            self.state = (live, snap)
+            self.metrics.sidecar_items.set(len(snap.ids), self.metrics._t())
 
     def _on_build_event(
         self, outcome: str, old: LiveBuild | None, new: LiveBuild | None, detail: str
@@ -108,6 +128,7 @@ class Recommender:
             "checkpoint_version": live.checkpoint_version,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.loaded_at)),
             "replica": self.replica,
+            "sidecar_items": 0 if self.state is None else len(self.state[1].ids),
             "last_refused": None
             if self.watcher.last_refused is None
             else dict(zip(("build_id", "reason"), self.watcher.last_refused, strict=True)),
@@ -180,23 +201,84 @@ class Recommender:
             self._user_buf = np.empty((self.bcfg.max_unique_users, live.dim), dtype=np.float32)
         return self._user_buf
 
+    def _serving_state(self) -> tuple[LiveBuild, SidecarSnapshot]:
+        if self.state is None:
+            raise HTTPException(
+                503, f"no build is live in registry {self.args.registry}", headers={"Retry-After": "1"}
+            )
+        return self.state
+
     @api.post("/retrieve", response_model=RetrieveResponse)
     async def retrieve(self, body: RetrieveBody):
         if body.k > self.args.max_k:
             raise HTTPException(422, f"k={body.k} exceeds the limit of {self.args.max_k}")
-        live = self._live()
+        live, snap = self._serving_state()
         rows, unknown = live.user_rows(np.array([body.user_id], dtype=np.int64))
         if unknown[0]:
             self.metrics.error(404)
             raise HTTPException(404, f"unknown user_id {body.user_id} in build {live.build_id}")
-        ids, scores = await asyncio.to_thread(live.retrieve, rows, body.k)
-        keep = ids[0] >= 0  # faiss pads with -1 when fewer than k results exist
+        ids, scores, sources = await asyncio.to_thread(merge_topk, live, snap, int(rows[0]), body.k)
         return RetrieveResponse(
-            item_ids=ids[0][keep].tolist(),
-            scores=scores[0][keep].tolist(),
+            item_ids=ids,
+            scores=scores,
+            sources=sources,
             build_id=live.build_id,
             checkpoint_version=live.checkpoint_version,
         )
+
+    # ---- fresh-item sidecar ----------------------------------------------------------------------
+    async def _until_applied(self, offset: int, timeout_s: float = 5.0) -> None:
+        """Read-your-writes: wake the follower and wait until this replica's view includes `offset`."""
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.state is not None and self.state[1].offset >= offset:
+                return
+            await asyncio.sleep(0.01)
+
+    async def _write_sidecar(self, entries: list[dict], op: str) -> None:
+        try:
+            offset = await asyncio.to_thread(self.sidecar_log.write, entries, self.args.max_sidecar_items)
+        except SidecarFull as e:
+            self.metrics.error(507)
+            raise HTTPException(507, str(e)) from None
+        self.metrics.sidecar_ops.inc(len(entries), self.metrics._t(op=op))
+        await self._until_applied(offset)
+
+    @api.post("/items")
+    async def upsert_items(self, body: ItemsBody):
+        live, _ = self._serving_state()
+        entries = [
+            {"op": "upsert", "item_id": it.item_id, "item": it.model_dump(exclude={"item_id"})}
+            for it in body.items
+        ]
+        await self._write_sidecar(entries, "upsert")
+        live, snap = self._serving_state()
+        return {
+            "upserted": [it.item_id for it in body.items],
+            "sidecar_items": len(snap.ids),
+            "build_id": live.build_id,
+            "checkpoint_version": live.checkpoint_version,
+        }
+
+    @api.delete("/items/{item_id}")
+    async def delete_item(self, item_id: int):
+        await self._write_sidecar([{"op": "delete", "item_id": item_id}], "delete")
+        live, snap = self._serving_state()
+        return {"deleted": item_id, "sidecar_items": len(snap.ids), "build_id": live.build_id}
+
+    @api.get("/items/{item_id}")
+    def get_item(self, item_id: int):
+        """Where an item is served from and which checkpoint version embedded it."""
+        live, snap = self._serving_state()
+        base = {"item_id": item_id, "build_id": live.build_id, "embedded_by": live.checkpoint_version}
+        if item_id in snap.deleted:
+            raise HTTPException(404, f"item {item_id} was deleted")
+        if item_id in set(snap.ids.tolist()):
+            return {**base, "source": "sidecar"}
+        if not live.item_rows(np.array([item_id], dtype=np.int64))[1][0]:
+            return {**base, "source": "base"}
+        raise HTTPException(404, f"unknown item_id {item_id} in build {live.build_id} and the sidecar")
 
     def __del__(self):
         if hasattr(self, "_stop"):

@@ -50,6 +50,17 @@ class ReplicaMetrics:
             "1 for the build this replica serves",
             tag_keys=(*tags, "build_id", "checkpoint_version"),
         )
+        self.sidecar_items = metrics.Gauge(
+            "skewless_sidecar_items", "Fresh items served from the sidecar", tag_keys=tags
+        )
+        self.sidecar_ops = metrics.Counter(
+            "skewless_sidecar_ops", "Sidecar writes accepted, by op (upsert / delete)", tag_keys=(*tags, "op")
+        )
+        self.skew_passed = metrics.Gauge(
+            "skewless_skew_check_passed",
+            "1 if the live checkpoint version has a passed skew check",
+            tag_keys=(*tags, "family", "checkpoint_version"),
+        )
         self.latency_ms = metrics.Histogram(
             "skewless_score_latency_ms", "Scoring batch compute time", boundaries=_MS, tag_keys=tags
         )

@@ -22,7 +22,8 @@ class AppArgs(BaseModel):
     cap_policy: Literal["split", "reject", "fallback"] = "split"
     max_candidates: int = Field(2000, ge=1)
     max_k: int = Field(1000, ge=1)
-    poll_interval_s: float = Field(1.0, gt=0)
+    poll_interval_s: float = Field(0.25, gt=0)  # registry + sidecar log: fresh items show up within this
+    max_sidecar_items: int = Field(10_000, ge=1)
     torch_threads: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
 
@@ -67,5 +68,24 @@ class RetrieveBody(BaseModel):
 class RetrieveResponse(BaseModel):
     item_ids: list[int]
     scores: list[float]
+    sources: list[str]  # "base" or "sidecar" per item
     build_id: str
     checkpoint_version: str
+
+
+class ItemIn(BaseModel):
+    """A fresh or changed item, with the same raw features as the catalog."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: StrictInt
+    title: str = Field(min_length=1, max_length=500)
+    genres: str = Field("", max_length=500, description="pipe-separated, e.g. 'Comedy|Drama'")
+    year: StrictInt | None = None
+    tags: str = Field("", max_length=2000)
+
+
+class ItemsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1, max_length=1000)
