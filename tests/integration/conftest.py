@@ -156,6 +156,27 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
         log.close()
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """Serve's HTTP port: fixed for the session because http_options cannot change once Serve runs."""
+    return free_port()
+
+
+def serve_deploy(ray_head: dict, port: int, apps: list[dict], path: Path) -> str:
+    """`serve deploy` a config with these applications (declarative: it replaces the previous set)."""
+    path.write_text(
+        json.dumps(
+            {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "127.0.0.1", "port": port},
+                "applications": apps,
+            }
+        )
+    )
+    ray_cli("serve", "deploy", str(path), "--address", ray_head["dashboard"], env=ray_head["env"])
+    return f"http://127.0.0.1:{port}"
+
+
 def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", *args],

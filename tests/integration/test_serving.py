@@ -6,7 +6,6 @@ reference (broadcast off), one per cap policy (cap of 2 unique users per batch) 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import requests
 from core.checkpoint import read_manifest
 from core.datasets import read_table
 from tests.integration.builds import current_build
-from tests.integration.conftest import free_port, ray_cli, rebuild, run_module, summary, wait_for
+from tests.integration.conftest import rebuild, run_module, serve_deploy, summary, wait_for
 
 APPS = {
     "main": {"route": "/", "replicas": 2, "args": {"broadcast": True}},
@@ -43,40 +42,32 @@ APPS = {
 
 
 @pytest.fixture(scope="module")
-def serving(ray_head, ml_data, checkpoints, new_registry, tmp_path_factory):
+def serving(ray_head, ml_data, checkpoints, new_registry, tmp_path_factory, serve_port):
     registry = new_registry("reg-serve")
     build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
-    port = free_port()
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {
-                "name": name,
-                "route_prefix": spec["route"],
-                "import_path": "serve_app.app:build_app",
-                "args": {
-                    "registry": str(registry),
-                    "poll_interval_s": 0.3,
-                    "batch_wait_timeout_s": 0.03,
-                    "max_candidates": 500,
-                    **spec["args"],
-                },
-                "deployments": [
-                    {
-                        "name": "Recommender",
-                        "num_replicas": spec["replicas"],
-                        "ray_actor_options": {"num_cpus": 0.1},
-                    }
-                ],
-            }
-            for name, spec in APPS.items()
-        ],
-    }
-    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
-    path.write_text(json.dumps(config))  # JSON is valid YAML
-    ray_cli("serve", "deploy", str(path), "--address", ray_head["dashboard"], env=ray_head["env"])  # noqa
-    base = f"http://127.0.0.1:{port}"
+    apps = [
+        {
+            "name": name,
+            "route_prefix": spec["route"],
+            "import_path": "serve_app.app:build_app",
+            "args": {
+                "registry": str(registry),
+                "poll_interval_s": 0.3,
+                "batch_wait_timeout_s": 0.03,
+                "max_candidates": 500,
+                **spec["args"],
+            },
+            "deployments": [
+                {
+                    "name": "Recommender",
+                    "num_replicas": spec["replicas"],
+                    "ray_actor_options": {"num_cpus": 0.1},
+                }
+            ],
+        }
+        for name, spec in APPS.items()
+    ]
+    base = serve_deploy(ray_head, serve_port, apps, tmp_path_factory.mktemp("serve") / "serve.yaml")
 
     def all_healthy():
         try:

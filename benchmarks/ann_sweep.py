@@ -1,0 +1,244 @@
+"""recall@10 vs QPS of the index families core.index can build, on a published build's own vectors.
+
+Items are the build's item_embeddings.npy, queries are its user_embeddings.npy (the real queries). Every
+family is built with core.index.build and searched with per-call parameters; recall is core.index's
+tie-tolerant recall@k against exact search. Timing: each repeat visits every (family, params) point once
+(A B C ... A B C, so the noise of a shared machine spreads over all points); batch QPS = queries / time
+of searching them `--batch` at a time; single-query latency = one query per call. Medians over repeats.
+The build's own automatic choice (manifest "index" + "quality") is re-measured on the same queries.
+
+python -m benchmarks.ann_sweep --build /tmp/bench-reg-1m/builds/<id> --name synth-1m \
+    --families flat ivf hnsw ivfpq --ivf-nlists 1024 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from core import index as ann
+
+NPROBES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+K_FACTORS = (1, 2, 4, 8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    build: Path
+    name: str
+    families: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")
+    ivf_nlists: tuple[int, ...] = ()  # extra IVF-Flat list counts besides choose_spec's
+    queries: int = 2000
+    batch: int = 1000
+    latency_queries: int = 50  # single-query calls per point per repeat
+    repeats: int = 5
+    threads: int = 2
+    k: int = 10
+    target: float = 0.95
+    seed: int = 1  # the rebuild tunes with seed 0: a different query sample here
+    out_dir: Path = Path("benchmarks/results")
+
+
+@dataclasses.dataclass
+class Point:
+    family: str
+    spec: ann.IndexSpec
+    params: dict
+    recall: float = 0.0
+    batch_s: list[float] = dataclasses.field(default_factory=list)
+    single_s: list[float] = dataclasses.field(default_factory=list)
+
+
+def specs(cfg: SweepConfig, n: int, d: int) -> list[tuple[str, ann.IndexSpec]]:
+    out = [(f, ann.choose_spec(n, d, f)) for f in cfg.families]
+    for nlist in cfg.ivf_nlists:
+        out.append((f"ivf{nlist}", ann.IndexSpec("ivf", f"IVF{nlist},Flat", min(n, 64 * nlist))))
+    return out
+
+
+def grid(spec: ann.IndexSpec) -> list[dict]:
+    if spec.kind == "flat":
+        return [{}]
+    if spec.kind == "hnsw":
+        return [{"efSearch": e} for e in EF_SEARCH]
+    nlist = int(next(t for t in spec.factory.split(",") if t.startswith("IVF"))[3:])
+    probes = [p for p in NPROBES if p <= nlist]
+    if spec.kind == "ivf":
+        return [{"nprobe": p} for p in probes]
+    return [{"nprobe": p, "k_factor": k} for p in probes for k in K_FACTORS]
+
+
+def time_point(index, pt: Point, xq: np.ndarray, cfg: SweepConfig, rng: np.random.Generator) -> None:
+    t0 = time.perf_counter()
+    for s in range(0, len(xq), cfg.batch):
+        ann.search(index, pt.spec, pt.params, xq[s : s + cfg.batch], cfg.k)
+    pt.batch_s.append(time.perf_counter() - t0)
+    for q in rng.choice(len(xq), size=min(cfg.latency_queries, len(xq)), replace=False):
+        t0 = time.perf_counter()
+        ann.search(index, pt.spec, pt.params, xq[q : q + 1], cfg.k)
+        pt.single_s.append(time.perf_counter() - t0)
+
+
+def run(cfg: SweepConfig) -> dict:
+    ann.configure(cfg.threads)
+    manifest = json.loads((cfg.build / "manifest.json").read_text())
+    xb = np.load(cfg.build / "item_embeddings.npy")  # (N, D)
+    ids = np.load(cfg.build / "item_ids.npy")  # (N,)
+    users = np.load(cfg.build / "user_embeddings.npy", mmap_mode="r")  # (U, D)
+    rng = np.random.default_rng(cfg.seed)
+    xq = np.ascontiguousarray(users[np.sort(rng.choice(len(users), min(cfg.queries, len(users)), False))])
+    n, d = xb.shape
+    print(f"{cfg.name}: {n:,} items x {d}, {len(xq)} user queries, faiss threads {faiss.omp_get_max_threads()}")
+    exact = ann.exact_topk(xb, xq, cfg.k)
+
+    builds, indexes, points = {}, {}, []
+    auto_spec = ann.choose_spec(n, d, "auto")
+    for fam, spec in specs(cfg, n, d):
+        t0 = time.perf_counter()
+        index, t = ann.build(spec, xb, ids)
+        builds[fam] = {"factory": spec.factory, **t, "build_s": round(time.perf_counter() - t0, 3)}
+        print(f"  built {spec.factory} in {builds[fam]['build_s']:.1f}s", flush=True)
+        indexes[fam] = index
+        for p in grid(spec):
+            pt = Point(fam, spec, p)
+            pt.recall = ann.recall_at_k(xb, ids, xq, ann.search(index, spec, p, xq, cfg.k)[1], cfg.k, exact)
+            points.append(pt)
+    auto_params = manifest["index"]["search_params"]
+    auto = next(
+        (p for p in points if p.spec.factory == auto_spec.factory and p.params == auto_params), None
+    )
+    if auto is None:  # the manifest's setting is not on this grid: add it
+        fam = next(f for f, s in specs(cfg, n, d) if s.factory == auto_spec.factory)
+        auto = Point(fam, auto_spec, auto_params)
+        auto.recall = ann.recall_at_k(
+            xb, ids, xq, ann.search(indexes[fam], auto_spec, auto_params, xq, cfg.k)[1], cfg.k, exact
+        )
+        points.append(auto)
+
+    for r in range(cfg.repeats):  # interleaved: every point once per repeat
+        for pt in points:
+            time_point(indexes[pt.family], pt, xq, cfg, rng)
+        print(f"  repeat {r + 1}/{cfg.repeats} done", flush=True)
+
+    rows = [
+        {
+            "family": pt.family,
+            "factory": pt.spec.factory,
+            "params": pt.params,
+            "recall_at_10": round(pt.recall, 4),
+            "batch_qps": round(len(xq) / statistics.median(pt.batch_s), 1),
+            "batch_s": pt.batch_s,
+            "single_ms_p50": round(1e3 * statistics.median(pt.single_s), 4),
+            "single_ms_p99": round(1e3 * float(np.percentile(pt.single_s, 99)), 4),
+            "single_qps": round(1 / statistics.mean(pt.single_s), 1),
+            "auto_choice": pt is auto,
+        }
+        for pt in points
+    ]
+    ok = [r for r in rows if r["recall_at_10"] >= cfg.target]
+    best = max(ok, key=lambda r: r["batch_qps"]) if ok else None
+    best_single = max(ok, key=lambda r: r["single_qps"]) if ok else None
+    auto_row = next(r for r in rows if r["auto_choice"])
+    return {
+        "benchmark": "ann_sweep",
+        "dataset": cfg.name,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+        "items": n,
+        "dim": d,
+        "queries": len(xq),
+        "faiss_version": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "builds": builds,
+        "manifest_index": manifest["index"],
+        "manifest_quality": {k: v for k, v in manifest["quality"].items() if k != "tuning_sweep"},
+        "manifest_timings": manifest["timings"],
+        "best_batch_at_target": best,
+        "best_single_at_target": best_single,
+        "auto": auto_row,
+        "auto_vs_best_batch_qps": round(auto_row["batch_qps"] / best["batch_qps"], 3) if best else None,
+        "auto_vs_best_single_qps": round(auto_row["single_qps"] / best_single["single_qps"], 3)
+        if best_single
+        else None,
+        "points": rows,
+    }
+
+
+def plot(result: dict, path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, title in (
+        (axes[0], "batch_qps", f"batch of {result['config']['batch']} queries"),
+        (axes[1], "single_qps", "one query per call"),
+    ):
+        for fam in dict.fromkeys(r["family"] for r in result["points"]):
+            pts = sorted((r for r in result["points"] if r["family"] == fam), key=lambda r: r["recall_at_10"])
+            label = pts[0]["factory"] if fam != "ivfpq" else f"{pts[0]['factory']} (best k_factor)"
+            if fam == "ivfpq":  # upper envelope over k_factor, else the line zig-zags
+                pts = [p for p in pts if not any(q[key] > p[key] and q["recall_at_10"] >= p["recall_at_10"] for q in pts)]
+            ax.plot([p["recall_at_10"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=label)
+        a = result["auto"]
+        ax.plot(a["recall_at_10"], a[key], "k*", ms=14, label=f"rebuild's auto choice {a['params']}")
+        ax.axvline(target, color="grey", ls="--", lw=0.8)
+        ax.set(xlabel="recall@10 (tie-tolerant, vs exact)", ylabel="QPS", yscale="log", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{result['dataset']}: {result['items']:,} items x {result['dim']}, {result['queries']} user queries, "
+        f"faiss {result['faiss_version']}, {result['faiss_threads']} threads"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv: list[str] | None = None) -> SweepConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ann_sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--build", type=Path, required=True, help="a build directory (registry/builds/<id>)")
+    p.add_argument("--name", required=True, help="dataset name used in the output file names")
+    p.add_argument("--families", nargs="+", choices=("flat", "ivf", "hnsw", "ivfpq"), default=SweepConfig.families)
+    p.add_argument("--ivf-nlists", type=int, nargs="*", default=[], help="extra IVF-Flat list counts")
+    p.add_argument("--queries", type=int, default=2000, help="user queries (all users if fewer)")
+    p.add_argument("--batch", type=int, default=1000, help="queries per search call for batch QPS")
+    p.add_argument("--latency-queries", type=int, default=50, help="single-query calls per point per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    p.add_argument("--target", type=float, default=0.95, help="recall@10 the comparison is made at")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=SweepConfig.out_dir)
+    a = p.parse_args(argv)
+    return SweepConfig(
+        a.build, a.name, tuple(a.families), tuple(a.ivf_nlists), a.queries, a.batch, a.latency_queries,
+        a.repeats, a.threads, 10, a.target, a.seed, a.out_dir,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    result = run(cfg)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cfg.out_dir / f"ann_sweep_{cfg.name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"), cfg.target)
+    for key in ("best_batch_at_target", "best_single_at_target", "auto"):
+        r = result[key]
+        print(f"{key}: {r and {k: r[k] for k in ('factory', 'params', 'recall_at_10', 'batch_qps', 'single_qps')}}")
+    print(f"auto / best batch QPS: {result['auto_vs_best_batch_qps']}, single: {result['auto_vs_best_single_qps']}")
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
