@@ -250,12 +250,16 @@ def test_metrics_endpoint_reports_custom_metrics_consistent_with_traffic(serving
         )
 
     def scraped():
+        # Each replica exports on its own schedule: wait until every app's numbers have arrived.
         text = _scrape(ray_head)
-        return (
-            text if _metric_sum(text, "ray_skewless_scored_rows_total", application="metered") >= 84 else None
+        ready = (
+            _metric_sum(text, "ray_skewless_scored_rows_total", application="metered") >= 84
+            and _metric_sum(text, "ray_skewless_cap_events_total", application="reject", policy="reject") >= 1
+            and _metric_sum(text, "ray_skewless_cap_events_total", application="split", policy="split") >= 1
         )
+        return text if ready else None
 
-    text = wait_for(scraped, 60, "the metered app's rows to reach the metrics endpoint", interval_s=2)
+    text = wait_for(scraped, 90, "the apps' custom metrics to reach the metrics endpoint", interval_s=2)
     rows = _metric_sum(text, "ray_skewless_scored_rows_total", application="metered")
     unique = _metric_sum(text, "ray_skewless_batch_unique_users_total", application="metered")
     lookups = _metric_sum(text, "ray_skewless_user_table_lookups_total", application="metered")
