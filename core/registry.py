@@ -13,18 +13,16 @@ On an object store the same layout works with a conditional put of the one point
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from core.fsutil import write_json_atomic
+from core.fsutil import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +103,8 @@ class Registry:
         )
         return tmp
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def _locked(self):
+        return locked(self.root / ".lock")
 
     def _swap(
         self, expected_seq: int | None, make: Callable[[Pointer], Pointer], before_replace=None

@@ -10,19 +10,17 @@ id is folded (the base already serves it). Deleted ids never appear; an upsert s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.features import encode_item_rows
+from core.fsutil import locked
 from core.live_build import LiveBuild
 from core.model import item_inputs_from_arrow
 
@@ -38,15 +36,8 @@ class SidecarLog:
         self.dir = Path(registry) / "sidecar"
         self.path = self.dir / "log.jsonl"
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def locked(self):
+        return locked(self.dir / ".lock")
 
     def append(self, entries: list[dict]) -> int:
         """Append entries durably (caller holds `locked()`); returns the log size after them."""
