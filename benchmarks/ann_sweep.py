@@ -31,7 +31,7 @@ from core import index as ann
 
 NPROBES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-K_FACTORS = (1, 2, 4, 8, 16)
+K_FACTORS = (2, 4, 8, 16, 32, 64, 128)  # fast-scan PQ (8-bit LUTs) needs 64+ here
 
 
 @dataclasses.dataclass(frozen=True)
