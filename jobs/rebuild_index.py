@@ -199,7 +199,11 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     )
     p.add_argument("--no-users", action="store_true", help="do not embed users")
     p.add_argument("--registry", type=Path, default=Path("registry"))
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray address (default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new local Ray; `local` forces a new one)",
+    )
     p.add_argument(
         "--num-workers", type=int, default=1, help="embedding actor pool size (one per GPU on a GPU pool)"
     )
