@@ -2,10 +2,13 @@
 
 Both read the SAME catalog parquet files (item feature columns only), embed with core.embed.Embedder.items
 and write the embedding table to parquet in a fresh temp directory, on the same CPU budget:
-  plain      pyarrow iter_batches -> Embedder.items -> ParquetWriter, torch threads = --threads
+  plain      pyarrow iter_batches -> Embedder.items -> ParquetWriter, torch threads = --cpus, in a fresh
+             process per run
   ray-AxT    jobs.rebuild_index._embed's pipeline: read_parquet(num_cpus=read_cpus) -> map_batches(
              EmbedBatches, ActorPoolStrategy(size=A), num_cpus=cpus_per_actor) -> sink; T torch threads
              per actor; sink "write" = ds.write_parquet (what the job does) or "iter" = ds.iter_batches.
+  -passive   the same with OMP_WAIT_POLICY=PASSIVE in the embedding process (libgomp's default spinning
+             costs 2-6x when other processes share the 2 cores).
 Ray is started once in-process (ray.init(address="local", num_cpus=--cpus)) and not timed.
 
 What is timed, per run (wall clock, seconds):
@@ -25,11 +28,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,6 +57,7 @@ class Variant:
     threads: int = 2
     cpus_per_actor: float = 1.0
     sink: str = "write"  # "write" | "iter"
+    omp_wait_policy: str | None = None  # None: libgomp's default (spin, then sleep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +73,19 @@ class ThroughputConfig:
 
 
 def variants(cfg: ThroughputConfig) -> list[Variant]:
-    b0 = cfg.batch_sizes[0]
+    b0, c = cfg.batch_sizes[0], cfg.cpus
     vs = [
-        Variant(f"plain-b{b0}", "plain", b0, threads=cfg.cpus),
-        Variant(f"ray-1x{cfg.cpus}-b{b0}", "ray", b0, 1, cfg.cpus, 1.0),
+        Variant(f"plain-b{b0}", "plain", b0, threads=c),
+        Variant(f"ray-1x{c}-b{b0}", "ray", b0, 1, c, 1.0),
+        Variant(f"plain-b{b0}-passive", "plain", b0, threads=c, omp_wait_policy="PASSIVE"),
+        Variant(f"ray-1x{c}-b{b0}-passive", "ray", b0, 1, c, 1.0, omp_wait_policy="PASSIVE"),
         # Ray 2.60's read_parquet starts with a ListFiles task that reserves 1 whole CPU whatever
         # read_parquet(num_cpus=) says: actors holding more than cpus - 1 deadlock the pipeline
-        Variant(f"ray-2x1-b{b0}", "ray", b0, 2, 1, (cfg.cpus - 1) / 2),
-        Variant(f"ray-1x{cfg.cpus}-b{b0}-iter", "ray", b0, 1, cfg.cpus, 1.0, sink="iter"),
+        Variant(f"ray-2x1-b{b0}", "ray", b0, 2, 1, (c - 1) / 2),
+        Variant(f"ray-1x{c}-b{b0}-iter", "ray", b0, 1, c, 1.0, sink="iter"),
     ]
     for b in cfg.batch_sizes[1:]:
-        vs += [
-            Variant(f"plain-b{b}", "plain", b, threads=cfg.cpus),
-            Variant(f"ray-1x{cfg.cpus}-b{b}", "ray", b),
-        ]
+        vs += [Variant(f"plain-b{b}", "plain", b, threads=c), Variant(f"ray-1x{c}-b{b}", "ray", b, 1, c)]
     return vs
 
 
@@ -116,6 +121,7 @@ def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log
         compute=ray.data.ActorPoolStrategy(size=v.actors),
         num_cpus=v.cpus_per_actor,
         udf_modifying_row_count=False,
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": v.omp_wait_policy}} if v.omp_wait_policy else None,
     )
     if v.sink == "write":
         ds.write_parquet(str(out))
@@ -158,11 +164,25 @@ def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -
     return {"rows": rows, "total_s": t2 - t0, "steady_s": t2 - t1, "busy_s": busy, "start_s": t1 - t0}
 
 
+def run_plain_isolated(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
+    """run_plain in a fresh process (libgomp reads OMP_WAIT_POLICY once, at load), away from the
+    driver's Ray threads; the process start is not timed."""
+    env = dict(os.environ)
+    if v.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = v.omp_wait_policy
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(run_plain, v, cfg, files, out).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
 def run_once(v: Variant, cfg: ThroughputConfig, files: list[Path]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="rbt-", dir=cfg.tmp))
     try:
         if v.kind == "plain":
-            return run_plain(v, cfg, files, work / "out")
+            return run_plain_isolated(v, cfg, files, work / "out")
         (work / "log").mkdir()
         return run_ray(v, cfg, files, work / "out", work / "log")
     finally:
@@ -210,7 +230,7 @@ def run(cfg: ThroughputConfig) -> dict:
     ratios = {}
     for r in rows:
         if r["kind"] == "ray":
-            base = by[f"plain-b{r['batch_size']}"]
+            base = by[f"plain-b{r['batch_size']}" + ("-passive" if r["omp_wait_policy"] else "")]
             ratios[r["name"]] = {
                 k: round(base[f"median_{k}_s"] / r[f"median_{k}_s"], 3) for k in ("total", "steady", "busy")
             }
@@ -278,6 +298,8 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
+    if "OMP_WAIT_POLICY" in os.environ:
+        raise SystemExit("unset OMP_WAIT_POLICY: the variants set it themselves (default vs PASSIVE)")
     result = run(cfg)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(result, indent=2) + "\n")
