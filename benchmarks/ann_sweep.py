@@ -191,7 +191,7 @@ def plot(result: dict, path: Path, target: float) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in (
-        (axes[0], "batch_qps", f"batch of {result['config']['batch']} queries"),
+        (axes[0], "batch_qps", f"batch of {min(result['config']['batch'], result['queries'])} queries"),
         (axes[1], "single_qps", "one query per call"),
     ):
         for fam in dict.fromkeys(r["family"] for r in result["points"]):

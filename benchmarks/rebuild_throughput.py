@@ -7,6 +7,8 @@ and write the embedding table to parquet in a fresh temp directory, on the same 
   ray-AxT    jobs.rebuild_index._embed's pipeline: read_parquet(num_cpus=read_cpus) -> map_batches(
              EmbedBatches, ActorPoolStrategy(size=A), num_cpus=cpus_per_actor) -> sink; T torch threads
              per actor; sink "write" = ds.write_parquet (what the job does) or "iter" = ds.iter_batches.
+  -nodict    parquet written with use_dictionary=["checkpoint_version"] (pyarrow's default tries a
+             dictionary on the float embedding column of every row group).
   -passive   the same with OMP_WAIT_POLICY=PASSIVE in the embedding process (libgomp's default spinning
              costs 2-6x when other processes share the 2 cores).
 Ray is started once in-process (ray.init(address="local", num_cpus=--cpus)) and not timed.
@@ -58,6 +60,7 @@ class Variant:
     cpus_per_actor: float = 1.0
     sink: str = "write"  # "write" | "iter"
     omp_wait_policy: str | None = None  # None: libgomp's default (spin, then sleep)
+    dict_version_only: bool = False  # parquet dictionary encoding only for checkpoint_version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +86,18 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
         # read_parquet(num_cpus=) says: actors holding more than cpus - 1 deadlock the pipeline
         Variant(f"ray-2x1-b{b0}", "ray", b0, 2, 1, (c - 1) / 2),
         Variant(f"ray-1x{c}-b{b0}-iter", "ray", b0, 1, c, 1.0, sink="iter"),
+        Variant(f"plain-b{b0}-nodict", "plain", b0, threads=c, dict_version_only=True),
+        Variant(f"ray-1x{c}-b{b0}-nodict", "ray", b0, 1, c, 1.0, dict_version_only=True),
     ]
     for b in cfg.batch_sizes[1:]:
         vs += [Variant(f"plain-b{b}", "plain", b, threads=c), Variant(f"ray-1x{c}-b{b}", "ray", b, 1, c)]
     return vs
+
+
+def parquet_options(v: Variant) -> dict:
+    # pyarrow tries a dictionary for every column of every row group; on the float embedding column
+    # that is wasted work that dominates the write of small (8192-row) row groups
+    return {"use_dictionary": ["checkpoint_version"]} if v.dict_version_only else {}
 
 
 class TimedEmbedBatches(EmbedBatches):
@@ -124,7 +135,7 @@ def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log
         runtime_env={"env_vars": {"OMP_WAIT_POLICY": v.omp_wait_policy}} if v.omp_wait_policy else None,
     )
     if v.sink == "write":
-        ds.write_parquet(str(out))
+        ds.write_parquet(str(out), **parquet_options(v))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
     else:
         rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
@@ -155,7 +166,9 @@ def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -
             tb = time.perf_counter()
             table = emb.items(pa.Table.from_batches([rb]))
             busy += time.perf_counter() - tb
-            writer = writer or pq.ParquetWriter(out / f"part-{i:05d}.parquet", table.schema)
+            writer = writer or pq.ParquetWriter(
+                out / f"part-{i:05d}.parquet", table.schema, **parquet_options(v)
+            )
             writer.write_table(table)
             rows += table.num_rows
         if writer:
@@ -230,7 +243,8 @@ def run(cfg: ThroughputConfig) -> dict:
     ratios = {}
     for r in rows:
         if r["kind"] == "ray":
-            base = by[f"plain-b{r['batch_size']}" + ("-passive" if r["omp_wait_policy"] else "")]
+            suffix = "-passive" if r["omp_wait_policy"] else "-nodict" if r["dict_version_only"] else ""
+            base = by[f"plain-b{r['batch_size']}{suffix}"]
             ratios[r["name"]] = {
                 k: round(base[f"median_{k}_s"] / r[f"median_{k}_s"], 3) for k in ("total", "steady", "busy")
             }
