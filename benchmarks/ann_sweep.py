@@ -29,10 +29,6 @@ import numpy as np
 
 from core import index as ann
 
-NPROBES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-EF_SEARCH = (8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-K_FACTORS = (2, 4, 8, 16, 32, 64, 128)  # fast-scan PQ (8-bit LUTs) needs 64+ here
-
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
@@ -72,15 +68,7 @@ def specs(cfg: SweepConfig, n: int, d: int) -> list[tuple[str, ann.IndexSpec]]:
 
 
 def grid(spec: ann.IndexSpec) -> list[dict]:
-    if spec.kind == "flat":
-        return [{}]
-    if spec.kind == "hnsw":
-        return [{"efSearch": e} for e in EF_SEARCH]
-    nlist = int(next(t for t in spec.factory.split(",") if t.startswith("IVF"))[3:])
-    probes = [p for p in NPROBES if p <= nlist]
-    if spec.kind == "ivf":
-        return [{"nprobe": p} for p in probes]
-    return [{"nprobe": p, "k_factor": k} for p in probes for k in K_FACTORS]
+    return ann.candidate_params(spec)  # the rebuild's own tuning grid: its choice is always a point here
 
 
 def time_point(index, pt: Point, xq: np.ndarray, cfg: SweepConfig, rng: np.random.Generator) -> None:
@@ -113,7 +101,6 @@ def run(cfg: SweepConfig) -> dict:
     exact = ann.exact_topk(xb, xq, cfg.k)
 
     builds, indexes, points = {}, {}, []
-    auto_spec = ann.choose_spec(n, d, "auto")
     for fam, spec in specs(cfg, n, d):
         t0 = time.perf_counter()
         index, t = ann.build(spec, xb, ids)
@@ -124,15 +111,13 @@ def run(cfg: SweepConfig) -> dict:
             pt = Point(fam, spec, p)
             pt.recall = ann.recall_at_k(xb, ids, xq, ann.search(index, spec, p, xq, cfg.k)[1], cfg.k, exact)
             points.append(pt)
-    auto_params = manifest["index"]["search_params"]
-    auto = next((p for p in points if p.spec.factory == auto_spec.factory and p.params == auto_params), None)
-    if auto is None:  # the manifest's setting is not on this grid: add it
-        fam = next(f for f, s in specs(cfg, n, d) if s.factory == auto_spec.factory)
-        auto = Point(fam, auto_spec, auto_params)
-        auto.recall = ann.recall_at_k(
-            xb, ids, xq, ann.search(indexes[fam], auto_spec, auto_params, xq, cfg.k)[1], cfg.k, exact
+    auto_factory, auto_params = manifest["index"]["factory"], manifest["index"]["search_params"]
+    auto = next((p for p in points if p.spec.factory == auto_factory and p.params == auto_params), None)
+    if auto is None:
+        raise SystemExit(
+            f"the build's index {auto_factory} {auto_params} is not among the swept families "
+            f"{sorted({p.spec.factory for p in points})}: add its family with --families/--ivf-nlists"
         )
-        points.append(auto)
 
     for r in range(cfg.repeats):  # interleaved: every point once per repeat
         for pt in points:

@@ -1,31 +1,36 @@
 """Item-embedding throughput: the rebuild job's Ray Data pipeline vs a plain single-process loop.
 
 Both read the SAME catalog parquet files (item feature columns only), embed with core.embed.Embedder.items
-and write the embedding table to parquet in a fresh temp directory, on the same CPU budget:
-  plain      pyarrow iter_batches -> Embedder.items -> ParquetWriter, torch threads = --cpus, in a fresh
-             process per run
-  ray-AxT    jobs.rebuild_index._embed's pipeline: read_parquet(num_cpus=read_cpus) -> map_batches(
-             EmbedBatches, ActorPoolStrategy(size=A), num_cpus=cpus_per_actor) -> sink; T torch threads
-             per actor; sink "write" = ds.write_parquet (what the job does) or "iter" = ds.iter_batches.
-  -nodict    parquet written with use_dictionary=["checkpoint_version"] (pyarrow's default tries a
-             dictionary on the float embedding column of every row group).
-  -passive   the same with OMP_WAIT_POLICY=PASSIVE in the embedding process (libgomp's default spinning
-             costs 2-6x when other processes share the 2 cores).
+and write the same embedding table (parquet, dictionary encoding only on checkpoint_version, as the job
+does) to a fresh temp directory, on the same CPU budget:
+  plain-bB[-P]   pyarrow iter_batches(B rows) -> Embedder.items -> ParquetWriter, torch threads = --cpus,
+                 in a fresh process per run (precision P: fp32, or bf16 autocast)
+  ray-bB[-P]     jobs.rebuild_index.embed_dataset itself (read_parquet -> map_batches(EmbedBatches,
+                 ActorPoolStrategy(1), num_cpus=1) -> write_parquet), 1 actor x --cpus torch threads
+  plain-bB-dictall  pyarrow's default dictionary attempt on every column (what the job did before)
 Ray is started once in-process (ray.init(address="local", num_cpus=--cpus)) and not timed.
 
 What is timed, per run (wall clock, seconds):
   total_s    plain: Embedder construction (checkpoint load) + loop.  ray: Dataset construction + execution,
              INCLUDING actor-pool start and checkpoint load (a pool is created per execution).
-  steady_s   plain: the loop only.  ray: first batch entering any actor's __call__ -> execution end, i.e.
-             without actor start (per-batch timestamps written by the actors to a side directory).
-  busy_s     time inside the embedding call summed over batches (/ actors for ray): the compute part.
+  steady_s   plain: the loop only.  ray: first batch entering the actor's __call__ -> execution end, i.e.
+             without actor start (per-batch timestamps written by the actor to a side directory).
+  busy_s     time inside the embedding call summed over batches: the compute part.
 Every variant runs once untimed, then --repeats rounds visit all variants in turn (A B C A B C ...);
-ratios are of medians measured in this one run.
+ratios are of medians measured in this one run. The item MLP's compute roof (--roof-gflops, measured by
+benchmarks/embed_roof.py) turns busy time into a fraction of the roof.
 
 python -m benchmarks.rebuild_throughput --checkpoint checkpoints/<v> --catalog data/synth-1m/catalog
 """
 
+# ruff: noqa: E402  (the heavy imports must come after _IMPORT_T0)
 from __future__ import annotations
+
+import time
+
+# In an actor's process this module is imported when the callable class arrives: the time before the
+# heavy imports splits the actor start into process start / imports / checkpoint load (see run_ray).
+_IMPORT_T0 = time.time()
 
 import argparse
 import dataclasses
@@ -35,7 +40,6 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,10 +48,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from benchmarks.embed_plain import mlp_flops_per_item
 from core.datasets import partition_files
 from core.embed import Embedder
 from core.features import ITEM_FEATURE_COLUMNS
-from jobs.rebuild_index import EmbedBatches
+from jobs.rebuild_index import EmbedBatches, RebuildConfig, embed_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,56 +60,46 @@ class Variant:
     name: str
     kind: str  # "plain" | "ray"
     batch_size: int
-    actors: int = 1
-    threads: int = 2
-    cpus_per_actor: float = 1.0
-    sink: str = "write"  # "write" | "iter"
-    omp_wait_policy: str | None = None  # None: libgomp's default (spin, then sleep)
-    dict_version_only: bool = False  # parquet dictionary encoding only for checkpoint_version
+    precision: str = "fp32"
+    dict_all: bool = False  # pyarrow's default: try a dictionary on every column
 
 
 @dataclasses.dataclass(frozen=True)
 class ThroughputConfig:
     checkpoint: Path
     catalog: Path
-    batch_sizes: tuple[int, ...] = (8192, 32768, 65536)
+    batch_sizes: tuple[int, ...] = (8192, 65536)
     repeats: int = 5
     cpus: int = 2
     read_cpus: float = 0.25
+    only: tuple[str, ...] = ()  # variant names to run (default: all)
+    roof_gflops: float | None = None
     tmp: Path = Path(tempfile.gettempdir())
     out: Path = Path("benchmarks/results/rebuild_throughput.json")
 
 
 def variants(cfg: ThroughputConfig) -> list[Variant]:
-    b0, c = cfg.batch_sizes[0], cfg.cpus
-    vs = [
-        Variant(f"plain-b{b0}", "plain", b0, threads=c),
-        Variant(f"ray-1x{c}-b{b0}", "ray", b0, 1, c, 1.0),
-        Variant(f"plain-b{b0}-passive", "plain", b0, threads=c, omp_wait_policy="PASSIVE"),
-        Variant(f"ray-1x{c}-b{b0}-passive", "ray", b0, 1, c, 1.0, omp_wait_policy="PASSIVE"),
-        # Ray 2.60's read_parquet starts with a ListFiles task that reserves 1 whole CPU whatever
-        # read_parquet(num_cpus=) says: actors holding more than cpus - 1 deadlock the pipeline
-        Variant(f"ray-2x1-b{b0}", "ray", b0, 2, 1, (c - 1) / 2),
-        Variant(f"ray-1x{c}-b{b0}-iter", "ray", b0, 1, c, 1.0, sink="iter"),
-        Variant(f"plain-b{b0}-nodict", "plain", b0, threads=c, dict_version_only=True),
-        Variant(f"ray-1x{c}-b{b0}-nodict", "ray", b0, 1, c, 1.0, dict_version_only=True),
-    ]
+    b0 = cfg.batch_sizes[0]
+    vs = [Variant(f"plain-b{b0}", "plain", b0), Variant(f"ray-b{b0}", "ray", b0)]
+    vs += [Variant(f"plain-b{b0}-bf16", "plain", b0, "bf16"), Variant(f"ray-b{b0}-bf16", "ray", b0, "bf16")]
+    vs.append(Variant(f"plain-b{b0}-dictall", "plain", b0, dict_all=True))
     for b in cfg.batch_sizes[1:]:
-        vs += [Variant(f"plain-b{b}", "plain", b, threads=c), Variant(f"ray-1x{c}-b{b}", "ray", b, 1, c)]
-    return vs
+        vs += [Variant(f"plain-b{b}", "plain", b), Variant(f"ray-b{b}", "ray", b)]
+    return [v for v in vs if not cfg.only or v.name in cfg.only]
 
 
 def parquet_options(v: Variant) -> dict:
-    # pyarrow tries a dictionary for every column of every row group; on the float embedding column
-    # that is wasted work that dominates the write of small (8192-row) row groups
-    return {"use_dictionary": ["checkpoint_version"]} if v.dict_version_only else {}
+    return {} if v.dict_all else {"use_dictionary": ["checkpoint_version"]}
 
 
 class TimedEmbedBatches(EmbedBatches):
     """The job's callable class, plus one line per batch (start, end, rows) in a side file."""
 
-    def __init__(self, checkpoint: str, what: str, threads: int, log_dir: str):
-        super().__init__(checkpoint, what, threads)
+    def __init__(self, checkpoint: str, what: str, threads: int, precision: str, log_dir: str):
+        t_init = time.time()
+        super().__init__(checkpoint, what, threads, precision)
+        with open(os.path.join(log_dir, f"init-{os.getpid()}.json"), "w") as f:
+            json.dump({"import_t0": _IMPORT_T0, "init_t0": t_init, "init_t1": time.time()}, f)
         self.log = open(os.path.join(log_dir, f"actor-{os.getpid()}.tsv"), "a", buffering=1)  # noqa: SIM115
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -115,48 +110,40 @@ class TimedEmbedBatches(EmbedBatches):
 
 
 def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log_dir: Path) -> dict:
+    job = RebuildConfig(
+        checkpoint=cfg.checkpoint, catalog=cfg.catalog, users=None, registry=cfg.tmp, num_workers=1,
+        cpus_per_worker=1.0, read_cpus=cfg.read_cpus, batch_size=v.batch_size, torch_threads=cfg.cpus,
+        precision=v.precision,
+    )  # fmt: skip
     t0 = time.time()
-    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=cfg.read_cpus).select_columns(
-        list(ITEM_FEATURE_COLUMNS)
+    embed_dataset(
+        job, files, ITEM_FEATURE_COLUMNS, "items", out, TimedEmbedBatches, {"log_dir": str(log_dir)}
     )
-    ds = ds.map_batches(  # the same call as jobs.rebuild_index._embed
-        TimedEmbedBatches,
-        fn_constructor_kwargs={
-            "checkpoint": str(cfg.checkpoint.resolve()),
-            "what": "items",
-            "threads": v.threads,
-            "log_dir": str(log_dir),
-        },
-        batch_size=v.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=v.actors),
-        num_cpus=v.cpus_per_actor,
-        udf_modifying_row_count=False,
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": v.omp_wait_policy}} if v.omp_wait_policy else None,
-    )
-    if v.sink == "write":
-        ds.write_parquet(str(out), **parquet_options(v))
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
-    else:
-        rows = sum(b.num_rows for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     t_end = time.time()
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
     batches = [
         tuple(map(float, line.split())) for f in log_dir.glob("*.tsv") for line in f.read_text().splitlines()
     ]
     first = min(b[0] for b in batches)
-    busy = sum(b[1] - b[0] for b in batches) / v.actors
+    init = json.loads(next(log_dir.glob("init-*.json")).read_text())
     return {
         "rows": rows,
         "total_s": t_end - t0,
         "steady_s": t_end - first,
-        "busy_s": busy,
+        "busy_s": sum(b[1] - b[0] for b in batches),
         "start_s": first - t0,
+        # where the start goes: Ray scheduling + worker process start, module imports (torch...),
+        # Embedder construction (checkpoint load + verify), then waiting for the first block
+        "start_process_s": init["import_t0"] - t0,
+        "start_imports_s": init["init_t0"] - init["import_t0"],
+        "start_checkpoint_s": init["init_t1"] - init["init_t0"],
+        "start_first_block_s": first - init["init_t1"],
     }
 
 
 def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
     t0 = time.perf_counter()
-    emb = Embedder(cfg.checkpoint, threads=v.threads)
+    emb = Embedder(cfg.checkpoint, threads=cfg.cpus, precision=v.precision)
     t1 = time.perf_counter()
     rows, busy = 0, 0.0
     out.mkdir(parents=True)
@@ -178,11 +165,10 @@ def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -
 
 
 def run_plain_isolated(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
-    """run_plain in a fresh process (libgomp reads OMP_WAIT_POLICY once, at load), away from the
-    driver's Ray threads; the process start is not timed."""
+    """run_plain in a fresh process, away from the driver's Ray threads, with the same
+    OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed."""
     env = dict(os.environ)
-    if v.omp_wait_policy:
-        os.environ["OMP_WAIT_POLICY"] = v.omp_wait_policy
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(run_plain, v, cfg, files, out).result()
@@ -203,7 +189,8 @@ def run_once(v: Variant, cfg: ThroughputConfig, files: list[Path]) -> dict:
 
 
 def summarize(v: Variant, runs: list[dict], items: int) -> dict:
-    med = {k: statistics.median(r[k] for r in runs) for k in ("total_s", "steady_s", "busy_s", "start_s")}
+    keys = [k for k in runs[0] if k.endswith("_s")]
+    med = {k: statistics.median(r[k] for r in runs) for k in keys}
     return {
         **dataclasses.asdict(v),
         "runs": runs,
@@ -242,12 +229,16 @@ def run(cfg: ThroughputConfig) -> dict:
     by = {r["name"]: r for r in rows}
     ratios = {}
     for r in rows:
-        if r["kind"] == "ray":
-            suffix = "-passive" if r["omp_wait_policy"] else "-nodict" if r["dict_version_only"] else ""
-            base = by[f"plain-b{r['batch_size']}{suffix}"]
+        base = by.get(r["name"].replace("ray-", "plain-", 1))
+        if r["kind"] == "ray" and base:
             ratios[r["name"]] = {
                 k: round(base[f"median_{k}_s"] / r[f"median_{k}_s"], 3) for k in ("total", "steady", "busy")
             }
+    flops = mlp_flops_per_item(Embedder(cfg.checkpoint).model.item_tower)
+    if cfg.roof_gflops:
+        roof_items_s = cfg.roof_gflops * 1e9 / flops
+        for r in rows:
+            r["busy_fraction_of_fp32_roof"] = round(r["items_per_s_busy"] / roof_items_s, 3)
     return {
         "benchmark": "rebuild_throughput",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
@@ -257,6 +248,8 @@ def run(cfg: ThroughputConfig) -> dict:
         "torch_version": torch.__version__,
         "ray_version": ray.__version__,
         "driver_torch_threads": torch.get_num_threads(),
+        "mlp_flops_per_item": flops,
+        "fp32_roof_gflops": cfg.roof_gflops,
         "ray_vs_plain_speed": ratios,  # > 1: Ray faster; target >= 0.9
         "variants": rows,
     }
@@ -296,24 +289,25 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
     )
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--catalog", type=Path, required=True, help="catalog dataset directory")
-    p.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[8192, 32768, 65536], help="first = main one"
-    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 65536], help="first = main one")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cpus", type=int, default=2, help="Ray num_cpus and the plain loop's torch threads")
+    p.add_argument("--cpus", type=int, default=2, help="Ray num_cpus and the torch threads of both")
     p.add_argument("--read-cpus", type=float, default=0.25, help="as the job's --read-cpus")
+    p.add_argument("--only", nargs="*", default=[], help="run only these variants (names as printed)")
+    p.add_argument(
+        "--roof-gflops", type=float, default=None, help="fp32 GEMM roof (benchmarks.embed_roof) for busy/roof"
+    )
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where outputs are written")
     p.add_argument("--out", type=Path, default=ThroughputConfig.out)
     a = p.parse_args(argv)
     return ThroughputConfig(
-        a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, a.read_cpus, a.tmp, a.out
-    )
+        a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, a.read_cpus, tuple(a.only),
+        a.roof_gflops, a.tmp, a.out,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
-    if "OMP_WAIT_POLICY" in os.environ:
-        raise SystemExit("unset OMP_WAIT_POLICY: the variants set it themselves (default vs PASSIVE)")
     result = run(cfg)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,7 @@ these functions.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,9 @@ def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
     return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d), dtype=np.float32)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Embedder:
     """Holds one checkpoint on one device and embeds Arrow batches of items or users."""
 
@@ -43,18 +47,30 @@ class Embedder:
         device: str = "cpu",
         threads: int | None = None,
         expected_schema: FeatureSchema | None = None,
+        precision: str = "fp32",
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         if threads:
             torch.set_num_threads(threads)
         self.ckpt: Checkpoint = load_checkpoint(Path(checkpoint), expected_schema=expected_schema)
         self.device = torch.device(device)
         self.model = self.ckpt.model.to(self.device)
 
+    def _compute(self):
+        # bf16 autocast: 2x the fp32 GEMM rate on CPUs with bf16 units, output vectors still float32;
+        # the vectors differ from fp32 ones (benchmarks/embed_roof.py measures the retrieval cost)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def items(self, batch: pa.Table) -> pa.Table:
         check_columns(batch.column_names, ITEM_FEATURE_COLUMNS, "catalog batch")
         x = item_inputs_from_arrow(batch, self.ckpt.schema).to(self.device)
-        emb = self.model.item_tower(x).float().cpu().numpy()  # (N, D)
+        with self._compute():
+            emb = self.model.item_tower(x).float().cpu().numpy()  # (N, D)
         return embedding_table(batch.column("item_id").to_numpy(), emb, self.ckpt.version, "item_id")
 
     @torch.inference_mode()
@@ -62,5 +78,6 @@ class Embedder:
         check_columns(batch.column_names, USER_FEATURE_COLUMNS, "users batch")
         ids = batch.column("user_id").to_numpy()
         x = user_inputs_from_lists(ids, batch.column("history"), self.ckpt.schema).to(self.device)
-        emb = self.model.user_tower(x).float().cpu().numpy()  # (U, D)
+        with self._compute():
+            emb = self.model.user_tower(x).float().cpu().numpy()  # (U, D)
         return embedding_table(ids, emb, self.ckpt.version, "user_id")

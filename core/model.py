@@ -24,17 +24,23 @@ class ModelConfig:
     field_dim: int = 32
     hidden: tuple[int, ...] = (256, 128)
     ranker_hidden: int = 64
+    # The ranker's user-context network: it depends on the user only, so serving runs it once per unique
+    # user of a batch (broadcast) instead of once per candidate row. () = one linear layer.
+    ranker_user_hidden: tuple[int, ...] = (1024, 1024)
     temperature: float = 0.05
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["ranker_user_hidden"] = list(self.ranker_user_hidden)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["hidden"] = tuple(d["hidden"])
+        # checkpoints written before the user-context network existed had a single linear layer
+        d["ranker_user_hidden"] = tuple(d.get("ranker_user_hidden", ()))
         return cls(**d)
 
 
@@ -160,10 +166,11 @@ class UserTower(nn.Module):
 
 
 class RankingScorer(nn.Module):
-    """score(u, i) = <u, i> / T + v . relu(W_u u + W_i i + W_x (u * i) + b).
+    """score(u, i) = <u, i> / T + v . relu(f(u) + W_i i + W_x (u * i)), f = the user-context MLP.
 
-    `user_side` (W_u u + b) depends only on the user and runs once per unique user; `pair_side` runs
-    per row on the broadcast user state. The retrieval dot product stays the dominant term, so ranking
+    `user_side` (f(u)) depends only on the user and holds most of the FLOPs (2.4 MFLOP per user with the
+    default (1024, 1024) hidden sizes, against 16 kFLOP per row for `pair_side`): serving runs it once per
+    unique user and broadcasts it to the candidate rows. The retrieval dot product stays the dominant term, so ranking
     and retrieval agree on what is relevant.
     """
 
@@ -171,7 +178,7 @@ class RankingScorer(nn.Module):
         super().__init__()
         d, h = cfg.embed_dim, cfg.ranker_hidden
         self.inv_temperature = 1.0 / cfg.temperature
-        self.w_user = nn.Linear(d, h)
+        self.w_user = _mlp(d, cfg.ranker_user_hidden, h) if cfg.ranker_user_hidden else nn.Linear(d, h)
         self.w_item = nn.Linear(d, h, bias=False)
         self.w_cross = nn.Linear(d, h, bias=False)
         self.v = nn.Linear(h, 1, bias=False)

@@ -27,7 +27,7 @@ import ray
 
 from core import index as ann
 from core import skew
-from core.embed import Embedder
+from core.embed import PRECISIONS, Embedder
 from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
 from core.registry import Registry
@@ -55,32 +55,45 @@ class RebuildConfig:
     timeout_s: int = 3600
     wait_for_min_actors_s: int = 300
     force_unchecked: bool = False
+    skip_resource_check: bool = False
+    precision: str = "fp32"
 
 
 class EmbedBatches:
     """Ray Data callable: loads the checkpoint from its path once per actor, then embeds batches."""
 
-    def __init__(self, checkpoint: str, what: str, threads: int):
+    def __init__(self, checkpoint: str, what: str, threads: int, precision: str = "fp32"):
         # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned; a CPU-pool actor gets none even on a
         # GPU node (torch.cuda.is_available() would still say True there).
         device = "cuda:0" if ray.get_gpu_ids() else "cpu"
-        self.embedder = Embedder(checkpoint, device=device, threads=threads)
+        self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
         self.fn = self.embedder.items if what == "items" else self.embedder.users
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.fn(batch)
 
 
-def _embed(cfg: RebuildConfig, files: list[Path], columns: tuple[str, ...], what: str, out: Path) -> None:
+def embed_dataset(
+    cfg: RebuildConfig,
+    files: list[Path],
+    columns: tuple[str, ...],
+    what: str,
+    out: Path,
+    udf: type = EmbedBatches,
+    udf_kwargs: dict | None = None,
+) -> None:
+    """Partitions -> embedding table parquet files in `out` (benchmarks/ time this very function)."""
     # Read tasks reserve a fraction of a CPU: with whole CPUs, an actor pool that holds every CPU would
     # starve the reads that feed it and the pipeline would wait forever.
     ds = ray.data.read_parquet([str(f) for f in files], num_cpus=cfg.read_cpus).select_columns(list(columns))
     ds = ds.map_batches(
-        EmbedBatches,
+        udf,
         fn_constructor_kwargs={
             "checkpoint": str(cfg.checkpoint.resolve()),
             "what": what,
             "threads": cfg.torch_threads,
+            "precision": cfg.precision,
+            **(udf_kwargs or {}),
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -89,8 +102,33 @@ def _embed(cfg: RebuildConfig, files: list[Path], columns: tuple[str, ...], what
         num_gpus=cfg.num_gpus_per_worker or None,
         resources=dict(cfg.resources_per_worker) or None,
         udf_modifying_row_count=False,
+        # libgomp threads spin after each op by default; on nodes where read and write tasks share the
+        # cores with the actor, the spinning steals their CPU (2-6x slower on a loaded 2-core node).
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
     )
-    ds.write_parquet(str(out))
+    # pyarrow tries a dictionary for every column of every row group; on the float embedding column that
+    # is wasted work that took more time than the embedding itself (benchmarks/rebuild_throughput.py).
+    ds.write_parquet(str(out), use_dictionary=["checkpoint_version"])
+
+
+def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
+    """Fail fast, naming what is missing, instead of hanging until --timeout-s: Ray Data's ListFiles
+    and read tasks need a CPU beside the actor pool, and a pool that cannot be placed waits forever."""
+    if cfg.skip_resource_check:
+        return
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + 1}
+    if cfg.num_gpus_per_worker:
+        need["GPU"] = cfg.num_workers * cfg.num_gpus_per_worker
+    for name, amount in cfg.resources_per_worker:
+        need[name] = need.get(name, 0) + cfg.num_workers * amount
+    short = {k: (v, cluster.get(k, 0)) for k, v in need.items() if cluster.get(k, 0) < v}
+    if short:
+        detail = ", ".join(f"{k}: needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        raise RuntimeError(
+            f"the actor pool ({cfg.num_workers} workers) cannot be placed on this cluster ({detail}; one "
+            "CPU is kept for Ray Data's file listing and reads). Lower --num-workers/--cpus-per-worker, or "
+            "pass --skip-resource-check on an autoscaling cluster that will grow."
+        )
 
 
 def _timeout(signum, frame):
@@ -116,16 +154,17 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     ctx.max_errored_blocks = 0  # a failed block must fail the build, never silently drop catalog rows
     ctx.wait_for_min_actors_s = cfg.wait_for_min_actors_s
     ann.configure(cfg.faiss_threads)
+    check_resources(cfg, ray.cluster_resources())
 
     staging = registry.staging(build_id)
     try:
         timings = {}
         t0 = time.perf_counter()
-        _embed(cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", staging / "embeddings")
+        embed_dataset(cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", staging / "embeddings")
         timings["read_embed_s"] = round(time.perf_counter() - t0, 3)
         if inputs.users_manifest is not None:
             t0 = time.perf_counter()
-            _embed(cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", staging / "users")
+            embed_dataset(cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", staging / "users")
             timings["users_embed_s"] = round(time.perf_counter() - t0, 3)
         phase("embedded")
         run_info = {
@@ -136,6 +175,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "resources_per_worker": dict(cfg.resources_per_worker),
             "batch_size": cfg.batch_size,
             "torch_threads": cfg.torch_threads,
+            "precision": cfg.precision,
             "faiss_threads": cfg.faiss_threads,
             "ray_version": ray.__version__,
             "skew_gate": gate,
@@ -224,14 +264,28 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     )
     p.add_argument("--batch-size", type=int, default=8192, help="rows per embedding batch")
     p.add_argument("--torch-threads", type=int, default=2, help="torch intra-op threads per actor")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="embedding compute precision (bf16: ~2x faster on CPUs with bf16 units; the index then holds "
+        "vectors that differ slightly from fp32 ones, see README)",
+    )
     p.add_argument("--faiss-threads", type=int, default=2, help="faiss OpenMP threads in the driver")
     p.add_argument(
         "--index",
-        choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+        choices=ann.KINDS,
         default="auto",
-        help="index type (auto: Flat up to 200k items, else IVF)",
+        help="index family (auto: up to 200k items, build Flat, IVF and HNSW and keep the fastest at the "
+        "target recall; above, HNSW32)",
     )
-    p.add_argument("--target-recall", type=float, default=0.95, help="held-out recall@10 needed to publish")
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="held-out recall@10 needed to publish (tuning picks the cheapest search setting whose "
+        "recall minus two standard errors reaches it)",
+    )
     p.add_argument(
         "--force-unchecked",
         action="store_true",
@@ -239,6 +293,11 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     )
     p.add_argument("--timeout-s", type=int, default=3600)
     p.add_argument("--wait-for-min-actors-s", type=int, default=300)
+    p.add_argument(
+        "--skip-resource-check",
+        action="store_true",
+        help="start even if the cluster lacks the pool's resources now (autoscaling clusters)",
+    )
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
@@ -253,6 +312,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
+        skip_resource_check=a.skip_resource_check, precision=a.precision,
     )  # fmt: skip
 
 

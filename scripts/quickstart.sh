@@ -12,8 +12,10 @@ CKPT=$(python -m jobs.train --seed 0 | tee /dev/stderr | sed -n 's/^checkpoint: 
 NEXT=$(python -m jobs.train --seed 1 --epochs 2 --lr 5e-4 --init-from "$CKPT" | tee /dev/stderr | sed -n 's/^checkpoint: //p')
 echo "[skewless] 3/4 version-skew check of the family ($CKPT vs $NEXT) -> registry/skew/"
 python -m jobs.skew_check --checkpoints "$CKPT" "$NEXT" --registry registry
+# --address local: a new local Ray even if this machine runs (or once ran) a `ray start` cluster, whose
+# leftover /tmp/ray/ray_current_cluster would otherwise be picked up by ray.init()
 echo "[skewless] 4/4 rebuilding the index with $CKPT on a local Ray -> registry/"
-python -m jobs.rebuild_index --checkpoint "$CKPT" --catalog data/movielens/catalog --users data/movielens/users --registry registry
+python -m jobs.rebuild_index --checkpoint "$CKPT" --catalog data/movielens/catalog --users data/movielens/users --registry registry --address local
 echo
 echo "[skewless] done."
 echo "  data:        $PWD/data/movielens"

@@ -9,7 +9,7 @@ from core.features import FeatureSchema
 from core.model import ModelConfig, TwoTower
 
 SMALL = FeatureSchema(item_id_buckets=256, user_id_buckets=64, title_buckets=128, tag_buckets=64)
-CFG = ModelConfig(embed_dim=8, field_dim=4, hidden=(16,), ranker_hidden=8)
+CFG = ModelConfig(embed_dim=8, field_dim=4, hidden=(16,), ranker_hidden=8, ranker_user_hidden=(16,))
 
 
 def _save(root, seed=0):
@@ -57,3 +57,19 @@ def test_missing_checkpoint_and_missing_manifest_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no manifest.json"):
         load_checkpoint(tmp_path / "empty")
+
+
+def test_checkpoint_from_before_the_user_context_network_still_loads(tmp_path):
+    # its config has no ranker_user_hidden and its scorer a single linear user layer
+    old_cfg = dataclasses.replace(CFG, ranker_user_hidden=())
+    torch.manual_seed(0)
+    path = save_checkpoint(TwoTower(SMALL, old_cfg), tmp_path, family="tiny", training={}, metrics={})
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["model_config"]["ranker_user_hidden"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    ck = load_checkpoint(path, expected_schema=SMALL)
+    assert isinstance(ck.model.scorer.w_user, torch.nn.Linear)
+    u, i = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.inference_mode():  # the per-row and broadcast paths agree on the old layout too
+        pre = ck.model.scorer.user_side(u)
+        assert torch.allclose(ck.model.scorer(u, i), ck.model.scorer.pair_side(u, pre, i))

@@ -15,7 +15,7 @@ from core.features import FeatureSchema
 from core.model import ModelConfig, TwoTower
 
 SCHEMA = FeatureSchema(item_id_buckets=512, user_id_buckets=128, title_buckets=256, tag_buckets=128)
-CFG = ModelConfig(embed_dim=16, field_dim=8, hidden=(32,), ranker_hidden=16)
+CFG = ModelConfig(embed_dim=16, field_dim=8, hidden=(32,), ranker_hidden=16, ranker_user_hidden=(32,))
 
 
 def make_checkpoint(root: Path, seed: int = 0) -> Path:

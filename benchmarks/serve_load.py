@@ -1,0 +1,648 @@
+"""Open-loop HTTP load on POST /score: capacity and latency of broadcast on vs off vs a no-op app.
+
+Three Serve applications run side by side in one in-process local Ray, one replica each, behind one
+HTTP proxy on 127.0.0.1:
+  on    serve_app.app:build_app with broadcast=True   (route /on)
+  off   serve_app.app:build_app with broadcast=False  (route /off; the per-row reference)
+  noop  benchmarks.noop_app:build_noop_app            (route /noop; reads the body, returns a constant)
+so noop's numbers are Serve's own cost (proxy + routing + replica + FastAPI dispatch) and the gap to the
+real apps is the app's work (validation, batching, lookups, scoring, JSON out).
+
+Load is open-loop: request i is sent at t0 + i/rate whatever happened to earlier ones, and its latency
+runs from that SCHEDULED time to the last byte of the response (no coordinated omission: a stalled
+server is charged for the requests it delayed). Bodies {"user_id": U, "item_ids": [N candidates]} are
+serialized before the clock starts; U is uniform over all users of the live build, candidates uniform
+(without replacement) over its items. Each point runs --warmup-s (discarded) then --duration-s measured.
+503/429 (the app sheds load when its queue is full), other non-200s, client errors and time-outs
+(--timeout-s) are failures; after a failed point the next waits until the app's /healthz is fast again.
+
+A point PASSES if: achieved rate >= --min-achieved x offered (achieved = OK responses over the longer of
+the schedule and the span of their completions, so a latency that grows during the point lowers it),
+failures <= --max-fail-frac, p99 <= --slo-p99-ms (latency percentiles over OK responses). Offered rates lie on one geometric grid, --start-rate x
+--step^k; capacity of (app, N) = the last passing rate of a ramp that steps k up until a point fails.
+Round 1 ramps from k=0; later rounds start --back-steps below the previous round's capacity (walking
+down if that fails). Every round also measures each (app, N) at --low-rate (unloaded latency).
+Interleaved: each round visits every (N, app) in turn, on off noop on off noop ...; medians over
+--repeats rounds, every raw point kept in the JSON. After each round GET /stats of on and off gives
+rows, unique users and user-table lookups (lookups per row shows what broadcast saved).
+
+The load generator shares the machine with the proxy and the replicas (2 cores here): its CPU share is
+recorded per point (driver_cpu_frac) and so is how late it sent (send_lag_p99_ms); a high noop
+capacity on a small machine is bounded by this sharing, not by Serve alone.
+
+python -m benchmarks.serve_load --registry /tmp/sl-reg                       # full run, ~15 min on 2 cores
+python -m benchmarks.serve_load --registry /tmp/sl-reg --repeats 1 --ns 1 100 --duration-s 1.5   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from core.registry import Registry
+
+APPS = ("on", "off", "noop")
+HEADERS = {"content-type": "application/json"}
+TIMEOUT_STATUS, CLIENT_ERROR_STATUS = -1, -2  # recorded in place of an HTTP status
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+    registry: Path
+    ns: tuple[int, ...] = (1, 10, 100, 1000)  # candidates per request
+    apps: tuple[str, ...] = APPS
+    repeats: int = 3
+    start_rate: float = 20.0  # req/s at grid step k=0
+    step: float = 1.5  # geometric grid factor
+    min_rate: float = 0.5  # walking down stops here
+    max_rate: float = 3000.0  # walking up stops here (the generator's own limit on a small machine)
+    back_steps: int = 1
+    duration_s: float = 3.0  # measured part of a point
+    warmup_s: float = 0.5  # discarded part of a point, same rate, no gap
+    settle_s: float = 0.5  # idle time between points
+    low_rate: float = 20.0  # unloaded-latency rate, the same for every (app, N)
+    low_duration_s: float = 5.0
+    slo_p99_ms: float = 500.0
+    min_achieved: float = 0.95
+    max_fail_frac: float = 0.01
+    timeout_s: float = 2.0  # per request; a time-out is a failure (must exceed the SLO)
+    idle_latency_ms: float = (
+        100.0  # after a failed point: the app counts as drained when /healthz is this fast
+    )
+    drain_timeout_s: float = 60.0
+    app_args: tuple[tuple[str, object], ...] = ()  # extra build_app args for on and off
+    port: int = 0  # 0 = a free port
+    ray_cpus: int = 4  # logical CPUs: three replicas reserve one each
+    ready_timeout_s: float = 300.0
+    seed: int = 0
+    out_dir: Path = Path("benchmarks/results")
+
+    def rate(self, k: int) -> float:
+        return self.start_rate * self.step**k
+
+
+# ---- load generation ------------------------------------------------------------------------------
+
+
+class Workload:
+    """Request bodies drawn from the live build's users and items."""
+
+    def __init__(self, build_dir: Path, seed: int):
+        self.user_ids = np.load(build_dir / "user_ids.npy", mmap_mode="r")  # (U,) sorted int64
+        self.item_ids = np.load(build_dir / "item_ids.npy")  # (I,)
+        self.rng = np.random.default_rng(seed)
+
+    def bodies(self, n_requests: int, n_candidates: int) -> list[bytes]:
+        users = self.user_ids[self.rng.integers(0, len(self.user_ids), n_requests)]
+        replace = n_candidates > len(self.item_ids)
+        out = []
+        for u in users.tolist():
+            items = self.item_ids[self.rng.choice(len(self.item_ids), n_candidates, replace=replace)]
+            out.append(b'{"user_id":%d,"item_ids":[%s]}' % (u, ",".join(map(str, items.tolist())).encode()))
+        return out
+
+
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, i: int, done, status) -> None:
+    try:
+        async with session.post(url, data=body, headers=HEADERS) as r:
+            await r.read()
+            status[i] = r.status
+    except asyncio.TimeoutError:
+        status[i] = TIMEOUT_STATUS
+    except aiohttp.ClientError:
+        status[i] = CLIENT_ERROR_STATUS
+    done[i] = time.perf_counter()
+
+
+async def open_loop(
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], rate: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Send bodies[i] at t0 + i/rate; returns (scheduled, sent, done, status), perf_counter seconds."""
+    n = len(bodies)
+    done, status = np.full(n, np.nan), np.zeros(n, dtype=np.int64)
+    sent = np.empty(n)
+    t0 = time.perf_counter() + 0.01
+    sched = t0 + np.arange(n) / rate
+    tasks, i = [], 0
+    while i < n:
+        now = time.perf_counter()
+        while i < n and sched[i] <= now:  # catch up in one go if the loop woke late
+            sent[i] = now
+            tasks.append(asyncio.create_task(_send(session, url, bodies[i], i, done, status)))
+            i += 1
+        if i < n:
+            await asyncio.sleep(max(0.0, sched[i] - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    return sched, sent, done, status
+
+
+def summarize(cfg: LoadConfig, rate: float, sched, sent, done, status, n_warm: int, cpu_frac: float) -> dict:
+    sched, sent, done, status = sched[n_warm:], sent[n_warm:], done[n_warm:], status[n_warm:]
+    ok = status == 200
+    lat_ms = (done[ok] - sched[ok]) * 1e3
+    n, n_ok = len(status), int(ok.sum())
+    # OK responses over the longer of the schedule and the span of their completions: a latency that
+    # grows during the point (a queue building up) stretches the span; a shrinking one cannot lift
+    # the rate above the offered one.
+    span = max(n / rate, float(done[ok].max() - done[ok].min()) + 1 / rate) if n_ok else math.inf
+    achieved = n_ok / span
+    codes, counts = np.unique(status[~ok], return_counts=True)
+    pt = {
+        "offered_rps": round(rate, 3),
+        "requests": n,
+        "ok": n_ok,
+        "failed": n - n_ok,
+        "failures_by_status": {str(c): int(k) for c, k in zip(codes.tolist(), counts.tolist(), strict=True)},
+        "achieved_rps": round(achieved, 3),
+        "p50_ms": round(float(np.percentile(lat_ms, 50)), 3) if n_ok else None,
+        "p90_ms": round(float(np.percentile(lat_ms, 90)), 3) if n_ok else None,
+        "p99_ms": round(float(np.percentile(lat_ms, 99)), 3) if n_ok else None,
+        "max_ms": round(float(lat_ms.max()), 3) if n_ok else None,
+        "send_lag_p99_ms": round(float(np.percentile((sent - sched) * 1e3, 99)), 3),
+        "driver_cpu_frac": round(cpu_frac, 3),  # this process's CPU time / wall time of the point
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+    why = []
+    if achieved < cfg.min_achieved * rate:
+        why.append(f"achieved {achieved:.1f} < {cfg.min_achieved} x {rate:.1f}")
+    if pt["failed"] > cfg.max_fail_frac * n:
+        why.append(f"{pt['failed']}/{n} failed {pt['failures_by_status']}")
+    if n_ok == 0 or pt["p99_ms"] > cfg.slo_p99_ms:
+        why.append(f"p99 {pt['p99_ms']} ms > {cfg.slo_p99_ms} ms")
+    pt["passed"], pt["why_failed"] = not why, "; ".join(why) or None
+    return pt
+
+
+class Runner:
+    def __init__(self, cfg: LoadConfig, base: str, workload: Workload, session: aiohttp.ClientSession):
+        self.cfg, self.base, self.workload, self.session = cfg, base, workload, session
+
+    async def point(self, app: str, n: int, rate: float, duration_s: float, tag: str) -> dict:
+        cfg = self.cfg
+        n_warm = math.ceil(rate * cfg.warmup_s)
+        bodies = self.workload.bodies(n_warm + max(2, math.ceil(rate * duration_s)), n)
+        await asyncio.sleep(cfg.settle_s)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        res = await open_loop(self.session, f"{self.base}/{app}/score", bodies, rate)
+        cpu_frac = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        pt = summarize(cfg, rate, *res, n_warm, cpu_frac)
+        if not pt["passed"]:
+            pt["drain_s"] = await self.drain(app)
+        print(
+            f"  {tag:<9} {app:<4} N={n:<5} offered {rate:8.1f}/s achieved {pt['achieved_rps']:8.1f}/s "
+            f"p50 {pt['p50_ms'] or float('nan'):8.1f} ms p99 {pt['p99_ms'] or float('nan'):8.1f} ms "
+            f"failed {pt['failed']}/{pt['requests']} "
+            + ("PASS" if pt["passed"] else f"FAIL: {pt['why_failed']} (drained in {pt['drain_s']:.1f}s)"),
+            flush=True,
+        )
+        return pt
+
+    async def ramp(self, app: str, n: int, k0: int, known: dict[int, dict]) -> dict:
+        """Step k up from k0 until a point fails (walking down first if k0 itself fails); `known`
+        holds points already measured at grid rates this round, which are not measured again."""
+        cfg = self.cfg
+        points: dict[int, dict] = {}
+
+        async def at(k: int) -> bool:
+            if k in known:
+                points[k] = {**known[k], "same_as": "unloaded"}
+            else:
+                points[k] = await self.point(app, n, cfg.rate(k), cfg.duration_s, f"k={k}")
+            return points[k]["passed"]
+
+        k, capped = k0, False
+        if not await at(k):
+            while not points[k]["passed"] and cfg.rate(k - 1) >= cfg.min_rate:
+                k -= 1
+                await at(k)
+            cap_k = k if points[k]["passed"] else None
+        else:
+            while True:
+                if cfg.rate(k + 1) > cfg.max_rate:
+                    capped = True
+                    break
+                if not await at(k + 1):
+                    break
+                k += 1
+            cap_k = k
+        cap = points[cap_k] if cap_k is not None else None
+        return {
+            "capacity_k": cap_k,
+            "capacity_rps": cap["offered_rps"] if cap else 0.0,
+            "capacity_cps": cap["offered_rps"] * n if cap else 0.0,
+            "p50_ms_at_capacity": cap["p50_ms"] if cap else None,
+            "p99_ms_at_capacity": cap["p99_ms"] if cap else None,
+            "hit_max_rate": capped,
+            "points": [{"k": k, **points[k]} for k in sorted(points)],
+        }
+
+    async def drain(self, app: str) -> float:
+        """Wait until the app answers /healthz fast again. Requests the client gave up on may still
+        be queued or running in the replica; the next point, often of another app, must not pay for
+        them."""
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < self.cfg.drain_timeout_s:
+            t = time.perf_counter()
+            try:
+                async with self.session.get(f"{self.base}/{app}/healthz") as r:
+                    await r.read()
+                    if r.status == 200 and (time.perf_counter() - t) * 1e3 < self.cfg.idle_latency_ms:
+                        break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+        else:
+            print(f"  {app}: /healthz still slow {self.cfg.drain_timeout_s:.0f}s after the point", flush=True)
+        return round(time.perf_counter() - t0, 3)
+
+    async def get_json(self, path: str) -> dict:
+        async with self.session.get(f"{self.base}{path}") as r:
+            r.raise_for_status()
+            return await r.json()
+
+
+# ---- Serve ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deploy(cfg: LoadConfig, port: int) -> dict:
+    """Start Serve on 127.0.0.1:port and run the apps; returns {app: build args} for the JSON."""
+    from ray import serve
+
+    from benchmarks.noop_app import build_noop_app
+    from serve_app.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    real = {
+        "registry": str(cfg.registry.resolve()),
+        "max_candidates": max(2000, *cfg.ns),
+        **dict(cfg.app_args),
+    }
+    args = {"on": {**real, "broadcast": True}, "off": {**real, "broadcast": False}, "noop": {}}
+    for app in cfg.apps:
+        target = build_noop_app(args[app]) if app == "noop" else build_app(args[app])
+        serve.run(target, name=app, route_prefix=f"/{app}")
+        print(f"deployed {app} at /{app} with {args[app]}", flush=True)
+    return {app: args[app] for app in cfg.apps}
+
+
+async def wait_ready(runner: Runner, apps: tuple[str, ...], ns: tuple[int, ...], timeout_s: float) -> None:
+    """Every app answers /healthz through the proxy, then one /score per N has the right shape."""
+    deadline = time.monotonic() + timeout_s
+    for app in apps:
+        while True:
+            try:
+                await runner.get_json(f"/{app}/healthz")
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{app}: /healthz not 200 after {timeout_s:.0f}s: {e}") from None
+                await asyncio.sleep(0.5)
+    for app in apps:
+        for n in ns:
+            body = runner.workload.bodies(1, n)[0]
+            async with runner.session.post(f"{runner.base}/{app}/score", data=body, headers=HEADERS) as r:
+                text = await r.text()
+                if r.status != 200:
+                    raise SystemExit(f"{app}: POST /score with N={n} answered {r.status}: {text[:300]}")
+                got = len(json.loads(text)["scores"])
+                if app != "noop" and got != n:
+                    raise SystemExit(f"{app}: POST /score with N={n}: expected {n} scores, got {got}")
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def _stats_delta(now: dict, before: dict | None) -> dict:
+    keys = ("batches", "rows", "unique_users", "user_lookups")
+    d = {k: now.get(k, 0) - (before or {}).get(k, 0) for k in keys}
+    d["lookups_per_row"] = round(d["user_lookups"] / d["rows"], 5) if d["rows"] else None
+    d["rows_per_batch"] = round(d["rows"] / d["batches"], 2) if d["batches"] else None
+    return {"cumulative": now, "this_round": d}
+
+
+async def measure(cfg: LoadConfig, base: str, workload: Workload) -> list[dict]:
+    connector = aiohttp.TCPConnector(limit=10_000, limit_per_host=10_000)
+    timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        runner = Runner(cfg, base, workload, session)
+        await wait_ready(runner, cfg.apps, cfg.ns, cfg.ready_timeout_s)
+        rounds, prev_k, prev_stats = [], {}, {}
+        for r in range(cfg.repeats):
+            print(f"round {r + 1}/{cfg.repeats}", flush=True)
+            configs = []
+            for n in cfg.ns:
+                for app in cfg.apps:
+                    unloaded = await runner.point(app, n, cfg.low_rate, cfg.low_duration_s, "unloaded")
+                    k0 = prev_k[(app, n)] - cfg.back_steps if prev_k.get((app, n)) is not None else 0
+                    # The unloaded point doubles as grid step 0 when --low-rate == --start-rate.
+                    known = {0: unloaded} if math.isclose(cfg.low_rate, cfg.rate(0)) else {}
+                    res = await runner.ramp(app, n, k0, known)
+                    prev_k[(app, n)] = res["capacity_k"]
+                    configs.append({"app": app, "n": n, "unloaded": unloaded, **res})
+                    print(
+                        f"  => {app} N={n}: capacity {res['capacity_rps']:.1f} req/s = "
+                        f"{res['capacity_cps']:.0f} candidates/s",
+                        flush=True,
+                    )
+            stats = {}
+            for app in cfg.apps:
+                if app != "noop":
+                    now = await runner.get_json(f"/{app}/stats")
+                    stats[app] = _stats_delta(now, prev_stats.get(app))
+                    prev_stats[app] = now
+            rounds.append({"round": r + 1, "configs": configs, "serve_stats": stats})
+        return rounds
+
+
+def summarize_rounds(cfg: LoadConfig, rounds: list[dict]) -> tuple[list[dict], dict]:
+    by = {(c["app"], c["n"]): [] for c in rounds[0]["configs"]}
+    for rd in rounds:
+        for c in rd["configs"]:
+            by[(c["app"], c["n"])].append(c)
+    summary = []
+    for (app, n), cs in by.items():
+        summary.append(
+            {
+                "app": app,
+                "n": n,
+                "capacity_rps": _median([c["capacity_rps"] for c in cs]),
+                "capacity_cps": _median([c["capacity_cps"] for c in cs]),
+                "capacity_rps_rounds": [c["capacity_rps"] for c in cs],
+                "p50_ms_at_capacity": _median([c["p50_ms_at_capacity"] for c in cs]),
+                "p99_ms_at_capacity": _median([c["p99_ms_at_capacity"] for c in cs]),
+                "unloaded_p50_ms": _median([c["unloaded"]["p50_ms"] for c in cs]),
+                "unloaded_p99_ms": _median([c["unloaded"]["p99_ms"] for c in cs]),
+                # --low-rate above this config's capacity: its "unloaded" latency is a loaded one.
+                "low_rate_above_capacity": any(cfg.low_rate > c["capacity_rps"] for c in cs),
+                "hit_max_rate": any(c["hit_max_rate"] for c in cs),
+            }
+        )
+    s = {(x["app"], x["n"]): x for x in summary}
+    headline: dict = {"broadcast_capacity_ratio": {}, "noop_share_of_unloaded_p50": {}}
+    for n in cfg.ns:
+        if ("on", n) in s and ("off", n) in s:
+            per_round = [
+                round(on["capacity_rps"] / off["capacity_rps"], 3) if off["capacity_rps"] else None
+                for on, off in zip(by[("on", n)], by[("off", n)], strict=True)
+            ]
+            off_med = s[("off", n)]["capacity_cps"]
+            headline["broadcast_capacity_ratio"][str(n)] = {
+                "median_of_rounds": _median(per_round),
+                "of_medians": round(s[("on", n)]["capacity_cps"] / off_med, 3) if off_med else None,
+                "rounds": per_round,
+            }
+        if ("noop", n) in s:
+            noop = s[("noop", n)]["unloaded_p50_ms"]
+            headline["noop_share_of_unloaded_p50"][str(n)] = {
+                app: round(noop / s[(app, n)]["unloaded_p50_ms"], 3)
+                for app in ("on", "off")
+                if (app, n) in s and noop and s[(app, n)]["unloaded_p50_ms"]
+            }
+    return summary, headline
+
+
+def machine_facts() -> dict:
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **{f"{p}_version": version(p) for p in ("torch", "ray", "faiss-cpu", "aiohttp", "uvloop", "fastapi")},
+    }
+
+
+def build_facts(registry: Path) -> tuple[Path, dict]:
+    reg = Registry(registry)
+    build_id = reg.current()
+    if build_id is None:
+        raise SystemExit(
+            f"no live build in {registry}: expected {registry}/CURRENT naming one (publish a build)"
+        )
+    build_dir = reg.build_dir(build_id)
+    manifest = reg.manifest(build_id)
+    users = np.load(build_dir / "user_ids.npy", mmap_mode="r")
+    items = np.load(build_dir / "item_ids.npy", mmap_mode="r")
+    return build_dir, {
+        "build_id": build_id,
+        "checkpoint_version": manifest.get("checkpoint", {}).get("version"),
+        "users": len(users),
+        "items": len(items),
+        "index": manifest.get("index", {}).get("factory"),
+    }
+
+
+def run(cfg: LoadConfig) -> dict:
+    import ray
+    from ray import serve
+
+    build_dir, build = build_facts(cfg.registry)
+    print(f"live build {build['build_id']}: {build['users']:,} users, {build['items']:,} items", flush=True)
+    workload = Workload(build_dir, cfg.seed)
+    port = cfg.port or free_port()
+    t_start, load_start = time.time(), os.getloadavg()
+    ray.init(address="local", num_cpus=cfg.ray_cpus, include_dashboard=False, log_to_driver=False)
+    # Ray's own SIGTERM handler (installed by ray.init) exits at once and leaves this Ray's agents
+    # behind; as KeyboardInterrupt it runs `finally` and shuts Serve and Ray down.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        apps = deploy(cfg, port)
+        import uvloop
+
+        rounds = uvloop.run(measure(cfg, f"http://127.0.0.1:{port}", workload))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    summary, headline = summarize_rounds(cfg, rounds)
+    return {
+        "benchmark": "serve_load",
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+        "machine": {**machine_facts(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "build": build,
+        "apps": {app: {"route": f"/{app}", "args": args} for app, args in apps.items()},
+        "wall_s": round(time.time() - t_start, 1),
+        "headline": headline,
+        "summary": summary,
+        "rounds": rounds,
+    }
+
+
+# ---- output -----------------------------------------------------------------------------------------
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    style = {
+        "on": ("C0", "broadcast on"),
+        "off": ("C3", "broadcast off"),
+        "noop": ("grey", "no-op app (Serve)"),
+    }
+    for app, (color, label) in style.items():
+        rows = sorted((s for s in result["summary"] if s["app"] == app), key=lambda s: s["n"])
+        if not rows:
+            continue
+        ns = [s["n"] for s in rows]
+        cps = [s["capacity_cps"] for s in rows]
+        lo = [c - min(s["capacity_rps_rounds"]) * s["n"] for c, s in zip(cps, rows, strict=True)]
+        hi = [max(s["capacity_rps_rounds"]) * s["n"] - c for c, s in zip(cps, rows, strict=True)]
+        ls = "--" if app == "noop" else "-"
+        left.errorbar(ns, cps, yerr=[lo, hi], fmt="o" + ls, color=color, label=label, capsize=3)
+        right.plot(ns, [s["unloaded_p50_ms"] for s in rows], "o" + ls, color=color, label=f"{label} p50")
+        right.plot(ns, [s["unloaded_p99_ms"] for s in rows], "^:", color=color, label=f"{label} p99")
+    cfg = result["config"]
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="candidates per request (N)",
+        ylabel="capacity, candidates/s",
+        title=f"max rate with p99 <= {cfg['slo_p99_ms']:.0f} ms, <= {100 * cfg['max_fail_frac']:g}% failed "
+        f"(median of {cfg['repeats']}, bars min-max)",
+    )
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="candidates per request (N)",
+        ylabel="latency, ms",
+        title=f"unloaded latency at {cfg['low_rate']:g} req/s (median of rounds)",
+    )
+    right.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())  # latencies span < 2 decades
+    for ax in (left, right):
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    b, m = result["build"], result["machine"]
+    fig.suptitle(
+        f"POST /score, open loop, one replica each: build {b['build_id']} ({b['users']:,} users, "
+        f"{b['items']:,} items), {m['cpu_count']} CPUs, ray {m['ray_version']}, torch {m['torch_version']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _app_arg(s: str) -> tuple[str, object]:
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key, json.loads(value)  # numbers and true/false typed, anything else a string
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse(argv: list[str] | None = None) -> LoadConfig:
+    d = LoadConfig(registry=Path())
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.serve_load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--registry", type=Path, required=True, help="registry whose CURRENT build is served")
+    p.add_argument("--ns", type=int, nargs="+", default=list(d.ns), help="candidates per request")
+    p.add_argument("--apps", nargs="+", choices=APPS, default=list(d.apps))
+    p.add_argument("--repeats", type=int, default=d.repeats, help="interleaved rounds; medians over them")
+    p.add_argument("--start-rate", type=float, default=d.start_rate, help="req/s at grid step 0")
+    p.add_argument("--step", type=float, default=d.step, help="geometric factor between offered rates")
+    p.add_argument("--min-rate", type=float, default=d.min_rate, help="lowest rate tried when walking down")
+    p.add_argument("--max-rate", type=float, default=d.max_rate, help="highest rate tried (flagged if hit)")
+    p.add_argument("--back-steps", type=int, default=d.back_steps, help="rounds 2+ start this far below")
+    p.add_argument("--duration-s", type=float, default=d.duration_s, help="measured seconds per point")
+    p.add_argument("--warmup-s", type=float, default=d.warmup_s, help="discarded seconds before each point")
+    p.add_argument("--settle-s", type=float, default=d.settle_s, help="idle seconds between points")
+    p.add_argument("--low-rate", type=float, default=d.low_rate, help="req/s of the unloaded-latency point")
+    p.add_argument("--low-duration-s", type=float, default=d.low_duration_s)
+    p.add_argument("--slo-p99-ms", type=float, default=d.slo_p99_ms)
+    p.add_argument("--min-achieved", type=float, default=d.min_achieved, help="achieved/offered to pass")
+    p.add_argument("--max-fail-frac", type=float, default=d.max_fail_frac)
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per-request client time-out, > SLO")
+    p.add_argument(
+        "--app-arg", type=_app_arg, action="append", default=[], metavar="KEY=VALUE",
+        help="extra build_app argument for on and off, e.g. batch_wait_timeout_s=0.002 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--port", type=int, default=d.port, help="Serve HTTP port on 127.0.0.1 (0 = a free one)")
+    p.add_argument("--ray-cpus", type=int, default=d.ray_cpus, help="logical CPUs of the local Ray")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    a = p.parse_args(argv)
+    if a.step <= 1 or a.start_rate <= 0 or a.repeats < 1 or min(a.ns) < 1:
+        p.error("need --step > 1, --start-rate > 0, --repeats >= 1 and every N >= 1")
+    if a.timeout_s * 1e3 <= a.slo_p99_ms:
+        p.error(f"--timeout-s {a.timeout_s} must exceed --slo-p99-ms {a.slo_p99_ms} ms")
+    return LoadConfig(
+        a.registry, tuple(a.ns), tuple(a.apps), a.repeats, a.start_rate, a.step, a.min_rate, a.max_rate,
+        a.back_steps, a.duration_s, a.warmup_s, a.settle_s, a.low_rate, a.low_duration_s, a.slo_p99_ms,
+        a.min_achieved, a.max_fail_frac, a.timeout_s, d.idle_latency_ms, d.drain_timeout_s,
+        tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: Serve and Ray shut down, nothing written", file=sys.stderr)
+        return 130
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cfg.out_dir / "serve_load"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print(f"\n{'app':<5} {'N':>5} {'req/s':>9} {'cand/s':>10} {'p50@cap':>8} {'p99@cap':>8} {'p50@low':>8}")
+    for s in result["summary"]:
+        print(
+            f"{s['app']:<5} {s['n']:>5} {s['capacity_rps']:>9.1f} {s['capacity_cps']:>10.0f} "
+            f"{s['p50_ms_at_capacity'] or float('nan'):>8.1f} {s['p99_ms_at_capacity'] or float('nan'):>8.1f} "
+            f"{s['unloaded_p50_ms'] or float('nan'):>8.1f}"
+        )
+    for s in result["summary"]:
+        if s["hit_max_rate"]:
+            print(f"WARNING {s['app']} N={s['n']}: passed at --max-rate; its capacity is a lower bound")
+        if s["low_rate_above_capacity"]:
+            print(
+                f"WARNING {s['app']} N={s['n']}: --low-rate exceeds its capacity; 'unloaded' latency is loaded"
+            )
+    for n, r in result["headline"]["broadcast_capacity_ratio"].items():
+        print(f"broadcast on/off capacity N={n}: {r['median_of_rounds']}x (rounds {r['rounds']})")
+    for n, r in result["headline"]["noop_share_of_unloaded_p50"].items():
+        print(f"no-op share of unloaded p50 N={n}: {r}")
+    print(f"wrote {stem}.json and {stem}.png in {result['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
