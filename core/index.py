@@ -23,13 +23,18 @@ log = logging.getLogger(__name__)
 # Above it, building them all would cost minutes, so `auto` is HNSW32: on 1M synthetic items it had the
 # best single-query QPS and was close to the best batch QPS at recall@10 >= 0.95 (README, Benchmarks).
 MEASURED_CHOICE_MAX_ITEMS = 200_000
+# ...up to this many: above it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a
+# 2,782 s rebuild on 2 cores), so `auto` is IVF-Flat, whose k-means on a sample and list assignment
+# grow far slower with n.
+HNSW_MAX_ITEMS = 2_000_000
 # faiss 1.15 switches flat distance computation to BLAS only when n_queries * d >= 128000; below that a
 # batch of 1000 queries on 1M x 64 ran 10x slower (PITFALLS.md). 20 queries is where BLAS starts to pay.
 BLAS_THRESHOLD = 20
-# ~1.25x steps: with powers of 2 the cheapest setting that reaches the target can overshoot it by 2x in
-# cost (1M items: nprobe 16 gave recall 0.946, so tuning jumped to 32 and lost 40% of the QPS).
-NPROBES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512)  # fmt: skip
-EF_SEARCH = (10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256, 384, 512)
+# ~1.1-1.25x steps: with powers of 2 the cheapest setting that reaches the target can overshoot it by 2x
+# in cost (1M items: nprobe 16 gave recall 0.946, so tuning jumped to 32 and lost 40% of the QPS), and
+# the tuning margin (`lower_bound`) makes every overshoot count.
+NPROBES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, 22, 24, 27, 30, 33, 36, 40, 44, 48, 56, 64, 72, 80, 96, 112, 128, 160, 192, 256, 320, 384, 512)  # fmt: skip
+EF_SEARCH = (10, 11, 12, 13, 14, 16, 18, 20, 22, 24, 27, 30, 33, 36, 40, 44, 48, 56, 64, 72, 80, 96, 112, 128, 160, 192, 256, 384, 512)  # fmt: skip
 K_FACTORS = (16, 32, 64, 128)  # fast-scan PQ's 4-bit codes need a deep refine to reach 0.95
 
 
@@ -51,8 +56,14 @@ KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 
 def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
     """The spec of one index family sized for n vectors of dimension d ("auto" is resolved by
-    `build_tuned`, which measures; here it means the large-catalog default)."""
+    `build_tuned`, which measures up to MEASURED_CHOICE_MAX_ITEMS; here it means the default for larger
+    catalogs: HNSW32 up to HNSW_MAX_ITEMS, then IVF-Flat with ~2*sqrt(n) lists)."""
     if kind == "auto":
+        if n > HNSW_MAX_ITEMS:
+            # 2*sqrt(n), not 4: k-means cost is sample x lists = 64 * lists^2, so 10M items train 8192
+            # lists on 524k vectors instead of 16384 on 1M (4x less), and 1M items showed the same QPS
+            # at the target for 4096 and 8192 lists (README, ANN).
+            return ivf_spec(n, d, 2.0)
         kind = "hnsw"
     if kind == "flat":
         return IndexSpec("flat", "IDMap2,Flat", 0)

@@ -277,7 +277,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         choices=ann.KINDS,
         default="auto",
         help="index family (auto: up to 200k items, build Flat, IVF and HNSW and keep the fastest at the "
-        "target recall; above, HNSW32)",
+        "target recall; up to 2M, HNSW32; above, IVF-Flat)",
     )
     p.add_argument(
         "--target-recall",
