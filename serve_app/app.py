@@ -291,4 +291,6 @@ def build_app(args: dict) -> Application:
     a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
     # A replica must accept a whole batch at once (PITFALLS: max_ongoing_requests caps the batch); the
     # Serve config's `deployments` section can still override this.
-    return Recommender.options(max_ongoing_requests=max(64, 2 * a.max_batch_size)).bind(a.model_dump())
+    return Recommender.options(
+        max_ongoing_requests=max(64, 2 * a.max_batch_size), max_queued_requests=a.max_queued_requests
+    ).bind(a.model_dump())

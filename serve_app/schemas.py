@@ -18,6 +18,10 @@ class AppArgs(BaseModel):
     broadcast: bool = True
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # Requests a proxy may queue per replica beyond max_ongoing_requests before it answers 503. Size it
+    # to capacity x latency budget (100 req/s x 0.5 s = 50): a deeper queue only turns overload into
+    # time-outs (256 held 1-3 s of N=1000 work on 2 cores). -1 = unbounded.
+    max_queued_requests: int = Field(256, ge=-1)
     max_unique_users_per_batch: int = Field(1024, ge=1)
     cap_policy: Literal["split", "reject", "fallback"] = "split"
     max_candidates: int = Field(2000, ge=1)
