@@ -28,7 +28,9 @@ rows, unique users and user-table lookups (lookups per row shows what broadcast 
 
 The load generator shares the machine with the proxy and the replicas (2 cores here): its CPU share is
 recorded per point (driver_cpu_frac) and so is how late it sent (send_lag_p99_ms); a high noop
-capacity on a small machine is bounded by this sharing, not by Serve alone.
+capacity on a small machine is bounded by this sharing, not by Serve alone. Where the time goes, per
+point: CPU ms per request of the HTTP proxy, of the app's replica, of this generator and of the whole
+machine (/proc), and the replica's own batch-scoring ms per request (GET /stats score_ms).
 
 python -m benchmarks.serve_load --registry /tmp/sl-reg                       # full run, ~15 min on 2 cores
 python -m benchmarks.serve_load --registry /tmp/sl-reg --repeats 1 --ns 1 100 --duration-s 1.5   # smoke
@@ -117,6 +119,62 @@ class Workload:
         return out
 
 
+# ---- where the CPU goes -------------------------------------------------------------------------
+# A profile per point: CPU seconds of the proxy, of the app's replica, of this generator and of the
+# whole machine, read from /proc before and after, divided by the requests sent (warm-up included),
+# next to the replica's own scoring time (GET /stats score_ms). Linux only; absent elsewhere.
+
+_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def serve_pids(apps: tuple[str, ...]) -> dict[str, int]:
+    """pids of the HTTP proxy and each app's replica, found by Ray's process titles."""
+    out: dict[str, int] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::ProxyActor"):
+            out["proxy"] = int(d.name)
+        for app in apps:
+            if title.startswith(f"ray::ServeReplica:{app}:"):
+                out[app] = int(d.name)
+    return out
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLK  # utime + stime, all threads
+
+
+def _machine_busy_s() -> float | None:
+    try:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return (sum(cpu[:8]) - cpu[3] - cpu[4]) / _CLK  # all but idle and iowait
+
+
+def cpu_snapshot(pids: dict[str, int], app: str) -> dict[str, float | None]:
+    return {
+        "proxy": _proc_cpu_s(pids["proxy"]) if "proxy" in pids else None,
+        "replica": _proc_cpu_s(pids[app]) if app in pids else None,
+        "generator": time.process_time(),
+        "machine": _machine_busy_s(),
+    }
+
+
+def cpu_ms_per_request(before: dict, after: dict, requests: int) -> dict[str, float | None]:
+    return {
+        k: round((after[k] - before[k]) * 1e3 / requests, 3) if None not in (before[k], after[k]) else None
+        for k in before
+    }
+
+
 async def _send(session: aiohttp.ClientSession, url: str, body: bytes, i: int, done, status) -> None:
     try:
         async with session.post(url, data=body, headers=HEADERS) as r:
@@ -191,16 +249,27 @@ def summarize(cfg: LoadConfig, rate: float, sched, sent, done, status, n_warm: i
 class Runner:
     def __init__(self, cfg: LoadConfig, base: str, workload: Workload, session: aiohttp.ClientSession):
         self.cfg, self.base, self.workload, self.session = cfg, base, workload, session
+        self.pids = serve_pids(cfg.apps)
+
+    async def score_ms(self, app: str) -> float | None:
+        """The replica's summed batch-scoring time so far (None for the no-op app)."""
+        return None if app == "noop" else float((await self.get_json(f"/{app}/stats")).get("score_ms", 0.0))
 
     async def point(self, app: str, n: int, rate: float, duration_s: float, tag: str) -> dict:
         cfg = self.cfg
         n_warm = math.ceil(rate * cfg.warmup_s)
         bodies = self.workload.bodies(n_warm + max(2, math.ceil(rate * duration_s)), n)
         await asyncio.sleep(cfg.settle_s)
+        score0 = await self.score_ms(app)
+        snap0 = cpu_snapshot(self.pids, app)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         res = await open_loop(self.session, f"{self.base}/{app}/score", bodies, rate)
         cpu_frac = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        snap1 = cpu_snapshot(self.pids, app)
+        score1 = await self.score_ms(app)
         pt = summarize(cfg, rate, *res, n_warm, cpu_frac)
+        pt["cpu_ms_per_request"] = cpu_ms_per_request(snap0, snap1, len(bodies))
+        pt["score_ms_per_request"] = round((score1 - score0) / len(bodies), 3) if score0 is not None else None
         if not pt["passed"]:
             pt["drain_s"] = await self.drain(app)
         print(
@@ -247,6 +316,8 @@ class Runner:
             "capacity_cps": cap["offered_rps"] * n if cap else 0.0,
             "p50_ms_at_capacity": cap["p50_ms"] if cap else None,
             "p99_ms_at_capacity": cap["p99_ms"] if cap else None,
+            "cpu_ms_per_request_at_capacity": (cap or {}).get("cpu_ms_per_request") or {},
+            "score_ms_per_request_at_capacity": (cap or {}).get("score_ms_per_request"),
             "hit_max_rate": capped,
             "points": [{"k": k, **points[k]} for k in sorted(points)],
         }
@@ -398,6 +469,14 @@ def summarize_rounds(cfg: LoadConfig, rounds: list[dict]) -> tuple[list[dict], d
                 "p99_ms_at_capacity": _median([c["p99_ms_at_capacity"] for c in cs]),
                 "unloaded_p50_ms": _median([c["unloaded"]["p50_ms"] for c in cs]),
                 "unloaded_p99_ms": _median([c["unloaded"]["p99_ms"] for c in cs]),
+                # the profile at the capacity point: CPU ms per request by process, scoring ms per request
+                "cpu_ms_per_request_at_capacity": {
+                    k: _median([c["cpu_ms_per_request_at_capacity"].get(k) for c in cs])
+                    for k in ("proxy", "replica", "generator", "machine")
+                },
+                "score_ms_per_request_at_capacity": _median(
+                    [c["score_ms_per_request_at_capacity"] for c in cs]
+                ),
                 # --low-rate above this config's capacity: its "unloaded" latency is a loaded one.
                 "low_rate_above_capacity": any(cfg.low_rate > c["capacity_rps"] for c in cs),
                 "hit_max_rate": any(c["hit_max_rate"] for c in cs),
@@ -636,6 +715,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"WARNING {s['app']} N={s['n']}: --low-rate exceeds its capacity; 'unloaded' latency is loaded"
             )
+    print("\nCPU ms per request at capacity (proxy / replica / generator / whole machine), scoring ms:")
+    for s in result["summary"]:
+        c = s["cpu_ms_per_request_at_capacity"]
+        print(
+            f"{s['app']:<5} {s['n']:>5}  "
+            + " / ".join(
+                "-" if c.get(k) is None else f"{c[k]:.2f}"
+                for k in ("proxy", "replica", "generator", "machine")
+            )
+            + f"   scoring {s['score_ms_per_request_at_capacity']}"
+        )
     for n, r in result["headline"]["broadcast_capacity_ratio"].items():
         print(f"broadcast on/off capacity N={n}: {r['median_of_rounds']}x (rounds {r['rounds']})")
     for n, r in result["headline"]["noop_share_of_unloaded_p50"].items():

@@ -203,7 +203,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         "published": True,
     }
     print(
-        f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} items/s end to end), "
+        f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} items/s embedding), "
         f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f}, "
         f"checkpoint {ck.version}"
     )
