@@ -22,8 +22,8 @@ failures <= --max-fail-frac, p99 <= --slo-p99-ms (latency percentiles over OK re
 --step^k; capacity of (app, N) = the last passing rate of a ramp that steps k up until a point fails.
 Round 1 ramps from k=0; later rounds start --back-steps below the previous round's capacity (walking
 down if that fails). Every round also measures each (app, N) at --low-rate (unloaded latency).
-Interleaved: each round visits every (N, app) in turn, on off noop on off noop ...; medians over
---repeats rounds, every raw point kept in the JSON. After each round GET /stats of on and off gives
+Interleaved: each round visits every (N, app) in turn, the app order rotating with the round (on off
+noop, then off noop on, ...); medians over --repeats rounds, every raw point kept in the JSON. After each round GET /stats of on and off gives
 rows, unique users and user-table lookups (lookups per row shows what broadcast saved).
 
 The load generator shares the machine with the proxy and the replicas (2 cores here): its CPU share is
@@ -140,7 +140,8 @@ async def measure(cfg: LoadConfig, base: str, workload: Workload) -> list[dict]:
             print(f"round {r + 1}/{cfg.repeats}", flush=True)
             configs = []
             for n in cfg.ns:
-                for app in cfg.apps:
+                # the app order rotates with the round, so no app is always measured first in its N block
+                for app in cfg.apps[r % len(cfg.apps) :] + cfg.apps[: r % len(cfg.apps)]:
                     unloaded = await runner.point(app, n, cfg.low_rate, cfg.low_duration_s, "unloaded")
                     k0 = prev_k[(app, n)] - cfg.back_steps if prev_k.get((app, n)) is not None else 0
                     # The unloaded point doubles as grid step 0 when --low-rate == --start-rate.
