@@ -283,8 +283,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--target-recall",
         type=float,
         default=0.95,
-        help="held-out recall@10 needed to publish (tuning picks the cheapest search setting whose "
-        "recall minus two standard errors reaches it)",
+        help="held-out recall@10 needed to publish (the search setting is the cheapest that reaches it on "
+        "the tuning queries and on the disjoint held-out queries)",
     )
     p.add_argument(
         "--force-unchecked",
