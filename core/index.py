@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # Up to this many items `auto` builds Flat, HNSW32 and IVF-Flat at 3 list counts, and keeps the one
 # with the highest measured query throughput at the recall target (each build takes seconds here).
 # Above it, building them all would cost minutes, so `auto` is HNSW32: on 1M synthetic items it had the
-# best single-query QPS and was close to the best batch QPS at recall@10 >= 0.95 (README, Benchmarks).
+# best single-query QPS at recall@10 >= 0.95, but 0.75x-1.00x of the best batch QPS depending on the
+# machine (IVF-Flat won on one VM; README, Benchmarks).
 MEASURED_CHOICE_MAX_ITEMS = 200_000
 # ...up to this many: above it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a
 # 2,782 s rebuild on 2 cores), so `auto` is IVF-Flat, whose k-means on a sample and list assignment
