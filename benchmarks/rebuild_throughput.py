@@ -132,10 +132,12 @@ def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log
         "steady_s": t_end - first,
         "busy_s": sum(b[1] - b[0] for b in batches),
         "start_s": first - t0,
-        # where the start goes: Ray scheduling + worker process start, module imports (torch...),
-        # Embedder construction (checkpoint load + verify), then waiting for the first block
-        "start_process_s": init["import_t0"] - t0,
-        "start_imports_s": init["init_t0"] - init["import_t0"],
+        # where the start goes: Ray Data planning + actor scheduling + worker start (+ imports when the
+        # worker is fresh), Embedder construction (checkpoint load + verify), then the first block.
+        # Ray may place the actor in a worker that imported this module during an earlier execution;
+        # worker_reused says so, and then no import time is inside start_to_init_s.
+        "start_to_init_s": init["init_t0"] - t0,
+        "worker_reused": init["import_t0"] < t0,
         "start_checkpoint_s": init["init_t1"] - init["init_t0"],
         "start_first_block_s": first - init["init_t1"],
     }
