@@ -310,8 +310,9 @@ def plot(result: dict, path: Path) -> None:
             continue
         ns = [s["n"] for s in rows]
         cps = [s["capacity_cps"] for s in rows]
-        lo = [c - min(s["capacity_rps_rounds"]) * s["n"] for c, s in zip(cps, rows, strict=True)]
-        hi = [max(s["capacity_rps_rounds"]) * s["n"] - c for c, s in zip(cps, rows, strict=True)]
+        # clamped: the median is rounded to 3 decimals, so an edge can sit a hair inside it
+        lo = [max(0.0, c - min(s["capacity_rps_rounds"]) * s["n"]) for c, s in zip(cps, rows, strict=True)]
+        hi = [max(0.0, max(s["capacity_rps_rounds"]) * s["n"] - c) for c, s in zip(cps, rows, strict=True)]
         ls = "--" if app == "noop" else "-"
         left.errorbar(ns, cps, yerr=[lo, hi], fmt="o" + ls, color=color, label=label, capsize=3)
         right.plot(ns, [s["unloaded_p50_ms"] for s in rows], "o" + ls, color=color, label=f"{label} p50")
