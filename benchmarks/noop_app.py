@@ -13,7 +13,8 @@ FastAPI dispatch) and the difference to the real app is the real app's work.
 from fastapi import FastAPI, Request, Response
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import BackpressureConfig
+
+from serve_app.schemas import DEPLOYMENT_LIMITS
 
 api = FastAPI(title="skewless-noop")
 
@@ -21,14 +22,8 @@ api = FastAPI(title="skewless-noop")
 _BODY = b'{"scores":[0.0],"build_id":"noop","checkpoint_version":"noop"}'
 
 
-@serve.deployment(
-    name="Noop",
-    # The real Recommender's limits (serve_app/app.py): the same queueing and 503 shedding under load.
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-    ray_actor_options={"num_cpus": 1},
-)
+# The real Recommender's limits: the same queueing and 503 shedding under load.
+@serve.deployment(name="Noop", **DEPLOYMENT_LIMITS)
 @serve.ingress(api)
 class Noop:
     @api.get("/healthz")

@@ -24,27 +24,27 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import BackpressureConfig
 
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.live_build import BuildWatcher, LiveBuild
 from core.sidecar import Sidecar, SidecarFull, SidecarLog, SidecarSnapshot, merge_topk
 from serve_app.metrics import ReplicaMetrics
-from serve_app.schemas import AppArgs, ItemsBody, RetrieveBody, RetrieveResponse, ScoreBody, ScoreResponse
+from serve_app.schemas import (
+    DEPLOYMENT_LIMITS,
+    AppArgs,
+    ItemsBody,
+    RetrieveBody,
+    RetrieveResponse,
+    ScoreBody,
+    ScoreResponse,
+)
 
 log = logging.getLogger("skewless.serve")
 api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
 
 
-@serve.deployment(
-    name="Recommender",
-    # max_ongoing_requests >= max_batch_size x max_concurrent_batches, or batches never fill.
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-    ray_actor_options={"num_cpus": 1},
-)
+@serve.deployment(name="Recommender", **DEPLOYMENT_LIMITS)
 @serve.ingress(api)
 class Recommender:
     def __init__(self, args: dict):

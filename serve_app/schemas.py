@@ -1,10 +1,21 @@
-"""HTTP request/response bodies and the application's typed arguments."""
+"""HTTP request/response bodies, the application's typed arguments and its deployment limits."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from ray.serve.config import BackpressureConfig
+
+# The deployment's request limits; benchmarks/noop_app.py deploys its baseline with these
+# same ones (kept here, not in app.py, so the baseline does not import torch).
+DEPLOYMENT_LIMITS = {
+    # max_ongoing_requests >= max_batch_size x max_concurrent_batches, or batches never fill.
+    "max_ongoing_requests": 64,
+    "max_queued_requests": 256,
+    "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
+    "ray_actor_options": {"num_cpus": 1},
+}
 
 
 class AppArgs(BaseModel):
