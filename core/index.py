@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 # Up to this many items `auto` builds Flat, HNSW32 and IVF-Flat at 3 list counts, and keeps the one
 # with the highest measured query throughput at the recall target (each build takes seconds here).
-# Above it, building them all would cost minutes, so `auto` is HNSW32: on 1M synthetic items it had the
-# best single-query QPS at recall@10 >= 0.95, but 0.75x-1.00x of the best batch QPS depending on the
-# machine (IVF-Flat won on one VM; README, Benchmarks).
 MEASURED_CHOICE_MAX_ITEMS = 200_000
-# ...up to this many: above it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a
-# 2,782 s rebuild on 2 cores), so `auto` is IVF-Flat, whose k-means on a sample and list assignment
-# grow far slower with n.
+# ...up to this many it measures HNSW32 against IVF-Flat at 2 and 4*sqrt(n) lists: which one is fastest
+# at the target depends on the machine (1M synthetic items: HNSW32 won on one 2-core VM, IVF8192/4096
+# by 1.3x on another, README, Benchmarks); 8*sqrt(n) lists is left out because its k-means costs 4x
+# that of 4*sqrt(n). Above it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a
+# 2,782 s rebuild on 2 cores), so `auto` is IVF-Flat alone, whose k-means on a sample and list
+# assignment grow far slower with n.
 HNSW_MAX_ITEMS = 2_000_000
 # faiss 1.15 switches flat distance computation to BLAS only when n_queries * d >= 128000; below that a
 # batch of 1000 queries on 1M x 64 ran 10x slower (PITFALLS.md). 20 queries is where BLAS starts to pay.
@@ -56,16 +56,9 @@ KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 
 
 def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
-    """The spec of one index family sized for n vectors of dimension d ("auto" is resolved by
-    `build_tuned`, which measures up to MEASURED_CHOICE_MAX_ITEMS; here it means the default for larger
-    catalogs: HNSW32 up to HNSW_MAX_ITEMS, then IVF-Flat with ~2*sqrt(n) lists)."""
+    """The spec of one index family sized for n vectors of dimension d ("auto": see auto_specs)."""
     if kind == "auto":
-        if n > HNSW_MAX_ITEMS:
-            # 2*sqrt(n), not 4: k-means cost is sample x lists = 64 * lists^2, so 10M items train 8192
-            # lists on 524k vectors instead of 16384 on 1M (4x less), and 1M items showed the same QPS
-            # at the target for 4096 and 8192 lists (README, ANN).
-            return ivf_spec(n, d, 2.0)
-        kind = "hnsw"
+        raise ValueError("kind 'auto' is several specs measured against each other: use auto_specs")
     if kind == "flat":
         return IndexSpec("flat", "IDMap2,Flat", 0)
     if kind == "hnsw":
@@ -87,11 +80,18 @@ def ivf_spec(n: int, d: int, lists_per_sqrt_n: float, pq: bool = False) -> Index
 
 
 def auto_specs(n: int, d: int) -> list[IndexSpec]:
-    """What `auto` builds and measures on a small catalog: exact, HNSW32, and IVF-Flat at three list
-    counts (the fastest one at a recall target depends on the data: 512 lists won on MovieLens' 9.7k
-    items, where 4*sqrt(n) rounds to 512 but fewer lists were faster at 1M)."""
-    specs = [choose_spec(n, d, "flat"), choose_spec(n, d, "hnsw")]
-    specs += [ivf_spec(n, d, c) for c in (2.0, 4.0, 8.0)]
+    """What `auto` builds, measures and chooses from (one spec: nothing to measure).
+    Up to MEASURED_CHOICE_MAX_ITEMS: exact, HNSW32, and IVF-Flat at three list counts (the fastest at
+    the target depends on the data: 512 lists won on MovieLens' 9.7k items, where 4*sqrt(n) rounds to
+    512, but fewer lists were faster at 1M). Up to HNSW_MAX_ITEMS: HNSW32 and IVF-Flat at 2 and
+    4*sqrt(n). Above: IVF-Flat at 2*sqrt(n), not 4: k-means costs sample x lists = 64 * lists^2, so 10M
+    items train 8192 lists on 524k vectors instead of 16384 on 1M (4x less), and 1M items showed the
+    same QPS at the target for 4096 and 8192 lists (README, ANN)."""
+    if n > HNSW_MAX_ITEMS:
+        return [ivf_spec(n, d, 2.0)]
+    specs = [choose_spec(n, d, "hnsw")] + [ivf_spec(n, d, c) for c in (2.0, 4.0)]
+    if n <= MEASURED_CHOICE_MAX_ITEMS:
+        specs = [choose_spec(n, d, "flat")] + specs + [ivf_spec(n, d, 8.0)]
     return list(dict.fromkeys(specs))  # small n: list counts may coincide
 
 
@@ -216,16 +216,22 @@ def _confirm(
     return grid[i], hold, steps
 
 
-def batch_qps(index, spec: IndexSpec, params: dict, xq: np.ndarray, k: int, repeats: int = 3) -> float:
-    """Queries per second searching `xq` in one call; median of `repeats` timings of >= 50 ms each."""
-    rates = []
-    for _ in range(repeats):
-        passes, t0 = 0, time.perf_counter()
-        while passes == 0 or time.perf_counter() - t0 < 0.05:
-            search(index, spec, params, xq, k)
-            passes += 1
-        rates.append(passes * len(xq) / (time.perf_counter() - t0))
-    return float(np.median(rates))
+def batch_qps(
+    points: list[tuple], xq: np.ndarray, k: int, rounds: int = 5, min_s: float = 0.05
+) -> list[float]:
+    """Queries per second of each (index, spec, params) point searching `xq` in one call: the median of
+    `rounds` timings of >= `min_s` each, the points visited in turn (A B C A B C ...). On a shared 2-core
+    machine one point timed alone read 22k-40k QPS from one run to the next; interleaving spreads that
+    drift over all points instead of handing it to whichever was timed last."""
+    rates: list[list[float]] = [[] for _ in points]
+    for _ in range(rounds):
+        for (index, spec, params), out in zip(points, rates, strict=True):
+            passes, t0 = 0, time.perf_counter()
+            while passes == 0 or time.perf_counter() - t0 < min_s:
+                search(index, spec, params, xq, k)
+                passes += 1
+            out.append(passes * len(xq) / (time.perf_counter() - t0))
+    return [float(np.median(r)) for r in rates]
 
 
 def build_tuned(
@@ -240,34 +246,40 @@ def build_tuned(
 ) -> tuple[faiss.Index, IndexSpec, dict, dict]:
     """Build the index and choose its search setting: the cheapest one whose recall@k reaches `target`
     on the tuning queries and then on the disjoint held-out queries too (`_confirm`). With kind="auto"
-    and a catalog of at most MEASURED_CHOICE_MAX_ITEMS, every spec of `auto_specs` is built and tuned,
-    and the one with the highest measured batch QPS on the tuning queries at the target wins. The
+    every spec of `auto_specs` is built and tuned, and the one with the highest measured batch QPS on
+    the tuning queries at the target wins (batch QPS is what a rebuild's offline consumers and the
+    benchmarks measure; /retrieve's single-query latency favours HNSW by 1.3-1.5x, README). The
     held-out recall at the chosen setting gates publishing. Returns (index, spec, quality, timings)."""
     n, d = xb.shape
-    measured = kind == "auto" and n <= MEASURED_CHOICE_MAX_ITEMS
-    specs = auto_specs(n, d) if measured else [choose_spec(n, d, kind)]
+    specs = auto_specs(n, d) if kind == "auto" else [choose_spec(n, d, kind)]
+    measured = len(specs) > 1
     exact_tune = exact_topk(xb, xq_tune, k)
     timings = {"index_train_s": 0.0, "index_add_s": 0.0}
-    best, candidates = None, []
+    built = []
     for spec in specs:
         index, t = build(spec, xb, ids, seed=seed)
         timings["index_train_s"] += t["index_train_s"]
         timings["index_add_s"] += t["index_add_s"]
         pos, tried, reached = _tune(index, spec, xb, ids, xq_tune, exact_tune, k, target)
-        params = candidate_params(spec)[pos]
-        qps = batch_qps(index, spec, params, xq_tune, k) if measured else None
+        built.append((index, spec, pos, tried, reached))
+    # every candidate stays in memory until all are timed together (1M items: ~1 GB for three)
+    points = [(index, spec, candidate_params(spec)[pos]) for index, spec, pos, _, _ in built]
+    qps = batch_qps(points, xq_tune, k) if measured else [None] * len(built)
+    best, candidates = None, []
+    for (index, spec, pos, tried, reached), (_, _, params), q in zip(built, points, qps, strict=True):
         row = {
             "factory": spec.factory,
             "params": params,
             "tuning_recall": tried[-1]["recall"],
-            "tuning_qps": qps,
+            "tuning_qps": q,
         }
         candidates.append(row)
         log.info("index candidate %s", row)
         # a family that reaches the target beats one that does not; then the faster one wins
-        key = (reached, qps or 0.0)
+        key = (reached, q or 0.0)
         if best is None or key > best[0]:
             best = (key, index, spec, pos, tried)
+    del built, points
     (reached, _), index, spec, pos, tried = best
     if reached:
         params, holdout, confirm = _confirm(

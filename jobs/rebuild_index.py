@@ -276,8 +276,9 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--index",
         choices=ann.KINDS,
         default="auto",
-        help="index family (auto: up to 200k items, build Flat, IVF and HNSW and keep the fastest at the "
-        "target recall; up to 2M, HNSW32; above, IVF-Flat)",
+        help="index family (auto: build several, tune each to the target recall and keep the fastest: up "
+        "to 200k items Flat, HNSW32 and IVF-Flat at 2, 4, 8*sqrt(n) lists; up to 2M HNSW32 and IVF-Flat at "
+        "2, 4*sqrt(n); above, IVF-Flat at 2*sqrt(n) alone)",
     )
     p.add_argument(
         "--target-recall",
