@@ -10,8 +10,7 @@ call waits for a descheduled thread at the barrier, p50 1-5 ms instead of 0.15 m
 single_qps = 1 / p50 latency. Medians over repeats.
 The build's own automatic choice (manifest "index" + "quality") is re-measured on the same queries.
 
-OMP_WAIT_POLICY=PASSIVE python -m benchmarks.ann_sweep --build /tmp/bench-reg-1m/builds/<id> --name synth-1m \
-    --families flat ivf hnsw ivfpq --ivf-nlists 1024 4096 16384
+python -m benchmarks.ann_sweep --build /tmp/bench/reg-1m/builds/<id> --name synth-1m --ivf-nlists 1024 2048 8192
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ does) to a fresh temp directory, on the same CPU budget:
   ray-bB[-P]     jobs.rebuild_index.embed_dataset itself (read_parquet -> map_batches(EmbedBatches,
                  ActorPoolStrategy(1), num_cpus=1) -> write_parquet), 1 actor x --cpus torch threads
   plain-bB-dictall  pyarrow's default dictionary attempt on every column (what the job did before)
+  plain-bB-noop, ray-bB-noop  the same pipelines with the tower replaced by zero vectors of the same
+                 shape (read, decode, the output table, write): the floor of each pipeline, so
+                 ray-noop's total is Ray Data's own fixed cost per execution plus the I/O
 Ray is started once in-process (ray.init(address="local", num_cpus=--cpus)) and not timed.
 
 What is timed, per run (wall clock, seconds):
@@ -43,6 +46,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -50,7 +54,7 @@ import torch
 
 from benchmarks.embed_plain import mlp_flops_per_item
 from core.datasets import partition_files
-from core.embed import Embedder
+from core.embed import Embedder, embedding_table
 from core.features import ITEM_FEATURE_COLUMNS
 from jobs.rebuild_index import EmbedBatches, RebuildConfig, embed_dataset
 
@@ -62,6 +66,7 @@ class Variant:
     batch_size: int
     precision: str = "fp32"
     dict_all: bool = False  # pyarrow's default: try a dictionary on every column
+    noop: bool = False  # zero vectors instead of the tower: the pipeline's floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,7 @@ class ThroughputConfig:
     roof_gflops: float | None = None
     tmp: Path = Path(tempfile.gettempdir())
     out: Path = Path("benchmarks/results/rebuild_throughput.json")
+    replot: bool = False
 
 
 def variants(cfg: ThroughputConfig) -> list[Variant]:
@@ -83,6 +89,10 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
     vs = [Variant(f"plain-b{b0}", "plain", b0), Variant(f"ray-b{b0}", "ray", b0)]
     vs += [Variant(f"plain-b{b0}-bf16", "plain", b0, "bf16"), Variant(f"ray-b{b0}-bf16", "ray", b0, "bf16")]
     vs.append(Variant(f"plain-b{b0}-dictall", "plain", b0, dict_all=True))
+    vs += [
+        Variant(f"plain-b{b0}-noop", "plain", b0, noop=True),
+        Variant(f"ray-b{b0}-noop", "ray", b0, noop=True),
+    ]
     for b in cfg.batch_sizes[1:]:
         vs += [Variant(f"plain-b{b}", "plain", b), Variant(f"ray-b{b}", "ray", b)]
     return [v for v in vs if not cfg.only or v.name in cfg.only]
@@ -92,12 +102,20 @@ def parquet_options(v: Variant) -> dict:
     return {} if v.dict_all else {"use_dictionary": ["checkpoint_version"]}
 
 
+def zero_items(emb: Embedder, batch: pa.Table) -> pa.Table:
+    """The table Embedder.items would return, with zero vectors and no tower call (noop variants)."""
+    zeros = np.zeros((batch.num_rows, emb.model.cfg.embed_dim), np.float32)
+    return embedding_table(batch.column("item_id").to_numpy(), zeros, emb.ckpt.version, "item_id")
+
+
 class TimedEmbedBatches(EmbedBatches):
     """The job's callable class, plus one line per batch (start, end, rows) in a side file."""
 
-    def __init__(self, checkpoint: str, what: str, threads: int, precision: str, log_dir: str):
+    def __init__(self, checkpoint: str, what: str, threads: int, precision: str, log_dir: str, noop: bool):
         t_init = time.time()
         super().__init__(checkpoint, what, threads, precision)
+        if noop:
+            self.fn = lambda batch: zero_items(self.embedder, batch)
         with open(os.path.join(log_dir, f"init-{os.getpid()}.json"), "w") as f:
             json.dump({"import_t0": _IMPORT_T0, "init_t0": t_init, "init_t1": time.time()}, f)
         self.log = open(os.path.join(log_dir, f"actor-{os.getpid()}.tsv"), "a", buffering=1)  # noqa: SIM115
@@ -117,7 +135,13 @@ def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log
     )  # fmt: skip
     t0 = time.time()
     embed_dataset(
-        job, files, ITEM_FEATURE_COLUMNS, "items", out, TimedEmbedBatches, {"log_dir": str(log_dir)}
+        job,
+        files,
+        ITEM_FEATURE_COLUMNS,
+        "items",
+        out,
+        TimedEmbedBatches,
+        {"log_dir": str(log_dir), "noop": v.noop},
     )
     t_end = time.time()
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
@@ -146,6 +170,7 @@ def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log
 def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
     t0 = time.perf_counter()
     emb = Embedder(cfg.checkpoint, threads=cfg.cpus, precision=v.precision)
+    embed = (lambda batch: zero_items(emb, batch)) if v.noop else emb.items
     t1 = time.perf_counter()
     rows, busy = 0, 0.0
     out.mkdir(parents=True)
@@ -153,7 +178,7 @@ def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -
         writer = None
         for rb in pq.ParquetFile(f).iter_batches(batch_size=v.batch_size, columns=list(ITEM_FEATURE_COLUMNS)):
             tb = time.perf_counter()
-            table = emb.items(pa.Table.from_batches([rb]))
+            table = embed(pa.Table.from_batches([rb]))
             busy += time.perf_counter() - tb
             writer = writer or pq.ParquetWriter(
                 out / f"part-{i:05d}.parquet", table.schema, **parquet_options(v)
@@ -239,7 +264,7 @@ def run(cfg: ThroughputConfig) -> dict:
     flops = mlp_flops_per_item(Embedder(cfg.checkpoint).model.item_tower)
     if cfg.roof_gflops:
         roof_items_s = cfg.roof_gflops * 1e9 / flops
-        for r in rows:
+        for r in (r for r in rows if not r["noop"]):
             r["busy_fraction_of_fp32_roof"] = round(r["items_per_s_busy"] / roof_items_s, 3)
     return {
         "benchmark": "rebuild_throughput",
@@ -258,27 +283,30 @@ def run(cfg: ThroughputConfig) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """Median seconds per variant: the start (until the first batch is embedded) and the rest, with the
+    time inside the embedding call marked. Seconds, not items/s: the no-tower variants' call rates are
+    100x the others' and would flatten the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["variants"]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    x = range(len(rows))
-    for off, key, label in (
-        (-0.27, "total", "total (incl. actor start)"),
-        (0, "steady", "steady"),
-        (0.27, "busy", "embed call only"),
-    ):
-        ax.bar([i + off for i in x], [r[f"items_per_s_{key}"] / 1e3 for r in rows], 0.27, label=label)
-    ax.set_xticks(list(x), [r["name"] for r in rows], rotation=20, fontsize=8)
+    y = list(range(len(rows)))[::-1]
+    start = [r["median_start_s"] for r in rows]
+    rest = [r["median_total_s"] - r["median_start_s"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    ax.barh(y, start, 0.6, color="tab:gray", label="start (actor or model) until the first batch")
+    ax.barh(y, rest, 0.6, left=start, color="tab:blue", label="rest of the run")
+    ax.scatter([r["median_busy_s"] for r in rows], y, marker="|", s=250, color="tab:orange", zorder=3,
+               label="time inside the embedding call (summed)")  # fmt: skip
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
     ax.set(
-        ylabel="k items/s (median)",
+        xlabel="seconds (median)",
         title=f"item embedding, {result['items']:,} items, {result['cpu_count']} CPUs",
     )
-    ax.legend()
-    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -301,15 +329,19 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
     )
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where outputs are written")
     p.add_argument("--out", type=Path, default=ThroughputConfig.out)
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     a = p.parse_args(argv)
     return ThroughputConfig(
         a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, a.read_cpus, tuple(a.only),
-        a.roof_gflops, a.tmp, a.out,
+        a.roof_gflops, a.tmp, a.out, a.replot,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
+    if cfg.replot:
+        plot(json.loads(cfg.out.read_text()), cfg.out.with_suffix(".png"))
+        return 0
     result = run(cfg)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(result, indent=2) + "\n")
