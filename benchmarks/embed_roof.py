@@ -204,7 +204,41 @@ def run(cfg: RoofConfig) -> dict:
     }
 
 
-def parse(argv: list[str] | None = None) -> RoofConfig:
+def plot(result: dict, path: Path) -> None:
+    """Left: the GEMM roof, each Linear layer's own GEMM and the whole tower, in GFLOP/s (the tower's
+    rate counts only its MLP FLOPs, as the roof fraction does). Right: where the tower's time goes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, bf, flops = result["roof"], result["bf16"], result["mlp_flops_per_item"]
+    bars = {k[: -len("_gflops")]: v for k, v in r.items() if k.endswith("_gflops")}
+    bars["tower fp32 (whole Embedder.items)"] = bf["fp32_items_per_s"] * flops / 1e9
+    bars["tower bf16 autocast"] = bf["bf16_items_per_s"] * flops / 1e9
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    names = list(bars)[::-1]
+    a1.barh(names, [bars[n] for n in names], color="tab:blue")
+    a1.axvline(result["fp32_roof_gflops"], color="tab:red", ls="--", label="fp32 roof")
+    a1.axvline(0.5 * result["fp32_roof_gflops"], color="tab:red", ls=":", label="50% of it (target)")
+    a1.set(
+        xlabel="GFLOP/s (median)",
+        title=f"roof and tower: {result['embed_fp32_fraction_of_roof']:.1%} of roof",
+    )
+    a1.tick_params(axis="y", labelsize=8)
+    a1.legend(fontsize=8)
+    st = result["stages"]
+    names = list(st)[::-1]
+    a2.barh(names, [st[n]["s"] for n in names], color="tab:gray")
+    a2.set(xlabel="seconds for the whole catalog (median)", title=f"tower stages, {result['items']:,} items")
+    a2.tick_params(axis="y", labelsize=8)
+    for a in (a1, a2):
+        a.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse(argv: list[str] | None = None) -> tuple[RoofConfig, bool]:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.embed_roof",
         description=__doc__,
@@ -221,19 +255,25 @@ def parse(argv: list[str] | None = None) -> RoofConfig:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--out", type=Path, default=RoofConfig.out)
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     a = p.parse_args(argv)
-    return RoofConfig(
+    cfg = RoofConfig(
         a.checkpoint, a.catalog, a.build, a.threads, a.batch_size, a.gemm_n, a.repeats, a.queries, a.out
     )
+    return cfg, a.replot
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(argv)
+    cfg, replot = parse(argv)
+    if replot:
+        plot(json.loads(cfg.out.read_text()), cfg.out.with_suffix(".png"))
+        return 0
     result = run(cfg)
     text = json.dumps(result, indent=2)
     print(text)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(text + "\n")
+    plot(result, cfg.out.with_suffix(".png"))
     return 0
 
 
