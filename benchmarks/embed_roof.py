@@ -244,8 +244,8 @@ def parse(argv: list[str] | None = None) -> tuple[RoofConfig, bool]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--catalog", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, help="required unless --replot")
+    p.add_argument("--catalog", type=Path, help="required unless --replot")
     p.add_argument(
         "--build", type=Path, default=None, help="build dir whose user_embeddings.npy are the queries"
     )
@@ -257,6 +257,8 @@ def parse(argv: list[str] | None = None) -> tuple[RoofConfig, bool]:
     p.add_argument("--out", type=Path, default=RoofConfig.out)
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     a = p.parse_args(argv)
+    if not a.replot and (a.checkpoint is None or a.catalog is None):
+        p.error("--checkpoint and --catalog are required (unless --replot)")
     cfg = RoofConfig(
         a.checkpoint, a.catalog, a.build, a.threads, a.batch_size, a.gemm_n, a.repeats, a.queries, a.out
     )

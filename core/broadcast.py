@@ -146,6 +146,12 @@ def score_batch(
 
 def _score_capped(build, user_rows, item_rows, cfg: BroadcastConfig, stats: BatchStats, buf) -> np.ndarray:
     n_unique = len(np.unique(user_rows))
+    if n_unique == len(user_rows) <= cfg.max_unique_users:
+        # Nothing to share (e.g. one candidate per request): the per-row path does the same lookups and
+        # FLOPs without the unique/inverse pass and the two gathers back to rows, which cost 5-20% of a
+        # batch of 1-candidate requests (one-off in-process check: 0.79 vs 0.66 ms for a batch of one).
+        stats.unique_users += n_unique
+        return _score_per_row(build, user_rows, item_rows, stats)
     if n_unique <= cfg.max_unique_users:
         return _score_broadcast(build, user_rows, item_rows, stats, buf)
     if cfg.policy == "fallback":

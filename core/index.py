@@ -64,7 +64,7 @@ def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
     if kind == "hnsw":
         return IndexSpec("hnsw", "IDMap2,HNSW32,Flat", 0)
     if kind not in ("ivf", "ivfpq"):
-        raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS[1:])}")
     # ~4*sqrt(n) lists (faiss' guidance: 4-16*sqrt(n))
     return ivf_spec(n, d, 4.0) if kind == "ivf" else ivf_spec(n, d, 4.0, pq=True)
 
@@ -262,22 +262,25 @@ def build_tuned(
         timings["index_add_s"] += t["index_add_s"]
         pos, tried, reached = _tune(index, spec, xb, ids, xq_tune, exact_tune, k, target)
         built.append((index, spec, pos, tried, reached))
-    # every candidate stays in memory until all are timed together (1M items: ~1 GB for three)
-    points = [(index, spec, candidate_params(spec)[pos]) for index, spec, pos, _, _ in built]
-    qps = batch_qps(points, xq_tune, k) if measured else [None] * len(built)
+    # one that missed the target cannot beat one that reached it: only those that reached it (all, if
+    # none did) are timed, together, so they stay in memory until then (1M items: ~1 GB for three)
+    contenders = [i for i, c in enumerate(built) if c[4]] or list(range(len(built)))
+    built = [c if i in contenders else (None, *c[1:]) for i, c in enumerate(built)]  # free the others
+    points = [(c[0], c[1], candidate_params(c[1])[c[2]]) for c in (built[i] for i in contenders)]
+    qps = dict(zip(contenders, batch_qps(points, xq_tune, k), strict=True)) if measured else {}
     best, candidates = None, []
-    for (index, spec, pos, tried, reached), (_, _, params), q in zip(built, points, qps, strict=True):
+    for i, (index, spec, pos, tried, reached) in enumerate(built):
         row = {
             "factory": spec.factory,
-            "params": params,
+            "params": candidate_params(spec)[pos],
             "tuning_recall": tried[-1]["recall"],
-            "tuning_qps": q,
+            "reached_target": reached,
+            "tuning_qps": qps.get(i),  # None: not timed (missed the target) or nothing to compare
         }
         candidates.append(row)
         log.info("index candidate %s", row)
-        # a family that reaches the target beats one that does not; then the faster one wins
-        key = (reached, q or 0.0)
-        if best is None or key > best[0]:
+        key = (reached, qps.get(i) or 0.0)
+        if i in contenders and (best is None or key > best[0]):
             best = (key, index, spec, pos, tried)
     del built, points
     (reached, _), index, spec, pos, tried = best

@@ -89,6 +89,18 @@ def test_buffer_is_reused_and_bounds_unique_users(build):
     assert all(r.status == 200 for r in res)
 
 
+def test_batch_of_distinct_users_takes_the_per_row_path(build):
+    # one candidate per request, every user different: nothing to share, so no unique/inverse pass
+    reqs = [ScoreRequest(np.array([u]), build.item_ids[i : i + 1]) for i, u in enumerate(build.user_ids[:7])]
+    buf = np.full((8, build.dim), np.nan, dtype=np.float32)
+    res, stats = score_batch(build, reqs, BroadcastConfig(max_unique_users=8), user_buffer=buf)
+    ref, _ = score_batch(build, reqs, BroadcastConfig(enabled=False))
+    assert np.isnan(buf).all()  # the broadcast path's buffer was not used
+    assert stats.user_lookups == stats.unique_users == stats.rows == 7
+    for a, b in zip(res, ref, strict=True):
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
 def test_unknown_policy_is_named():
     with pytest.raises(ValueError, match="cap policy must be one of"):
         BroadcastConfig(policy="drop")

@@ -31,6 +31,24 @@ def test_auto_candidates_by_catalog_size_and_ivf_lists_scale_with_sqrt_n():
         ann.choose_spec(1_000_000, 64, "auto")
 
 
+def test_auto_between_the_size_limits_measures_hnsw_against_ivf_and_above_takes_ivf_alone(monkeypatch):
+    ann.configure(2)
+    xb, ids, xq = _data()
+    # the 200k..2M regime, scaled down to this 20k-item catalog
+    monkeypatch.setattr(ann, "MEASURED_CHOICE_MAX_ITEMS", 10_000)
+    _, spec, q, _ = ann.build_tuned(xb, ids, xq[:150], xq[150:], k=10, target=0.95, kind="auto")
+    assert q["selection"] == "measured"
+    assert [c["factory"] for c in q["candidates"]] == ["IDMap2,HNSW32,Flat", "IVF256,Flat", "IVF512,Flat"]
+    timed = [c for c in q["candidates"] if c["tuning_qps"] is not None]
+    assert spec.factory == max(timed, key=lambda c: c["tuning_qps"])["factory"]
+    assert q["recall_at_k"] >= 0.95
+    # above HNSW_MAX_ITEMS: IVF-Flat at ~2*sqrt(n) lists, nothing to measure
+    monkeypatch.setattr(ann, "HNSW_MAX_ITEMS", 10_000)
+    _, spec, q, _ = ann.build_tuned(xb, ids, xq[:150], xq[150:], k=10, target=0.95, kind="auto")
+    assert q["selection"] == "default" and spec.factory == "IVF256,Flat"
+    assert [c["tuning_qps"] for c in q["candidates"]] == [None]
+
+
 def test_search_grids_step_by_at_most_1_5x():
     # a coarse grid makes tuning overshoot the target (nprobe 16 -> 32 cost 40% of the QPS at 1M)
     for grid in (ann.NPROBES, ann.EF_SEARCH):
@@ -62,8 +80,11 @@ def test_auto_measures_every_family_and_keeps_the_fastest_at_target():
     specs = ann.auto_specs(len(xb), 32)
     assert [s.factory for s in specs] == list(cands)
     assert sorted(s.kind for s in specs) == ["flat", "hnsw", "ivf", "ivf", "ivf"]
-    at_target = [c for c in cands.values() if c["tuning_recall"] >= 0.95]
+    at_target = [c for c in cands.values() if c["reached_target"]]
+    assert at_target and all(c["tuning_recall"] >= 0.95 for c in at_target)
     assert cands[spec.factory]["tuning_qps"] == max(c["tuning_qps"] for c in at_target)
+    # one that missed the target is not timed: it cannot win against one that reached it
+    assert all(c["tuning_qps"] is None for c in cands.values() if not c["reached_target"])
     assert q["selection"] == "measured" and q["params"] == cands[spec.factory]["params"]
     assert idx.ntotal == len(xb)
 
