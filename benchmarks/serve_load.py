@@ -333,6 +333,7 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--ray-cpus", type=int, default=d.ray_cpus, help="logical CPUs of the local Ray")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--retries", type=int, default=d.retries, help="re-measure a failed point this often")
     a = p.parse_args(argv)
     if a.step <= 1 or a.start_rate <= 0 or a.repeats < 1 or min(a.ns) < 1:
         p.error("need --step > 1, --start-rate > 0, --repeats >= 1 and every N >= 1")
@@ -342,7 +343,7 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
         a.registry, tuple(a.ns), tuple(a.apps), a.repeats, a.start_rate, a.step, a.min_rate, a.max_rate,
         a.back_steps, a.duration_s, a.warmup_s, a.settle_s, a.low_rate, a.low_duration_s, a.slo_p99_ms,
         a.min_achieved, a.max_fail_frac, a.timeout_s, d.idle_latency_ms, d.drain_timeout_s,
-        tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir,
+        tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir, a.retries,
     )  # fmt: skip
 
 
