@@ -257,14 +257,12 @@ class Runner:
                 points[k] = {**known[k], "same_as": "unloaded"}
             else:
                 p = await self.point(app, n, cfg.rate(k), cfg.duration_s, f"k={k}")
-                for attempt in range(cfg.retries):
-                    if p["passed"]:
-                        break
-                    retry = await self.point(
-                        app, n, cfg.rate(k), cfg.duration_s, f"k={k} retry {attempt + 1}"
-                    )
-                    p = {**retry, "failed_attempts": [*p.get("failed_attempts", []), {**p}]}
-                    p["failed_attempts"][-1].pop("failed_attempts", None)
+                failed = []
+                while not p["passed"] and len(failed) < cfg.retries:
+                    failed.append(p)
+                    p = await self.point(app, n, cfg.rate(k), cfg.duration_s, f"k={k} retry {len(failed)}")
+                if failed:
+                    p = {**p, "failed_attempts": failed}
                 points[k] = p
             return points[k]["passed"]
 

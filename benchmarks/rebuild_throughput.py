@@ -286,8 +286,8 @@ def run(cfg: ThroughputConfig) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Median seconds per variant: the start (until the first batch is embedded) and the rest, with the
-    time inside the embedding call drawn within the rest. Seconds, not items/s: the no-tower variants' call rates are
-    100x the others' and would flatten the chart."""
+    time inside the embedding call drawn within the rest. Seconds, not items/s: the no-tower variants'
+    call rates are 100x the others' and would flatten the chart."""
     import matplotlib
 
     matplotlib.use("Agg")

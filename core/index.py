@@ -234,6 +234,23 @@ def batch_qps(
     return [float(np.median(r)) for r in rates]
 
 
+@dataclasses.dataclass(eq=False)
+class _Candidate:
+    """One index family built and tuned by `build_tuned`: the index, the grid position of the cheapest
+    setting that reached the target on the tuning queries (else the most accurate), what was tried."""
+
+    index: faiss.Index | None
+    spec: IndexSpec
+    pos: int
+    tried: list
+    reached: bool
+    qps: float | None = None
+
+    @property
+    def params(self) -> dict:
+        return candidate_params(self.spec)[self.pos]
+
+
 def build_tuned(
     xb: np.ndarray,
     ids: np.ndarray,
@@ -255,35 +272,36 @@ def build_tuned(
     measured = len(specs) > 1
     exact_tune = exact_topk(xb, xq_tune, k)
     timings = {"index_train_s": 0.0, "index_add_s": 0.0}
-    built = []
+    built: list[_Candidate] = []
     for spec in specs:
         index, t = build(spec, xb, ids, seed=seed)
         timings["index_train_s"] += t["index_train_s"]
         timings["index_add_s"] += t["index_add_s"]
-        pos, tried, reached = _tune(index, spec, xb, ids, xq_tune, exact_tune, k, target)
-        built.append((index, spec, pos, tried, reached))
+        built.append(_Candidate(index, spec, *_tune(index, spec, xb, ids, xq_tune, exact_tune, k, target)))
     # one that missed the target cannot beat one that reached it: only those that reached it (all, if
     # none did) are timed, together, so they stay in memory until then (1M items: ~1 GB for three)
-    contenders = [i for i, c in enumerate(built) if c[4]] or list(range(len(built)))
-    built = [c if i in contenders else (None, *c[1:]) for i, c in enumerate(built)]  # free the others
-    points = [(c[0], c[1], candidate_params(c[1])[c[2]]) for c in (built[i] for i in contenders)]
-    qps = dict(zip(contenders, batch_qps(points, xq_tune, k), strict=True)) if measured else {}
-    best, candidates = None, []
-    for i, (index, spec, pos, tried, reached) in enumerate(built):
+    contenders = [c for c in built if c.reached] or built
+    for c in built:
+        if c not in contenders:
+            c.index = None  # free it now
+    if measured:
+        qps = batch_qps([(c.index, c.spec, c.params) for c in contenders], xq_tune, k)
+        for c, q in zip(contenders, qps, strict=True):
+            c.qps = q
+    candidates = []
+    for c in built:
         row = {
-            "factory": spec.factory,
-            "params": candidate_params(spec)[pos],
-            "tuning_recall": tried[-1]["recall"],
-            "reached_target": reached,
-            "tuning_qps": qps.get(i),  # None: not timed (missed the target) or nothing to compare
+            "factory": c.spec.factory,
+            "params": c.params,
+            "tuning_recall": c.tried[-1]["recall"],
+            "reached_target": c.reached,
+            "tuning_qps": c.qps,  # None: not timed (missed the target) or nothing to compare
         }
         candidates.append(row)
         log.info("index candidate %s", row)
-        key = (reached, qps.get(i) or 0.0)
-        if i in contenders and (best is None or key > best[0]):
-            best = (key, index, spec, pos, tried)
-    del built, points
-    (reached, _), index, spec, pos, tried = best
+    best = max(contenders, key=lambda c: (c.reached, c.qps or 0.0))  # the first one on a tie
+    index, spec, pos, tried, reached = best.index, best.spec, best.pos, best.tried, best.reached
+    del built, contenders, best
     if reached:
         params, holdout, confirm = _confirm(
             index, spec, pos, xb, ids, xq_tune, exact_tune, xq_holdout, k, target
