@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from core import index as ann
+from core.build_dir import BuildDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +88,12 @@ def time_point(index, pt: Point, xq: np.ndarray, cfg: SweepConfig, rng: np.rando
 
 def run(cfg: SweepConfig) -> dict:
     ann.configure(cfg.threads)
-    manifest = json.loads((cfg.build / "manifest.json").read_text())
-    xb = np.load(cfg.build / "item_embeddings.npy")  # (N, D)
-    ids = np.load(cfg.build / "item_ids.npy")  # (N,)
-    users = np.load(cfg.build / "user_embeddings.npy", mmap_mode="r")  # (U, D)
+    bd = BuildDir(cfg.build)
+    manifest = bd.read_manifest()
+    ids, xb = (np.array(a) for a in bd.open_items())  # (N,), (N, D)
+    users = bd.open_users(manifest)[1]  # (U, D)
+    if not len(users):
+        raise SystemExit(f"build {cfg.build} has no user table: the sweep's queries are its users")
     rng = np.random.default_rng(cfg.seed)
     xq = np.ascontiguousarray(users[np.sort(rng.choice(len(users), min(cfg.queries, len(users)), False))])
     n, d = xb.shape
@@ -110,7 +113,7 @@ def run(cfg: SweepConfig) -> dict:
             pt = Point(fam, spec, p)
             pt.recall = ann.recall_at_k(xb, ids, xq, ann.search(index, spec, p, xq, cfg.k)[1], cfg.k, exact)
             points.append(pt)
-    auto_factory, auto_params = manifest["index"]["factory"], manifest["index"]["search_params"]
+    auto_factory, auto_params = manifest.index.factory, manifest.index.search_params
     auto = next((p for p in points if p.spec.factory == auto_factory and p.params == auto_params), None)
     if auto is None:
         raise SystemExit(
@@ -153,9 +156,9 @@ def run(cfg: SweepConfig) -> dict:
         "faiss_threads": faiss.omp_get_max_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins, then sleeps)"),
         "builds": builds,
-        "manifest_index": manifest["index"],
-        "manifest_quality": {k: v for k, v in manifest["quality"].items() if k != "tuning_sweep"},
-        "manifest_timings": manifest["timings"],
+        "manifest_index": dataclasses.asdict(manifest.index),
+        "manifest_quality": {k: v for k, v in manifest.quality.items() if k != "tuning_sweep"},
+        "manifest_timings": manifest.timings,
         "best_batch_at_target": best,
         "best_single_at_target": best_single,
         "auto": auto_row,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks.embed_plain import catalog_batches, mlp_flops_per_item
 from core import index as ann
+from core.build_dir import BuildDir
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table, embeddings_to_numpy
 from core.model import item_inputs_from_arrow
@@ -156,7 +157,8 @@ def bf16_check(cfg: RoofConfig, emb: Embedder, tables: list[pa.Table]) -> dict:
         "mean": float(cos.mean()),
     }
     if cfg.build is not None:
-        users = np.load(cfg.build / "user_embeddings.npy", mmap_mode="r")  # (U, D)
+        bd = BuildDir(cfg.build)
+        users = bd.open_users(bd.read_manifest())[1]  # (U, D)
         rng = np.random.default_rng(1)
         xq = np.ascontiguousarray(users[np.sort(rng.choice(len(users), min(cfg.queries, len(users)), False))])
         exact32 = ann.exact_topk(x32, xq, 10)

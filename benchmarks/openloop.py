@@ -18,6 +18,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from core.build_dir import BuildDir
+
 APPS = ("on", "off", "noop")
 HEADERS = {"content-type": "application/json"}
 TIMEOUT_STATUS, CLIENT_ERROR_STATUS = -1, -2  # recorded in place of an HTTP status
@@ -70,8 +72,9 @@ class Workload:
     """Request bodies drawn from the live build's users and items."""
 
     def __init__(self, build_dir: Path, seed: int):
-        self.user_ids = np.load(build_dir / "user_ids.npy", mmap_mode="r")  # (U,) sorted int64
-        self.item_ids = np.load(build_dir / "item_ids.npy")  # (I,)
+        bd = BuildDir(build_dir)
+        self.user_ids = bd.open_users(bd.read_manifest())[0]  # (U,) sorted int64
+        self.item_ids = np.array(bd.open_items()[0])  # (I,)
         self.rng = np.random.default_rng(seed)
 
     def bodies(self, n_requests: int, n_candidates: int) -> list[bytes]:

@@ -54,7 +54,6 @@ from importlib import metadata
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 
 from benchmarks.openloop import APPS, HEADERS, LoadConfig, Runner, Workload
 from benchmarks.serve_plot import plot
@@ -244,14 +243,12 @@ def build_facts(registry: Path) -> tuple[Path, dict]:
         )
     build_dir = reg.build_dir(build_id)
     manifest = reg.manifest(build_id)
-    users = np.load(build_dir / "user_ids.npy", mmap_mode="r")
-    items = np.load(build_dir / "item_ids.npy", mmap_mode="r")
     return build_dir, {
         "build_id": build_id,
-        "checkpoint_version": manifest.get("checkpoint", {}).get("version"),
-        "users": len(users),
-        "items": len(items),
-        "index": manifest.get("index", {}).get("factory"),
+        "checkpoint_version": manifest.checkpoint_version,
+        "users": manifest.homogeneity["user_rows"],
+        "items": manifest.catalog.row_count,
+        "index": manifest.index.factory,
     }
 
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
+from core.build_dir import MANIFEST_FILE as MANIFEST
 from core.features import FeatureSchema, schema_diff
 from core.fsutil import commit_dir, sha256_file, staging_dir
 from core.model import ModelConfig, TwoTower
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
 FORMAT_VERSION = 1
 
@@ -123,9 +123,10 @@ def load_checkpoint(path: Path, expected_schema: FeatureSchema | None = None) ->
         )
     schema = FeatureSchema.from_dict(manifest["feature_schema"])
     if expected_schema is not None and schema != expected_schema:
-        diffs = "; ".join(schema_diff(schema, expected_schema))
+        # the caller's schema (the data's) is what is expected; the checkpoint's is what arrived
+        diffs = "; ".join(schema_diff(expected_schema, schema))
         raise CheckpointError(
-            f"feature schema mismatch between checkpoint {manifest['version']} (expected) and the data (actual): {diffs}"
+            f"feature schema mismatch: the data's schema (expected) vs checkpoint {manifest['version']} (actual): {diffs}"
         )
     model = TwoTower(schema, ModelConfig.from_dict(manifest["model_config"]))
     state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -16,7 +16,7 @@ import torch
 
 from core.checkpoint import Checkpoint, load_checkpoint
 from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS, FeatureSchema, check_columns
-from core.model import item_inputs_from_arrow, user_inputs_from_lists
+from core.model import ItemTower, UserTower, item_inputs_from_arrow, user_inputs_from_lists
 
 
 def embedding_table(ids: np.ndarray, emb: np.ndarray, version: str, id_name: str) -> pa.Table:
@@ -33,6 +33,39 @@ def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
     col = table.column("embedding").combine_chunks()
     d = col.type.list_size
     return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d), dtype=np.float32)
+
+
+@torch.inference_mode()
+def item_vectors(
+    tower: ItemTower, table: pa.Table, schema: FeatureSchema, batch_size: int = 8192
+) -> np.ndarray:
+    """Encoded catalog rows (ITEM_FEATURE_COLUMNS) -> (N, D) float32 vectors, in batches. The one place
+    items are embedded outside the rebuild's pipeline (training, evaluation, the serving sidecar)."""
+    d = tower.mlp[-1].out_features
+    out = [
+        tower(item_inputs_from_arrow(table.slice(s, batch_size), schema)).numpy()
+        for s in range(0, table.num_rows, batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+@torch.inference_mode()
+def user_vectors(
+    tower: UserTower,
+    user_ids: np.ndarray,
+    histories: list[np.ndarray] | pa.Array | pa.ChunkedArray,
+    schema: FeatureSchema,
+    batch_size: int = 8192,
+) -> np.ndarray:
+    """User ids + histories (item ids, most recent last) -> (U, D) float32 vectors, in batches."""
+    d = tower.mlp[-1].out_features
+    if isinstance(histories, pa.ChunkedArray):
+        histories = histories.combine_chunks()
+    out = []
+    for s in range(0, len(user_ids), batch_size):
+        h = histories[s : s + batch_size]
+        out.append(tower(user_inputs_from_lists(np.asarray(user_ids[s : s + batch_size]), h, schema)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
 
 
 PRECISIONS = ("fp32", "bf16")

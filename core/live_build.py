@@ -7,7 +7,6 @@ other; a build that fails any check is refused (the caller keeps serving what it
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,10 +16,12 @@ import numpy as np
 import torch
 
 from core import index as ann
-from core import skew
+from core import skew_gate
+from core.build_dir import BuildDir, BuildManifest
 from core.checkpoint import load_checkpoint
+from core.embed import user_vectors
 from core.features import FeatureSchema
-from core.model import ItemTower, RankingScorer
+from core.model import ItemTower, RankingScorer, UserTower
 from core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,17 +42,18 @@ def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 @dataclasses.dataclass(frozen=True)
 class LiveBuild:
     build_id: str
-    manifest: dict
+    manifest: BuildManifest
     checkpoint_version: str
     index: faiss.Index
     spec: ann.IndexSpec
     search_params: dict
     item_ids: np.ndarray  # (N,) sorted, memory-mapped
     item_emb: np.ndarray  # (N, D) float32, memory-mapped, row-aligned with item_ids
-    user_ids: np.ndarray  # (U,) sorted, memory-mapped
+    user_ids: np.ndarray  # (U,) sorted, memory-mapped; empty when the build embedded no users
     user_emb: np.ndarray  # (U, D) float32, memory-mapped
     scorer: RankingScorer
     item_tower: ItemTower  # the index's own item tower: embeds sidecar items in the same version
+    user_tower: UserTower  # the index's own user tower: embeds users from their history
     schema: FeatureSchema
     loaded_at: float
 
@@ -63,13 +65,23 @@ class LiveBuild:
         return _lookup(self.item_ids, ids)
 
     def user_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self.user_ids):
+            return np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
         return _lookup(self.user_ids, ids)
 
-    def retrieve(self, user_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (ids, scores) of the live index for users given by table row: (Q, k) each, -1 padded."""
-        xq = np.ascontiguousarray(self.user_emb[user_rows], dtype=np.float32)  # (Q, D)
-        D, I = ann.search(self.index, self.spec, self.search_params, xq, k)
+    def history_vectors(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        """(U, D) query vectors of users given by their recent items, by this build's own user tower:
+        the same checkpoint version as the index, so the pair stays homogeneous."""
+        return user_vectors(self.user_tower, np.asarray(user_ids, np.int64), histories, self.schema)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (ids, scores) of the index for query vectors (Q, D): (Q, k) each, -1 padded."""
+        D, I = ann.search(self.index, self.spec, self.search_params, np.ascontiguousarray(xq, np.float32), k)
         return I, D
+
+    def retrieve(self, user_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (ids, scores) for users given by user-table row: (Q, k) each, -1 padded."""
+        return self.search(self.user_emb[user_rows], k)
 
 
 def load_build(
@@ -78,14 +90,15 @@ def load_build(
     """Load a complete build for serving. `query_checkpoint` (optional) names a query tower to use
     instead of the build's own copy; it must be the same version as the index unless
     `pair_allowed(family, query_version, index_version)` says that pair passed a skew check."""
-    build_dir = Path(build_dir)
+    bd = BuildDir(build_dir)
+    name = bd.root.name
     try:
-        manifest = json.loads((build_dir / "manifest.json").read_text())
-        version = manifest["checkpoint"]["version"]
-        ck = load_checkpoint(build_dir / "checkpoint")
+        manifest = bd.read_manifest()
+        version = manifest.checkpoint_version
+        ck = load_checkpoint(bd.checkpoint_path)
         if ck.version != version:
             raise BuildRefused(
-                f"build {build_dir.name}: its checkpoint copy is {ck.version}, the manifest says {version}"
+                f"build {name}: its checkpoint copy is {ck.version}, the manifest says {version}"
             )
         query = load_checkpoint(query_checkpoint) if query_checkpoint else ck
         if query.version != version and not (
@@ -93,45 +106,41 @@ def load_build(
         ):
             raise BuildRefused(
                 f"query tower version {query.version} differs from the index's checkpoint version {version} in build "
-                f"{manifest['build_id']} and that pair has not passed a skew check; serving it is refused"
+                f"{manifest.build_id} and that pair has not passed a skew check; serving it is refused"
             )
-        idx = ann.load(build_dir / "index.faiss")
-        mm = {
-            n: np.load(build_dir / f"{n}.npy", mmap_mode="r")
-            for n in ("item_ids", "item_embeddings", "user_ids", "user_embeddings")
-        }
+        idx = bd.load_index()
+        item_ids, item_emb = bd.open_items()
+        user_ids, user_emb = bd.open_users(manifest)
     except BuildRefused:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise BuildRefused(f"build {build_dir.name} cannot be loaded: {type(e).__name__}: {e}") from e
-    n = manifest["catalog"]["row_count"]
-    if (
-        idx.ntotal != n
-        or len(mm["item_ids"]) != n
-        or mm["item_embeddings"].shape != (n, manifest["index"]["dim"])
-    ):
+        raise BuildRefused(f"build {name} cannot be loaded: {type(e).__name__}: {e}") from e
+    n, d = manifest.catalog.row_count, manifest.index.dim
+    if idx.ntotal != n or len(item_ids) != n or item_emb.shape != (n, d):
         raise BuildRefused(
-            f"build {build_dir.name} is inconsistent: manifest says {n} items, index has {idx.ntotal}, "
-            f"item table {len(mm['item_ids'])}, embeddings {mm['item_embeddings'].shape}"
+            f"build {name} is inconsistent: manifest says {n} items, index has {idx.ntotal}, "
+            f"item table {len(item_ids)}, embeddings {item_emb.shape}"
         )
-    if len(mm["user_ids"]) != len(mm["user_embeddings"]):
+    if len(user_ids) != len(user_emb) or (manifest.has_users and len(user_ids) != manifest.users.row_count):
         raise BuildRefused(
-            f"build {build_dir.name}: user ids {len(mm['user_ids'])} vs embeddings {len(mm['user_embeddings'])}"
+            f"build {name}: manifest says {manifest.users and manifest.users.row_count} users, "
+            f"user ids {len(user_ids)}, embeddings {len(user_emb)}"
         )
-    ix = manifest["index"]
+    ix = manifest.index
     build = LiveBuild(
-        build_id=manifest["build_id"],
+        build_id=manifest.build_id,
         manifest=manifest,
         checkpoint_version=version,
         index=idx,
-        spec=ann.IndexSpec(ix["type"], ix["factory"], ix["train_sample"]),
-        search_params=ix["search_params"],
-        item_ids=mm["item_ids"],
-        item_emb=mm["item_embeddings"],
-        user_ids=mm["user_ids"],
-        user_emb=mm["user_embeddings"],
+        spec=ann.IndexSpec(ix.type, ix.factory, ix.train_sample),
+        search_params=ix.search_params,
+        item_ids=item_ids,
+        item_emb=item_emb,
+        user_ids=user_ids,
+        user_emb=user_emb,
         scorer=ck.model.scorer,
         item_tower=ck.model.item_tower,
+        user_tower=query.model.user_tower,
         schema=ck.schema,
         loaded_at=clock(),
     )
@@ -142,14 +151,16 @@ def load_build(
 def _smoke(build: LiveBuild) -> None:
     """One retrieval and one score before the build may go live: catches unreadable files early."""
     if len(build.user_ids):
-        ids, _ = build.retrieve(np.array([0]), 1)
-        if ids[0, 0] < 0:
-            raise BuildRefused(f"build {build.build_id}: smoke retrieval returned no result")
-        with torch.inference_mode():
-            u = torch.from_numpy(np.array(build.user_emb[:1]))
-            i = torch.from_numpy(np.array(build.item_emb[:1]))
-            if not torch.isfinite(build.scorer(u, i)).all():
-                raise BuildRefused(f"build {build.build_id}: smoke score is not finite")
+        u = np.array(build.user_emb[:1])
+    else:
+        u = build.history_vectors(np.zeros(1, np.int64), [np.asarray(build.item_ids[:1])])
+    ids, _ = build.search(u, 1)
+    if ids[0, 0] < 0:
+        raise BuildRefused(f"build {build.build_id}: smoke retrieval returned no result")
+    with torch.inference_mode():
+        i = torch.from_numpy(np.array(build.item_emb[:1]))
+        if not torch.isfinite(build.scorer(torch.from_numpy(u), i)).all():
+            raise BuildRefused(f"build {build.build_id}: smoke score is not finite")
 
 
 class BuildWatcher:
@@ -166,7 +177,7 @@ class BuildWatcher:
         self._on_event = on_event or (lambda outcome, old, new, detail: None)
 
     def _pair_allowed(self, family: str, query_version: str, index_version: str) -> bool:
-        return skew.pair_allowed(self.registry.root, family, query_version, index_version)
+        return skew_gate.pair_allowed(self.registry.root, family, query_version, index_version)
 
     def poll(self) -> str:
         """Returns 'unchanged', 'swapped', 'refused' or 'empty'."""

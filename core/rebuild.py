@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from core import index as ann
+from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.checkpoint import Checkpoint, load_checkpoint
 from core.datasets import DatasetError, partition_files, read_dataset_manifest
 from core.features import (
@@ -31,8 +31,8 @@ from core.features import (
     check_columns,
     schema_diff,
 )
-from core.fsutil import commit_dir, write_json_atomic
-from core.registry import BUILD_MANIFEST, Registry
+from core.fsutil import commit_dir
+from core.registry import Registry
 from core.validate import ValidationError, check_embedded
 
 log = logging.getLogger(__name__)
@@ -125,25 +125,24 @@ def finalize(
     timings: dict,
     run_info: dict,
     on_phase: Phase | None = None,
-) -> dict:
-    """Gate, index, commit and publish a staged build. Returns its manifest. Raises before anything is
-    published if a gate fails; the staging directory is then removed."""
+) -> BuildManifest:
+    """Gate, index, commit and publish a staged build; returns its manifest. Raises before anything is
+    published if a gate fails (the caller then removes the staging directory)."""
     phase = on_phase or (lambda _name: None)
     ck = inputs.checkpoint
+    out = BuildDir(staging)
     t0 = time.perf_counter()
     item_ids, xb = check_embedded(
-        _read_embedded(staging / "embeddings"),
+        _read_embedded(out.item_parquet),
         id_name="item_id", expected_version=ck.version, expected_rows=inputs.catalog_manifest["row_count"], what="catalog",
     )  # fmt: skip
     user_x = None
     if inputs.users_manifest is not None:
         user_ids, user_x = check_embedded(
-            _read_embedded(staging / "users"),
+            _read_embedded(out.user_parquet),
             id_name="user_id", expected_version=ck.version, expected_rows=inputs.users_manifest["row_count"], what="users",
         )  # fmt: skip
-        # Sorted ids + row-aligned matrix: serving memory-maps both and looks users up by binary search.
-        np.save(staging / "user_ids.npy", user_ids)
-        np.save(staging / "user_embeddings.npy", user_x)
+        out.write_users(user_ids, user_x)
     timings["validate_s"] = round(time.perf_counter() - t0, 3)
     phase("validated")
 
@@ -168,60 +167,58 @@ def finalize(
             f"index {spec.factory}: held-out recall@{opts.k} {quality['recall_at_k']:.4f} is below the target "
             f"{opts.target_recall}: {why}; not publishing (try another --index, or a lower --target-recall)"
         )
-    ann.save(idx, staging / "index.faiss")
-    # Sorted ids + row-aligned vectors: serving memory-maps both to score candidates by id.
-    np.save(staging / "item_ids.npy", item_ids)
-    np.save(staging / "item_embeddings.npy", xb)
+    out.write_index(idx)
+    out.write_items(item_ids, xb)
     phase("index_written")
 
     t2 = time.perf_counter()
     # The query tower travels with the index: serving loads both from the build, as one unit.
-    shutil.copytree(ck.path, staging / "checkpoint")
-    manifest = {
-        "kind": "skewless.build",
-        "format_version": 1,
-        "build_id": build_id,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "checkpoint": {
-            "version": ck.version,
-            "family": ck.family,
-            "weights_sha256": ck.manifest["weights_sha256"],
-            "source_path": str(ck.path.resolve()),
-            "embed_dim": ck.manifest["embed_dim"],
-        },
-        "catalog": {
-            "fingerprint": inputs.catalog_manifest["fingerprint"],
-            "row_count": inputs.catalog_manifest["row_count"],
-            "partitions": len(inputs.catalog_files),
-            "path": str(inputs.catalog_files[0].parent.resolve()),
-        },
-        "users": None
+    out.copy_checkpoint(ck.path)
+    manifest = BuildManifest(
+        build_id=build_id,
+        created_at=now_iso(),
+        checkpoint=CheckpointRef(
+            version=ck.version,
+            family=ck.family,
+            weights_sha256=ck.manifest["weights_sha256"],
+            source_path=str(ck.path.resolve()),
+            embed_dim=ck.manifest["embed_dim"],
+        ),
+        catalog=DatasetRef(
+            fingerprint=inputs.catalog_manifest["fingerprint"],
+            row_count=inputs.catalog_manifest["row_count"],
+            partitions=len(inputs.catalog_files),
+            path=str(inputs.catalog_files[0].parent.resolve()),
+        ),
+        users=None
         if inputs.users_manifest is None
-        else {
-            "fingerprint": inputs.users_manifest["fingerprint"],
-            "row_count": inputs.users_manifest["row_count"],
-        },
-        "homogeneity": {
+        else DatasetRef(
+            fingerprint=inputs.users_manifest["fingerprint"],
+            row_count=inputs.users_manifest["row_count"],
+            partitions=len(inputs.user_files),
+            path=str(inputs.user_files[0].parent.resolve()),
+        ),
+        homogeneity={
             "checkpoint_versions": [ck.version],
             "item_rows": int(len(item_ids)),
             "user_rows": 0 if user_x is None else int(len(user_x)),
         },
-        "index": {
-            "type": spec.kind,
-            "factory": spec.factory,
-            "metric": "inner_product",
-            "dim": int(xb.shape[1]),
-            "ntotal": int(idx.ntotal),
-            "train_sample": spec.train_sample,
-            "search_params": quality["params"],
-        },
-        "quality": quality,
-        "timings": timings,
-        "skew_gate": run_info.get("skew_gate"),
-        "run": run_info,
-        "based_on_seq": expected_seq,
-    }
-    write_json_atomic(staging / BUILD_MANIFEST, manifest)
+        index=IndexInfo(
+            type=spec.kind,
+            factory=spec.factory,
+            metric="inner_product",
+            dim=int(xb.shape[1]),
+            ntotal=int(idx.ntotal),
+            train_sample=spec.train_sample,
+            search_params=quality["params"],
+        ),
+        quality=quality,
+        timings=timings,
+        skew_gate=run_info.get("skew_gate"),
+        run=run_info,
+        based_on_seq=expected_seq,
+    )
+    out.write_manifest(manifest)
     final = registry.builds / build_id
     commit_dir(staging, final)
     phase("build_committed")

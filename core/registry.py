@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.build_dir import BuildDir, BuildManifest
 from core.fsutil import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
-BUILD_MANIFEST = "manifest.json"
 MAX_LOG = 50
 MAX_STACK = 100
 
@@ -77,20 +77,18 @@ class Registry:
 
     def build_dir(self, build_id: str) -> Path:
         path = self.builds / build_id
-        if build_id.startswith(".") or "/" in build_id or not (path / BUILD_MANIFEST).is_file():
+        if build_id.startswith(".") or "/" in build_id or not BuildDir(path).is_complete():
             raise RegistryError(f"no complete build {build_id!r} in {self.builds}")
         return path
 
-    def manifest(self, build_id: str) -> dict:
-        return json.loads((self.build_dir(build_id) / BUILD_MANIFEST).read_text())
+    def manifest(self, build_id: str) -> BuildManifest:
+        return BuildDir(self.build_dir(build_id)).read_manifest()
 
     def list_builds(self) -> list[str]:
         if not self.builds.is_dir():
             return []
         return sorted(
-            p.name
-            for p in self.builds.iterdir()
-            if not p.name.startswith(".") and (p / BUILD_MANIFEST).is_file()
+            p.name for p in self.builds.iterdir() if not p.name.startswith(".") and BuildDir(p).is_complete()
         )
 
     # ---- writing -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import pyarrow as pa
 import ray
 
 from core import index as ann
-from core import skew
+from core import skew_gate
+from core.build_dir import BuildDir
 from core.embed import PRECISIONS, Embedder
 from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
@@ -140,7 +141,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     t_start = time.perf_counter()
     inputs: Inputs = preflight(cfg.checkpoint, cfg.catalog, cfg.users)
     ck = inputs.checkpoint
-    gate = skew.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
+    gate = skew_gate.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
     registry = Registry(cfg.registry)
     expected_seq = registry.pointer().seq
     build_id = new_build_id(ck.version)
@@ -160,11 +161,15 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     try:
         timings = {}
         t0 = time.perf_counter()
-        embed_dataset(cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", staging / "embeddings")
+        embed_dataset(
+            cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", BuildDir(staging).item_parquet
+        )
         timings["read_embed_s"] = round(time.perf_counter() - t0, 3)
         if inputs.users_manifest is not None:
             t0 = time.perf_counter()
-            embed_dataset(cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", staging / "users")
+            embed_dataset(
+                cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", BuildDir(staging).user_parquet
+            )
             timings["users_embed_s"] = round(time.perf_counter() - t0, 3)
         phase("embedded")
         run_info = {
@@ -188,17 +193,17 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     total = time.perf_counter() - t_start
-    n = manifest["catalog"]["row_count"]
+    n = manifest.catalog.row_count
     summary = {
         "build_id": build_id,
         "checkpoint_version": ck.version,
         "items": n,
-        "users": manifest["homogeneity"]["user_rows"],
+        "users": manifest.homogeneity["user_rows"],
         "seconds": round(total, 2),
         "items_per_s": round(n / timings["read_embed_s"], 1),
-        "index": manifest["index"]["factory"],
-        "search_params": manifest["index"]["search_params"],
-        "recall_at_10": manifest["quality"]["recall_at_k"],
+        "index": manifest.index.factory,
+        "search_params": manifest.index.search_params,
+        "recall_at_10": manifest.quality["recall_at_k"],
         "timings": timings,
         "published": True,
     }

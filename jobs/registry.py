@@ -21,12 +21,13 @@ def _describe(reg: Registry, build_id: str) -> dict:
     m = reg.manifest(build_id)
     return {
         "build_id": build_id,
-        "checkpoint_version": m["checkpoint"]["version"],
-        "items": m["catalog"]["row_count"],
-        "index": m["index"]["factory"],
-        "search_params": m["index"]["search_params"],
-        "recall_at_10": m["quality"]["recall_at_k"],
-        "created_at": m["created_at"],
+        "checkpoint_version": m.checkpoint_version,
+        "items": m.catalog.row_count,
+        "users": m.users.row_count if m.users else None,
+        "index": m.index.factory,
+        "search_params": m.index.search_params,
+        "recall_at_10": m.quality.get("recall_at_k"),
+        "created_at": m.created_at,
     }
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from core import datasets, skew
+from core import datasets, skew, skew_gate
 from core.checkpoint import load_checkpoint
 from core.features import FeatureSchema
 from jobs.common import run_main
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets.read_dataset_manifest(cfg.data / "catalog", "catalog")["feature_schema"]
     )
     cks = [load_checkpoint(c, expected_schema=schema) for c in cfg.checkpoints]
-    result = skew.judge(
+    result = skew_gate.judge(
         skew.skew_matrix(
             cks,
             datasets.read_table(cfg.data / "catalog"),
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         cfg.max_relative_drop,
     )
-    path = skew.save(cfg.registry, result)
+    path = skew_gate.save(cfg.registry, result)
     png = path.with_suffix(".png")
     _heatmap(result, png)
     width = max(len(v) for v in result["versions"])

@@ -2,43 +2,48 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
 
 from core import index as ann
+from core.build_dir import BuildDir
+from core.checkpoint import read_manifest
 from core.embed import embeddings_to_numpy
 from core.registry import Registry
 
 
 def current_build(registry: Path) -> str:
-    return json.loads((Path(registry) / "CURRENT").read_text())["build_id"]
+    return Registry(registry).current()
 
 
 def check_build(registry: Path, build_id: str, *, checkpoint_version: str, catalog_ids: set[int]) -> dict:
     """Asserts the build is complete, loadable and version-homogeneous; returns recall@10 it measured."""
     reg = Registry(registry)
     m = reg.manifest(build_id)
-    bdir = reg.build_dir(build_id)
-    assert m["checkpoint"]["version"] == checkpoint_version
-    emb = pads.dataset(str(bdir / "embeddings"), format="parquet").to_table()
+    bdir = BuildDir(reg.build_dir(build_id))
+    assert m.checkpoint_version == checkpoint_version
+    emb = pads.dataset(str(bdir.item_parquet), format="parquet").to_table()
     assert set(emb.column("checkpoint_version").cast("string").to_pylist()) == {checkpoint_version}
     ids = emb.column("item_id").to_numpy()
     assert len(ids) == len(set(ids.tolist())) == len(catalog_ids) and set(ids.tolist()) == catalog_ids
-    users = pads.dataset(str(bdir / "users"), format="parquet").to_table()
-    assert set(users.column("checkpoint_version").cast("string").to_pylist()) == {checkpoint_version}
-    ckm = json.loads((bdir / "checkpoint/manifest.json").read_text())
-    assert ckm["version"] == checkpoint_version
+    if m.has_users:
+        users = pads.dataset(str(bdir.user_parquet), format="parquet").to_table()
+        assert set(users.column("checkpoint_version").cast("string").to_pylist()) == {checkpoint_version}
+    assert read_manifest(bdir.checkpoint_path)["version"] == checkpoint_version
 
     xb = embeddings_to_numpy(emb)
-    index = ann.load(bdir / "index.faiss")
+    index = bdir.load_index()
     assert index.ntotal == len(ids)
-    # Queries: the build's own user embeddings; oracle: brute force in numpy, tie-tolerant.
-    xq = np.load(bdir / "user_embeddings.npy")[:300]
-    spec = ann.IndexSpec(m["index"]["type"], m["index"]["factory"], m["index"]["train_sample"])
-    _, found = ann.search(index, spec, m["index"]["search_params"], xq, 10)
+    # Queries: the build's own user embeddings (else random unit vectors); oracle: brute force, tie-tolerant.
+    if m.has_users:
+        xq = np.array(bdir.open_users(m)[1][:300])
+    else:
+        xq = np.random.default_rng(0).standard_normal((300, xb.shape[1])).astype(np.float32)
+        xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    spec = ann.IndexSpec(m.index.type, m.index.factory, m.index.train_sample)
+    _, found = ann.search(index, spec, m.index.search_params, xq, 10)
     scores = xq @ xb.T  # (Q, N)
     kth = np.sort(scores, axis=1)[:, -10]
     row = {int(i): r for r, i in enumerate(ids)}

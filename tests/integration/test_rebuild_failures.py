@@ -12,7 +12,7 @@ import torch
 from core.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from core.datasets import read_table, split_table, write_dataset
 from core.features import FeatureSchema
-from core.registry import Registry
+from core.registry import POINTER, Registry
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import rebuild, run_module, summary
 
@@ -31,7 +31,7 @@ def live(ray_head, ml_data, checkpoints, new_registry):
 
 def _assert_untouched(live, checkpoints, pointer_before: bytes):
     reg = live["registry"]
-    assert (reg / "CURRENT").read_bytes() == pointer_before
+    assert (reg / POINTER).read_bytes() == pointer_before
     assert current_build(reg) == live["build"]
     check_build(
         reg,
@@ -45,7 +45,7 @@ def _assert_untouched(live, checkpoints, pointer_before: bytes):
 def test_sigkill_at_each_phase_leaves_current_on_a_complete_build(
     phase, live, ray_head, ml_data, checkpoints
 ):
-    before = (live["registry"] / "CURRENT").read_bytes()
+    before = (live["registry"] / POINTER).read_bytes()
     p = run_module(
         "tests.integration.crash_rebuild", phase, "--", "--checkpoint", checkpoints[1], "--catalog", ml_data / "catalog",
         "--registry", live["registry"], "--address", ray_head["gcs"], env=ray_head["env"], check=False,
@@ -132,7 +132,7 @@ def test_bad_input_exits_nonzero_names_the_problem_and_publishes_nothing(
 ):
     make, message = BAD_INPUTS[case]
     checkpoint, catalog = make(checkpoints[0], ml_data, tmp_path)
-    before = (live["registry"] / "CURRENT").read_bytes()
+    before = (live["registry"] / POINTER).read_bytes()
     builds_before = Registry(live["registry"]).list_builds()
     # --force-unchecked: these checkpoints are new versions with no skew check; the gate is tested elsewhere
     p = rebuild(

@@ -59,13 +59,13 @@ def test_gate_blocks_an_unchecked_version_and_force_allows_it_on_record(
 
     out = rebuild(ray_head, scratch_checkpoint, ml_data / "catalog", registry, "--force-unchecked")
     m = Registry(registry).manifest(summary(out)["build_id"])
-    assert m["skew_gate"]["status"] == "forced" and Registry(registry).current() == m["build_id"]
+    assert m.skew_gate["status"] == "forced" and Registry(registry).current() == m.build_id
 
 
 def test_checked_version_publishes_with_the_check_on_record(ray_head, ml_data, checkpoints, new_registry):
     registry = new_registry("reg-gate-ok")
     out = rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry)
-    gate = Registry(registry).manifest(summary(out)["build_id"])["skew_gate"]
+    gate = Registry(registry).manifest(summary(out)["build_id"]).skew_gate
     assert gate["status"] == "passed" and read_manifest(checkpoints[1])["version"] in gate["versions"]
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from core.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
 from core.features import FeatureSchema
 from core.model import ModelConfig, TwoTower
 
@@ -22,7 +22,7 @@ def _save(root, seed=0):
 def test_roundtrip_keeps_version_weights_and_manifest(tmp_path):
     path = _save(tmp_path)
     ck = load_checkpoint(path, expected_schema=SMALL)
-    m = json.loads((path / "manifest.json").read_text())
+    m = json.loads((path / MANIFEST).read_text())
     assert ck.version == m["version"] == path.name
     assert m["weights_sha256"].startswith(m["version"].split("-")[-1])
     assert m["embed_dim"] == 8 and m["feature_schema"]["item_id_buckets"] == 256
@@ -39,7 +39,7 @@ def test_one_flipped_byte_is_refused_naming_expected_and_actual(tmp_path):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    expected = json.loads((path / "manifest.json").read_text())["weights_sha256"]
+    expected = json.loads((path / MANIFEST).read_text())["weights_sha256"]
     with pytest.raises(CheckpointError, match=f"expected {expected}, got [0-9a-f]{{64}}"):
         load_checkpoint(path)
 
@@ -47,7 +47,11 @@ def test_one_flipped_byte_is_refused_naming_expected_and_actual(tmp_path):
 def test_schema_mismatch_is_refused_naming_field_expected_and_actual(tmp_path):
     path = _save(tmp_path)
     other = dataclasses.replace(SMALL, title_buckets=4096)
-    with pytest.raises(CheckpointError, match=r"title_buckets: expected 128, got 4096"):
+    # expected = the schema the caller (the data) needs; actual = the checkpoint's
+    with pytest.raises(
+        CheckpointError,
+        match=r"\(expected\) vs checkpoint .* \(actual\): title_buckets: expected 4096, got 128",
+    ):
         load_checkpoint(path, expected_schema=other)
 
 
@@ -64,9 +68,9 @@ def test_checkpoint_from_before_the_user_context_network_still_loads(tmp_path):
     old_cfg = dataclasses.replace(CFG, ranker_user_hidden=())
     torch.manual_seed(0)
     path = save_checkpoint(TwoTower(SMALL, old_cfg), tmp_path, family="tiny", training={}, metrics={})
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / MANIFEST).read_text())
     del manifest["model_config"]["ranker_user_hidden"]
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / MANIFEST).write_text(json.dumps(manifest))
     ck = load_checkpoint(path, expected_schema=SMALL)
     assert isinstance(ck.model.scorer.w_user, torch.nn.Linear)
     u, i = torch.randn(3, 8), torch.randn(3, 8)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from core.build_dir import BuildDir
 from core.live_build import BuildRefused, BuildWatcher, load_build
 from core.registry import Registry
 from tests.unit.tiny_build import make_build, make_checkpoint
@@ -21,7 +22,7 @@ def test_query_tower_of_another_version_is_refused(tmp_path):
 
 
 def test_query_tower_of_another_version_is_served_only_if_the_pair_passed_a_skew_check(tmp_path):
-    from core import skew
+    from core import skew_gate as skew
 
     reg = tmp_path / "reg"
     ck_a, ck_b = make_checkpoint(tmp_path / "ck", seed=0), make_checkpoint(tmp_path / "ck", seed=1)
@@ -63,7 +64,7 @@ def test_watcher_swaps_on_publish_and_keeps_old_build_when_new_one_is_broken(tmp
     assert w.poll() == "unchanged"
 
     broken = make_build(reg_dir, "b2", ck, seed=1)
-    (broken / "index.faiss").write_bytes(b"not a faiss index")
+    BuildDir(broken).index_path.write_bytes(b"not a faiss index")
     reg.publish("b2", expected_seq=1)
     assert w.poll() == "refused" and w.live.build_id == "b1"
     assert w.last_refused[0] == "b2" and "cannot be loaded" in w.last_refused[1]

@@ -4,13 +4,14 @@ import threading
 
 import pytest
 
+from core.build_dir import BuildDir
 from core.registry import POINTER, PublishConflict, Registry, RegistryError
 
 
 def _build(reg: Registry, build_id: str) -> str:
-    d = reg.builds / build_id
-    d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"build_id": build_id}))
+    d = BuildDir(reg.builds / build_id)
+    d.root.mkdir(parents=True)
+    d.manifest_path.write_text(json.dumps({"build_id": build_id}))  # complete as far as the pointer cares
     return build_id
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from core.build_dir import BuildDir
 from core.live_build import load_build
 from core.sidecar import Sidecar, SidecarFull, SidecarLog, embed_items, merge_topk
 from tests.unit.tiny_build import make_build, make_checkpoint
@@ -95,7 +96,7 @@ def test_upsert_identical_to_the_base_entry_is_folded(env, tmp_path):
     reg, a, _ = env
     target = int(a.item_ids[3])
     vec = embed_items(a, [{**FRESH, "item_id": target}])[0]
-    table = np.load(reg / "builds/a/item_embeddings.npy", mmap_mode="r+")
+    table = np.load(BuildDir(reg / "builds/a").table_path("item_embeddings"), mmap_mode="r+")
     table[3] = vec  # as if the rebuild had embedded this very item
     table.flush()
     a2 = load_build(reg / "builds/a")

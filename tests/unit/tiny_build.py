@@ -1,16 +1,16 @@
-"""A small but real build directory (checkpoint copy, faiss index, id tables), written without Ray."""
+"""A small but real build directory (checkpoint copy, faiss index, id tables), written without Ray
+through the build directory's owner (core.build_dir), as the rebuild writes it."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core import index as ann
-from core.checkpoint import save_checkpoint
+from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
+from core.checkpoint import read_manifest, save_checkpoint
 from core.features import FeatureSchema
 from core.model import ModelConfig, TwoTower
 
@@ -23,42 +23,44 @@ def make_checkpoint(root: Path, seed: int = 0) -> Path:
     return save_checkpoint(TwoTower(SCHEMA, CFG), root, family="tiny", training={"seed": seed}, metrics={})
 
 
+def _unit_rows(rng, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def make_build(
     registry: Path, build_id: str, checkpoint: Path, n_items: int = 500, n_users: int = 200, seed: int = 0
 ) -> Path:
+    """A complete build of random unit vectors; `n_users=0` makes a build without user tables."""
     rng = np.random.default_rng(seed)
     d = CFG.embed_dim
     item_ids = np.sort(rng.choice(100_000, n_items, replace=False)).astype(np.int64)
     user_ids = np.sort(rng.choice(50_000, n_users, replace=False)).astype(np.int64)
-    xb = rng.standard_normal((n_items, d)).astype(np.float32)
-    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
-    xu = rng.standard_normal((n_users, d)).astype(np.float32)
-    xu /= np.linalg.norm(xu, axis=1, keepdims=True)
-    out = Path(registry) / "builds" / build_id
-    out.mkdir(parents=True)
+    xb, xu = _unit_rows(rng, n_items, d), _unit_rows(rng, n_users, d)
+    out = BuildDir(Path(registry) / "builds" / build_id)
+    out.root.mkdir(parents=True)
     spec = ann.choose_spec(n_items, d, "flat")
     idx, _ = ann.build(spec, xb, item_ids)
-    ann.save(idx, out / "index.faiss")
-    for name, arr in (
-        ("item_ids", item_ids),
-        ("item_embeddings", xb),
-        ("user_ids", user_ids),
-        ("user_embeddings", xu),
-    ):
-        np.save(out / f"{name}.npy", arr)
-    shutil.copytree(checkpoint, out / "checkpoint")
-    version = json.loads((checkpoint / "manifest.json").read_text())["version"]
-    manifest = {
-        "build_id": build_id,
-        "checkpoint": {"version": version},
-        "catalog": {"row_count": n_items},
-        "index": {
-            "type": spec.kind,
-            "factory": spec.factory,
-            "train_sample": 0,
-            "dim": d,
-            "search_params": {},
-        },
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    out.write_index(idx)
+    out.write_items(item_ids, xb)
+    if n_users:
+        out.write_users(user_ids, xu)
+    out.copy_checkpoint(checkpoint)
+    ck = read_manifest(checkpoint)
+    out.write_manifest(
+        BuildManifest(
+            build_id=build_id,
+            created_at=now_iso(),
+            checkpoint=CheckpointRef(ck["version"], ck["family"], ck["weights_sha256"], str(checkpoint), d),
+            catalog=DatasetRef("tiny-catalog", n_items),
+            users=DatasetRef("tiny-users", n_users) if n_users else None,
+            homogeneity={"checkpoint_versions": [ck["version"]], "item_rows": n_items, "user_rows": n_users},
+            index=IndexInfo(spec.kind, spec.factory, "inner_product", d, n_items, 0, {}),
+            quality={},
+            timings={},
+            skew_gate=None,
+            run={},
+            based_on_seq=0,
+        )
+    )
+    return out.root
