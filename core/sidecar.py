@@ -1,122 +1,92 @@
-"""Fresh-item sidecar: items created, changed or deleted since the live base build.
+"""Fresh-item sidecar, replica side: items created, changed or deleted since the live base build.
 
-Durable and shared: every upsert/delete is one JSON line appended (under flock, fsynced) to
-`REGISTRY/sidecar/log.jsonl`, with the item's raw features. Each replica tails the log and embeds
-upserts with its LIVE build's own item tower, so the served index plus sidecar is still one
-checkpoint version. At a swap the replica replays the log against the new build: every entry is
-re-embedded by the new checkpoint, and an upsert whose new vector equals the new base's vector for that
-id is folded (the base already serves it). Deleted ids never appear; an upsert shadows the base entry.
+Each replica tails the durable log (`core.sidecar_log`) and embeds upserts with its LIVE build's own
+item tower, so the served index plus sidecar is still one checkpoint version. Each entry is embedded
+once per build: new entries as they arrive, every entry again (once) when the replica moves to another
+build. An upsert whose vector equals the base's vector for that id is folded (the base already serves
+it). Deleted ids never appear; an upsert shadows the base entry. An entry this replica cannot apply is
+skipped and reported once through `on_bad_entry`; it never stops later entries or a build swap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
+from core.embed import item_vectors
 from core.features import encode_item_rows
-from core.fsutil import locked
 from core.live_build import LiveBuild
-from core.model import item_inputs_from_arrow
+from core.sidecar_log import Position, SidecarLog, entry_problem
+
+log = logging.getLogger(__name__)
 
 ITEM_FIELDS = ("item_id", "title", "genres", "year", "tags")
-
-
-class SidecarFull(RuntimeError):
-    pass
-
-
-class SidecarLog:
-    def __init__(self, registry: Path):
-        self.dir = Path(registry) / "sidecar"
-        self.path = self.dir / "log.jsonl"
-
-    def locked(self):
-        return locked(self.dir / ".lock")
-
-    def append(self, entries: list[dict]) -> int:
-        """Append entries durably (caller holds `locked()`); returns the log size after them."""
-        with open(self.path, "ab") as f:
-            if f.tell() and not self._ends_with_newline():
-                f.write(b"\n")  # a crashed writer left a partial line: never glue onto it
-            for e in entries:
-                f.write((json.dumps(e, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
-            return f.tell()
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-
-    def write(self, entries: list[dict], max_items: int) -> int:
-        """Append upserts/deletes unless that would take the sidecar past `max_items` upserted ids;
-        returns the log offset that includes them. Checked against the whole log under the lock, so
-        concurrent writers from any replica cannot overshoot the bound."""
-        with self.locked():
-            view: dict[int, bool] = {}
-            for e in self.read(0)[0]:
-                view[int(e["item_id"])] = e["op"] == "upsert"
-            live = {i for i, up in view.items() if up}
-            new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
-            if len(live) + len(new_ids) > max_items:
-                raise SidecarFull(
-                    f"sidecar is full: {len(live)} of {max_items} items, {len(new_ids)} new in this request; "
-                    "the next rebuild folds them into the base index"
-                )
-            stamp = time.time()
-            return self.append([{**e, "at": stamp} for e in entries])
-
-    def read(self, offset: int) -> tuple[list[dict], int]:
-        """Complete entries after byte `offset`, and the offset after the last complete line."""
-        if not self.path.exists():
-            return [], 0
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        entries = []
-        for line in data[:end].splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue  # the tail of a crashed write, superseded by the next line
-        return entries, offset + end
 
 
 @dataclasses.dataclass(frozen=True)
 class SidecarSnapshot:
     build_id: str
     checkpoint_version: str
-    ids: np.ndarray  # (M,) int64 upserted ids served from the sidecar
+    ids: np.ndarray  # (M,) int64 upserted ids served from the sidecar, sorted
     emb: np.ndarray  # (M, D) float32, embedded by the build's own item tower
     hidden: frozenset[int]  # ids whose BASE entry must not be returned (upserted or deleted)
     deleted: frozenset[int]
-    offset: int  # log bytes applied
+    position: Position  # how far this view has applied the log
     folded: int = 0  # upserts the base build already serves identically
+    skipped: int = 0  # entries this replica could not apply (malformed, or not embeddable)
 
+    @classmethod
+    def empty(cls, build: LiveBuild) -> SidecarSnapshot:
+        """No sidecar items, and no log applied yet (the follower replays it at its next tick)."""
+        z = np.zeros(0, np.int64)
+        return cls(build.build_id, build.checkpoint_version, z, np.zeros((0, build.dim), np.float32),
+                   frozenset(), frozenset(), Position())  # fmt: skip
 
-EMPTY_IDS = np.zeros(0, dtype=np.int64)
+    def serves(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of ids served from the sidecar."""
+        if not len(self.ids):
+            return np.zeros(len(ids), bool)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return self.ids[pos] == ids
 
 
 class Sidecar:
     """Replica-side state, owned by ONE thread (the follower); readers only see immutable snapshots."""
 
-    def __init__(self, log: SidecarLog):
+    def __init__(self, log: SidecarLog, on_bad_entry: Callable[[dict, str], None] | None = None):
         self.log = log
+        self._on_bad = on_bad_entry or (lambda entry, why: None)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next snapshot replays the whole log."""
         self.items: dict[int, dict] = {}  # upserted id -> raw features (latest)
         self.deleted: set[int] = set()
-        self.offset = 0
+        self.pos = Position()
+        self.skipped = 0
+        self._vecs: dict[int, np.ndarray] = {}  # id -> vector by `_vec_build`'s tower
+        self._vec_build: str | None = None
+
+    def _skip(self, entry: dict, why: str) -> None:
+        self.skipped += 1
+        log.warning("sidecar entry skipped (item_id %.40r): %s", entry.get("item_id"), why)
+        self._on_bad(entry, why)
 
     def _apply(self, entries: list[dict]) -> None:
         for e in entries:
+            problem = entry_problem(e)
+            if problem:
+                self._skip(e if isinstance(e, dict) else {}, problem)
+                continue
             i = int(e["item_id"])
+            self._vecs.pop(i, None)  # changed: embed again
             if e["op"] == "upsert":
                 self.items[i] = e["item"]
                 self.deleted.discard(i)
@@ -124,38 +94,54 @@ class Sidecar:
                 self.items.pop(i, None)
                 self.deleted.add(i)
 
+    def _embed_missing(self, build: LiveBuild) -> None:
+        todo = [i for i in sorted(self.items) if i not in self._vecs]
+        if not todo:
+            return
+        try:
+            vecs = embed_items(build, [self.items[i] | {"item_id": i} for i in todo])
+            self._vecs.update(zip(todo, vecs, strict=True))
+            return
+        except Exception:  # noqa: BLE001 - find the entries that fail and skip only those
+            log.warning("embedding %d sidecar items failed as a batch; retrying one by one", len(todo))
+        for i in todo:
+            try:
+                self._vecs[i] = embed_items(build, [self.items[i] | {"item_id": i}])[0]
+            except Exception as e:  # noqa: BLE001 - one item's features must not block the others
+                self._skip({"op": "upsert", "item_id": i}, f"cannot be embedded: {type(e).__name__}: {e}")
+                self.items.pop(i)
+
     def snapshot(self, build: LiveBuild, prev: SidecarSnapshot | None) -> SidecarSnapshot:
-        """Catch up with the log and return the view for `build`. A new build replays everything."""
-        if prev is None or prev.build_id != build.build_id:
-            self.items, self.deleted, self.offset = {}, set(), 0
-        entries, self.offset = self.log.read(self.offset)
-        self._apply(entries)
-        if prev is not None and prev.build_id == build.build_id and not entries:
-            return prev
+        """Catch up with the log and return the view for `build` (`prev` when nothing changed)."""
+        r = self.log.read(self.pos)
+        if r.restarted:  # compacted (or replaced): replay the new generation from its start
+            self.items, self.deleted, self._vecs = {}, set(), {}
+        self._apply(r.entries)
+        self.pos = r.position
+        if self._vec_build != build.build_id:
+            self._vecs, self._vec_build = {}, build.build_id  # another checkpoint: embed each entry again
+        elif prev is not None and prev.build_id == build.build_id and not r.entries and not r.restarted:
+            return dataclasses.replace(prev, position=self.pos) if prev.position != self.pos else prev
+        self._embed_missing(build)
         ids = np.array(sorted(self.items), dtype=np.int64)
-        emb = (
-            embed_items(build, [self.items[i] | {"item_id": i} for i in ids])
-            if len(ids)
-            else np.zeros((0, build.dim), np.float32)
-        )
+        emb = np.stack([self._vecs[i] for i in ids]) if len(ids) else np.zeros((0, build.dim), np.float32)
         keep = ~_same_as_base(build, ids, emb)  # folded: the base build serves exactly this vector
         return SidecarSnapshot(
             build_id=build.build_id,
             checkpoint_version=build.checkpoint_version,
             ids=ids[keep],
-            emb=emb[keep],
+            emb=np.ascontiguousarray(emb[keep], np.float32),
             hidden=frozenset(ids[keep].tolist()) | frozenset(self.deleted),
             deleted=frozenset(self.deleted),
-            offset=self.offset,
+            position=self.pos,
             folded=int((~keep).sum()),
+            skipped=self.skipped,
         )
 
 
-@torch.inference_mode()
 def embed_items(build: LiveBuild, rows: list[dict]) -> np.ndarray:
     """Raw item dicts -> (M, D) vectors by the build's OWN item tower (same features as the catalog)."""
-    table = encode_item_rows(rows, build.schema)
-    return build.item_tower(item_inputs_from_arrow(table, build.schema)).numpy()
+    return item_vectors(build.item_tower, encode_item_rows(rows, build.schema), build.schema)
 
 
 def _same_as_base(build: LiveBuild, ids: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -169,20 +155,28 @@ def _same_as_base(build: LiveBuild, ids: np.ndarray, emb: np.ndarray) -> np.ndar
     return same
 
 
+def catalog_rows(catalog_files: list[Path], ids: list[int]) -> dict[int, dict]:
+    """Raw features of these ids in a catalog dataset (item_id -> title/genres/year/tags); ids absent
+    from the catalog are absent from the result. Reads only the id column plus the matching rows."""
+    if not ids:
+        return {}
+    ds = pads.dataset([str(f) for f in catalog_files], format="parquet")
+    t = ds.to_table(columns=list(ITEM_FIELDS), filter=pc.field("item_id").isin(pa.array(ids, pa.int64())))
+    return {int(r["item_id"]): r for r in t.to_pylist()}
+
+
 def merge_topk(
-    build: LiveBuild, snap: SidecarSnapshot, user_row: int, k: int
+    snap: SidecarSnapshot, base_ids: np.ndarray, base_scores: np.ndarray, query: np.ndarray, k: int
 ) -> tuple[list[int], list[float], list[str]]:
-    """Top-k over base + sidecar for one user: sidecar entries shadow base ones, deleted ids vanish."""
-    k_base = min(build.index.ntotal, k + len(snap.hidden))
-    ids, scores = build.retrieve(np.array([user_row]), k_base)
+    """Top-k over base results + sidecar for one query vector: sidecar entries shadow base ones,
+    deleted ids vanish. `base_ids`/`base_scores`: the base index's top (k + len(snap.hidden)), -1 padded."""
     cand = [
         (float(s), int(i), "base")
-        for i, s in zip(ids[0], scores[0], strict=True)
+        for i, s in zip(base_ids, base_scores, strict=True)
         if i >= 0 and int(i) not in snap.hidden
     ]
     if len(snap.ids):
-        u = np.asarray(build.user_emb[user_row], dtype=np.float32)
-        cand += [(float(s), int(i), "sidecar") for i, s in zip(snap.ids, snap.emb @ u, strict=True)]
+        cand += [(float(s), int(i), "sidecar") for i, s in zip(snap.ids, snap.emb @ query, strict=True)]
     cand.sort(key=lambda t: -t[0])
     top = cand[:k]
     return [t[1] for t in top], [t[0] for t in top], [t[2] for t in top]

@@ -1,34 +1,49 @@
-"""The skewless Serve application: POST /score, POST /retrieve, GET /healthz, GET /version.
+"""The skewless Serve application.
+
+    POST   /score        scores of candidates for one user (by id or recent history), or of (user, item) rows
+    POST   /retrieve     top-k items for one user (by id or recent history): base index + fresh-item sidecar
+    GET    /healthz      200 once this replica serves a build, else 503
+    GET    /version      the build this replica serves, its age, its sidecar, the last refused build
+    GET    /stats        this replica's scoring counters
+    GET    /items/{id}   where an item is served from and which checkpoint version embedded it
+    POST   /items        upsert fresh items into the sidecar     (Authorization: Bearer <admin token>)
+    DELETE /items/{id}   hide an item                            (Authorization: Bearer <admin token>)
 
     serve run serve_app.app:build_app registry=/abs/path/registry
     serve deploy serve_app/config.yaml        # or: serve run serve_app/config.yaml
 
-Each replica follows the registry's CURRENT pointer in a background thread, loads a new build
-(index + towers + tables of ONE checkpoint), validates it and swaps one reference; every batch keeps
-the build it started with. The /score route validates the body and awaits a `@serve.batch` method
-with plain data; inside a batch each unique user is looked up once and broadcast to its rows.
+Each replica follows the registry's CURRENT pointer and the sidecar log in a background thread
+(`core.serving_state.ReplicaState`), and publishes ONE state reference (build + its sidecar view);
+every request reads it once and is served by that build from start to end. The routes validate the
+body and await `@serve.batch` methods with plain data; inside a scoring batch each unique user is
+looked up (or embedded from its history) once and broadcast to its rows.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real body types through
 # Serve's class-based ingress, or it treats `body` as a query parameter.
 import asyncio
 import collections
+import json
 import logging
 import threading
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header, HTTPException
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
-from core.live_build import BuildWatcher, LiveBuild
-from core.sidecar import Sidecar, SidecarFull, SidecarLog, SidecarSnapshot, merge_topk
+from core.serving_state import ReplicaState, RetrieveQuery, ServingState, retrieve
+from core.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
+from serve_app.auth import AdminAuth
 from serve_app.metrics import ReplicaMetrics
 from serve_app.schemas import (
     DEPLOYMENT_LIMITS,
@@ -42,6 +57,28 @@ from serve_app.schemas import (
 
 log = logging.getLogger("skewless.serve")
 api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
+ItemId = Annotated[int, PathParam(ge=INT64_MIN, le=INT64_MAX)]
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(_request, exc: RequestValidationError) -> Response:
+    """422 naming each invalid field. The offending input is NOT echoed: it may be NaN/Infinity or text
+    with lone surrogates, which FastAPI's default handler cannot encode (it answered 500)."""
+    detail = [
+        {"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")),
+         "type": str(e.get("type"))}
+        for e in exc.errors()
+    ]  # fmt: skip
+    return Response(json.dumps({"detail": detail}, ensure_ascii=True), 422, media_type="application/json")
+
+
+def _by_state(items: list[tuple]) -> list[tuple[ServingState, list[int]]]:
+    """Group a batch's (state, request) pairs by the state each request pinned (one group, except
+    across a swap): each group is served by its own build."""
+    groups: dict[int, tuple[ServingState, list[int]]] = {}
+    for k, (state, _) in enumerate(items):
+        groups.setdefault(id(state), (state, []))[1].append(k)
+    return list(groups.values())
 
 
 @serve.deployment(name="Recommender", **DEPLOYMENT_LIMITS)
@@ -57,19 +94,25 @@ class Recommender:
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_tag
         self.metrics = ReplicaMetrics(ctx.app_name, self.replica)
+        self.auth = AdminAuth(self.args.admin_token_file)
+        log.info(
+            "replica %s: sidecar writes %s",
+            self.replica,
+            "need the admin token" if self.auth.enabled else "are off",
+        )
         self._user_buf: np.ndarray | None = None
         self.totals: collections.Counter = collections.Counter()  # this replica's counters, for GET /stats
-        self._score_batch.set_max_batch_size(self.args.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        for batched in (self._score_batch, self._retrieve_batch):
+            batched.set_max_batch_size(self.args.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         query = Path(self.args.query_checkpoint) if self.args.query_checkpoint else None
-        self.watcher = BuildWatcher(
-            Path(self.args.registry), query_checkpoint=query, on_event=self._on_build_event
+        self.rs = ReplicaState(
+            Path(self.args.registry),
+            query_checkpoint=query,
+            on_build_event=self._on_build_event,
+            on_bad_entry=lambda entry, why: self.metrics.sidecar_skipped.inc(1, self.metrics._t()),
         )
-        self.sidecar_log = SidecarLog(Path(self.args.registry))
-        self._sidecar = Sidecar(self.sidecar_log)
-        # (live build, its sidecar view): replaced as ONE reference, so retrieval never mixes a build
-        # with sidecar vectors embedded by another checkpoint.
-        self.state: tuple[LiveBuild, SidecarSnapshot] | None = None
+        self.sidecar_log = self.rs.sidecar.log
         self._stop, self._wake = threading.Event(), threading.Event()
         self._tick()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
@@ -84,54 +127,64 @@ class Recommender:
                 log.exception("registry/sidecar poll failed; will retry")
 
     def _tick(self) -> None:
-        """Runs on the follower thread only: follow CURRENT, then the sidecar log."""
-        self.watcher.poll()
-        live = self.watcher.live
-        if live is None:
-            return
-        prev = self.state[1] if self.state else None
-        snap = self._sidecar.snapshot(live, prev)
-        if self.state is None or snap is not prev or self.state[0] is not live:
-            self.state = (live, snap)
-            self.metrics.sidecar_items.set(len(snap.ids), self.metrics._t())
+        state = self.rs.tick()
+        self.metrics.state(state, self.rs.age_s())  # re-set each tick: Ray drops gauges left unset
 
-    def _on_build_event(
-        self, outcome: str, old: LiveBuild | None, new: LiveBuild | None, detail: str
-    ) -> None:
+    def _on_build_event(self, outcome: str, old, new, detail: str) -> None:
         self.metrics.swap(outcome, old, new)
         if outcome == "refused":
             log.error("replica %s keeps serving %s; refused %s", self.replica, old and old.build_id, detail)
 
-    def _live(self) -> LiveBuild:
-        live = self.watcher.live
-        if live is None:
+    def _state(self) -> ServingState:
+        """The one state reference a request uses from start to end."""
+        state = self.rs.current
+        if state is None:
             raise HTTPException(
                 503, f"no build is live in registry {self.args.registry}", headers={"Retry-After": "1"}
             )
-        return live
+        return state
+
+    def _history(self, state: ServingState, history: list[int]) -> tuple[np.ndarray, int]:
+        """The history's ids the build knows, and how many were dropped; 422 if none is known."""
+        ids = np.asarray(history, dtype=np.int64)
+        known = state.history_known(ids)
+        if not known.any():
+            self.metrics.error(422)
+            raise HTTPException(
+                422, f"none of the {len(ids)} history item ids is in build {state.build.build_id}"
+            )
+        return ids[known], int((~known).sum())
 
     # ---- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self):
-        live = self.watcher.live
-        if live is None:
+        state = self.rs.current
+        if state is None:
             return JSONResponse(
                 {"status": "no build loaded", "registry": self.args.registry}, status_code=503
             )
-        return {"status": "ok", "build_id": live.build_id}
+        return {"status": "ok", "build_id": state.build.build_id}
 
     @api.get("/version")
     def version(self):
-        live = self._live()
+        state = self._state()
+        b, snap = state.build, state.sidecar
+        refused = self.rs.watcher.last_refused
         return {
-            "build_id": live.build_id,
-            "checkpoint_version": live.checkpoint_version,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live.loaded_at)),
+            "build_id": b.build_id,
+            "checkpoint_version": b.checkpoint_version,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.loaded_at)),
+            "build_created_at": b.manifest.created_at,
+            "build_age_s": round(max(0.0, time.time() - b.manifest.created_at_epoch()), 1),
+            "has_user_table": b.manifest.has_users,
+            "skew_check_passed": state.skew_check_passed,
             "replica": self.replica,
-            "sidecar_items": 0 if self.state is None else len(self.state[1].ids),
+            "sidecar_items": len(snap.ids),
+            "sidecar_skipped_entries": snap.skipped,
+            "sidecar_writes": "token" if self.auth.enabled else "off",
             "last_refused": None
-            if self.watcher.last_refused is None
-            else dict(zip(("build_id", "reason"), self.watcher.last_refused, strict=True)),
+            if refused is None
+            else dict(zip(("build_id", "reason"), refused, strict=True)),
         }
 
     @api.get("/stats")
@@ -144,143 +197,193 @@ class Recommender:
             **self.totals,
         }
 
-    @api.post("/score", response_model=ScoreResponse)
+    @api.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
     async def score(self, body: ScoreBody):
+        state = self._state()
         n = body.n_rows()
         if n > self.args.max_candidates:
             self.metrics.error(413)
             raise HTTPException(413, f"{n} rows exceed the limit of {self.args.max_candidates} per request")
+        dropped = None
         if body.rows is not None:
             arr = np.asarray(body.rows, dtype=np.int64)  # (R, 2)
             req = ScoreRequest(arr[:, 0].copy(), arr[:, 1].copy())
         else:
-            req = ScoreRequest(
-                np.full(n, body.user_id, dtype=np.int64), np.asarray(body.item_ids, dtype=np.int64)
-            )
-        result, live = await self._score_batch(req)
+            history = None
+            if body.history is not None:
+                history, dropped = self._history(state, body.history)
+            uid = 0 if body.user_id is None else body.user_id
+            req = ScoreRequest(np.full(n, uid, np.int64), np.asarray(body.item_ids, np.int64), history)
+        result, state = await self._score_batch((state, req))
         if result.error is not None:
             self.metrics.error(result.status)
             headers = {"Retry-After": "1"} if result.status in (429, 503) else None
             raise HTTPException(result.status, result.error, headers=headers)
-        return ScoreResponse(
-            scores=result.scores.tolist(), build_id=live.build_id, checkpoint_version=live.checkpoint_version
-        )
+        b = state.build
+        return ScoreResponse(scores=result.scores.tolist(), build_id=b.build_id,
+                             checkpoint_version=b.checkpoint_version, history_items_dropped=dropped)  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _score_batch(self, requests: list[ScoreRequest]) -> list[tuple[ScoreResult, LiveBuild | None]]:
-        live = self.watcher.live  # the whole batch is scored by this one build
-        if live is None:
-            err = ScoreResult(status=503, error=f"no build is live in registry {self.args.registry}")
-            return [(err, None)] * len(requests)
+    async def _score_batch(
+        self, items: list[tuple[ServingState, ScoreRequest]]
+    ) -> list[tuple[ScoreResult, ServingState]]:
+        out: list = [None] * len(items)
+        for state, ks in _by_state(items):
+            results = await self._score_group(state, [items[k][1] for k in ks])
+            for k, r in zip(ks, results, strict=True):
+                out[k] = (r, state)
+        return out
+
+    async def _score_group(self, state: ServingState, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        live = state.build
         t0 = time.perf_counter()
         try:
             results, stats = await asyncio.to_thread(
-                score_batch, live, requests, self.bcfg, self._buffer(live)
+                score_batch, live, requests, self.bcfg, self._buffer(live.dim)
             )
         except Exception:
             # Never let one request's failure fail its neighbours: isolate by scoring one at a time.
             log.exception("batch scoring failed; retrying requests one by one")
-            results = [await asyncio.to_thread(self._score_one, live, r) for r in requests]
-            return [(r, live) for r in results]
+            return [await asyncio.to_thread(self._score_one, live, r) for r in requests]
         score_ms = (time.perf_counter() - t0) * 1000
         self.metrics.batch(stats, score_ms)
         self.totals.update(
-            batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups
-        )
+            batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups,
+            history_users=stats.history_users,
+        )  # fmt: skip
         # summed wall time of batch scoring (lookups + towers + scorer): benchmarks/serve_load.py sets it
         # against the request latency and the replica's CPU time to show where a request's time goes
         self.totals["score_ms"] = round(self.totals["score_ms"] + score_ms, 3)
         self.totals.update({f"cap_{policy}": n for policy, n in stats.cap_events.items()})
-        return [(r, live) for r in results]
+        return results
 
-    def _score_one(self, live: LiveBuild, req: ScoreRequest) -> ScoreResult:
+    def _score_one(self, live, req: ScoreRequest) -> ScoreResult:
         try:
             return score_batch(live, [req], self.bcfg, None)[0][0]
         except Exception as e:  # noqa: BLE001 - reported to this request only
-            return ScoreResult(status=500, error=f"scoring failed: {type(e).__name__}: {e}")
+            log.exception("scoring one request failed")
+            return ScoreResult(status=500, error=f"scoring failed: {type(e).__name__}")
 
-    def _buffer(self, live: LiveBuild) -> np.ndarray:
+    def _buffer(self, dim: int) -> np.ndarray:
         """(cap, D) user-embedding buffer, allocated once and reused (bounded by the unique-user cap)."""
-        if self._user_buf is None or self._user_buf.shape[1] != live.dim:
-            self._user_buf = np.empty((self.bcfg.max_unique_users, live.dim), dtype=np.float32)
+        if self._user_buf is None or self._user_buf.shape[1] != dim:
+            self._user_buf = np.empty((self.bcfg.max_unique_users, dim), dtype=np.float32)
         return self._user_buf
 
-    def _serving_state(self) -> tuple[LiveBuild, SidecarSnapshot]:
-        if self.state is None:
-            raise HTTPException(
-                503, f"no build is live in registry {self.args.registry}", headers={"Retry-After": "1"}
-            )
-        return self.state
-
-    @api.post("/retrieve", response_model=RetrieveResponse)
+    @api.post("/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
     async def retrieve(self, body: RetrieveBody):
         if body.k > self.args.max_k:
             raise HTTPException(422, f"k={body.k} exceeds the limit of {self.args.max_k}")
-        live, snap = self._serving_state()
-        rows, unknown = live.user_rows(np.array([body.user_id], dtype=np.int64))
-        if unknown[0]:
-            self.metrics.error(404)
-            raise HTTPException(404, f"unknown user_id {body.user_id} in build {live.build_id}")
-        ids, scores, sources = await asyncio.to_thread(merge_topk, live, snap, int(rows[0]), body.k)
+        state = self._state()
+        b, dropped = state.build, None
+        if body.history is not None:
+            history, dropped = self._history(state, body.history)
+            query = RetrieveQuery(body.k, user_id=body.user_id or 0, history=history)
+        else:
+            rows, unknown = b.user_rows(np.array([body.user_id], dtype=np.int64))
+            if unknown[0]:
+                self.metrics.error(404)
+                raise HTTPException(
+                    404,
+                    f"unknown user_id {body.user_id} in build {b.build_id}: send the user's recent history to serve it",
+                )
+            query = RetrieveQuery(body.k, user_row=int(rows[0]))
+        res = await self._retrieve_batch((state, query))
+        if isinstance(res, Exception):
+            self.metrics.error(500)
+            raise HTTPException(500, f"retrieval failed: {type(res).__name__}")
         return RetrieveResponse(
-            item_ids=ids,
-            scores=scores,
-            sources=sources,
-            build_id=live.build_id,
-            checkpoint_version=live.checkpoint_version,
-        )
+            item_ids=res.item_ids, scores=res.scores, sources=res.sources, build_id=b.build_id,
+            checkpoint_version=b.checkpoint_version, user_source="table" if body.history is None else "history",
+            history_items_dropped=dropped,
+        )  # fmt: skip
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _retrieve_batch(self, items: list[tuple[ServingState, RetrieveQuery]]) -> list:
+        out: list = [None] * len(items)
+        for state, ks in _by_state(items):
+            queries = [items[k][1] for k in ks]
+            try:
+                results, embedded = await asyncio.to_thread(retrieve, state, queries)
+            except Exception:  # isolate: one query's failure must not fail its neighbours
+                log.exception("batch retrieval failed; retrying queries one by one")
+                results, embedded = [await self._retrieve_one(state, q) for q in queries], 0
+            self.totals.update(retrieve_batches=1, retrieved=len(queries), history_users=embedded)
+            for k, r in zip(ks, results, strict=True):
+                out[k] = r
+        return out
+
+    async def _retrieve_one(self, state: ServingState, query: RetrieveQuery):
+        try:
+            return (await asyncio.to_thread(retrieve, state, [query]))[0][0]
+        except Exception as e:  # noqa: BLE001 - reported to this request only
+            log.exception("retrieving one query failed")
+            return e
 
     # ---- fresh-item sidecar ----------------------------------------------------------------------
-    async def _until_applied(self, offset: int, timeout_s: float = 5.0) -> None:
-        """Read-your-writes: wake the follower and wait until this replica's view includes `offset`."""
+    async def _until_applied(self, pos: Position, timeout_s: float = 5.0) -> bool:
+        """Read-your-writes: wake the follower and wait until this replica's view includes `pos`."""
         self._wake.set()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.state is not None and self.state[1].offset >= offset:
-                return
+            state = self.rs.current
+            if state is not None and state.sidecar.position.covers(pos):
+                return True
             await asyncio.sleep(0.01)
+        return False
 
-    async def _write_sidecar(self, entries: list[dict], op: str) -> None:
+    async def _write_sidecar(self, entries: list[dict], op: str) -> tuple[Position, bool]:
         try:
-            offset = await asyncio.to_thread(self.sidecar_log.write, entries, self.args.max_sidecar_items)
+            pos = await asyncio.to_thread(self.sidecar_log.write, entries, self.args.max_sidecar_items)
         except SidecarFull as e:
             self.metrics.error(507)
             raise HTTPException(507, str(e)) from None
         self.metrics.sidecar_ops.inc(len(entries), self.metrics._t(op=op))
-        await self._until_applied(offset)
+        return pos, await self._until_applied(pos)
+
+    def _written(self, payload: dict, pos: Position, applied: bool) -> JSONResponse:
+        """200 once this replica serves the write; 202 when it is durable but not applied in time."""
+        state = self._state()
+        payload = {**payload, "sidecar_items": len(state.sidecar.ids), "build_id": state.build.build_id,
+                   "log_position": {"generation": pos.generation, "offset": pos.offset}, "applied": applied}  # fmt: skip
+        if not applied:
+            payload["detail"] = "written to the durable log; this replica had not applied it within 5 s"
+        return JSONResponse(payload, status_code=200 if applied else 202)
 
     @api.post("/items")
-    async def upsert_items(self, body: ItemsBody):
-        live, _ = self._serving_state()
+    async def upsert_items(self, body: ItemsBody, authorization: Annotated[str | None, Header()] = None):
+        self.auth.check(authorization)
+        state = self._state()
         entries = [
             {"op": "upsert", "item_id": it.item_id, "item": it.model_dump(exclude={"item_id"})}
             for it in body.items
         ]
-        await self._write_sidecar(entries, "upsert")
-        live, snap = self._serving_state()
-        return {
+        pos, applied = await self._write_sidecar(entries, "upsert")
+        payload = {
             "upserted": [it.item_id for it in body.items],
-            "sidecar_items": len(snap.ids),
-            "build_id": live.build_id,
-            "checkpoint_version": live.checkpoint_version,
+            "checkpoint_version": state.build.checkpoint_version,
         }
+        return self._written(payload, pos, applied)
 
     @api.delete("/items/{item_id}")
-    async def delete_item(self, item_id: int):
-        await self._write_sidecar([{"op": "delete", "item_id": item_id}], "delete")
-        live, snap = self._serving_state()
-        return {"deleted": item_id, "sidecar_items": len(snap.ids), "build_id": live.build_id}
+    async def delete_item(self, item_id: ItemId, authorization: Annotated[str | None, Header()] = None):
+        self.auth.check(authorization)
+        self._state()
+        pos, applied = await self._write_sidecar([{"op": "delete", "item_id": item_id}], "delete")
+        return self._written({"deleted": item_id}, pos, applied)
 
     @api.get("/items/{item_id}")
-    def get_item(self, item_id: int):
+    def get_item(self, item_id: ItemId):
         """Where an item is served from and which checkpoint version embedded it."""
-        live, snap = self._serving_state()
+        state = self._state()
+        live, snap = state.build, state.sidecar
         base = {"item_id": item_id, "build_id": live.build_id, "embedded_by": live.checkpoint_version}
+        ids = np.array([item_id], dtype=np.int64)
         if item_id in snap.deleted:
             raise HTTPException(404, f"item {item_id} was deleted")
-        if item_id in set(snap.ids.tolist()):
+        if snap.serves(ids)[0]:
             return {**base, "source": "sidecar"}
-        if not live.item_rows(np.array([item_id], dtype=np.int64))[1][0]:
+        if not live.item_rows(ids)[1][0]:
             return {**base, "source": "base"}
         raise HTTPException(404, f"unknown item_id {item_id} in build {live.build_id} and the sidecar")
 
@@ -293,8 +396,8 @@ def build_app(args: dict) -> Application:
     """Application builder: `serve run serve_app.app:build_app registry=... broadcast=false`."""
     a = AppArgs(**args)
     a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
-    # A replica must accept a whole batch at once (PITFALLS: max_ongoing_requests caps the batch); the
-    # Serve config's `deployments` section can still override this.
+    # A replica must accept a whole batch at once (max_ongoing_requests caps the batch); the Serve
+    # config's `deployments` section can still override this.
     return Recommender.options(
         max_ongoing_requests=max(64, 2 * a.max_batch_size), max_queued_requests=a.max_queued_requests
     ).bind(a.model_dump())

@@ -1,7 +1,9 @@
 """Custom Prometheus metrics of a replica (never labelled by user or item id).
 
 Exported through Ray's metrics endpoint (prefixed `ray_`, counters suffixed `_total`) next to Serve's
-built-in `ray_serve_batch_*` metrics.
+built-in `ray_serve_batch_*` metrics. Ray stops exporting a gauge series that has not been set for a
+while, so the state gauges (live build, its age, sidecar size, skew check) are set again at every tick
+of the replica's follower (`state`), not only when they change.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ class ReplicaMetrics:
             "1 if the live checkpoint version has a passed skew check",
             tag_keys=(*tags, "family", "checkpoint_version"),
         )
+        self.build_age_s = metrics.Gauge(
+            "skewless_live_build_age_seconds",
+            "Seconds since the live build's manifest was written (a stalled rebuild cadence shows here)",
+            tag_keys=(*tags, "build_id"),
+        )
+        self.sidecar_skipped = metrics.Counter(
+            "skewless_sidecar_entries_skipped",
+            "Sidecar log entries this replica could not apply (malformed or not embeddable)",
+            tag_keys=tags,
+        )
+        self.history_users = metrics.Counter(
+            "skewless_history_users", "Unique users embedded from their history, per batch", tag_keys=tags
+        )
         self.latency_ms = metrics.Histogram(
             "skewless_score_latency_ms", "Scoring batch compute time", boundaries=_MS, tag_keys=tags
         )
@@ -75,6 +90,8 @@ class ReplicaMetrics:
             self.unique_users.inc(stats.unique_users, self._t())
         if stats.user_lookups:
             self.user_lookups.inc(stats.user_lookups, self._t())
+        if stats.history_users:
+            self.history_users.inc(stats.history_users, self._t())
         self.batch_rows.observe(stats.rows, self._t())
         self.batch_unique.observe(stats.unique_users, self._t())
         for policy, n in stats.cap_events.items():
@@ -86,9 +103,19 @@ class ReplicaMetrics:
 
     def swap(self, outcome: str, old, new) -> None:
         self.swaps.inc(1, self._t(outcome=outcome))
-        if outcome == "swapped":
-            if old is not None:
-                self.live_build.set(
-                    0, self._t(build_id=old.build_id, checkpoint_version=old.checkpoint_version)
-                )
-            self.live_build.set(1, self._t(build_id=new.build_id, checkpoint_version=new.checkpoint_version))
+        if outcome == "swapped" and old is not None:
+            self.live_build.set(0, self._t(build_id=old.build_id, checkpoint_version=old.checkpoint_version))
+
+    def state(self, serving, age_s: float | None) -> None:
+        """Set every state gauge from the replica's current ServingState (called at each tick)."""
+        if serving is None:
+            return
+        b = serving.build
+        self.live_build.set(1, self._t(build_id=b.build_id, checkpoint_version=b.checkpoint_version))
+        self.sidecar_items.set(len(serving.sidecar.ids), self._t())
+        family = b.manifest.checkpoint.family
+        self.skew_passed.set(
+            int(serving.skew_check_passed), self._t(family=family, checkpoint_version=b.checkpoint_version)
+        )
+        if age_s is not None:
+            self.build_age_s.set(round(age_s, 1), self._t(build_id=b.build_id))

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray.serve.config import BackpressureConfig
+
+from core.sidecar_log import (
+    GENRES_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    TAGS_MAX,
+    TITLE_MAX,
+    YEAR_MAX,
+    YEAR_MIN,
+)
+
+# Ids are int64 end to end (numpy tables, faiss ids): a larger JSON integer is a 422 here, not an
+# overflow deep in a batch where it would fail the batch's other requests.
+Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
+MAX_HISTORY = 1000  # items per history; the user tower keeps the schema's most recent history_len
+
+
+def _utf8(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid UTF-8 text ({e.reason} at position {e.start})") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 # The deployment's request limits; benchmarks/noop_app.py deploys its baseline with these
 # same ones (kept here, not in app.py, so the baseline does not import torch).
@@ -37,29 +63,46 @@ class AppArgs(BaseModel):
     cap_policy: Literal["split", "reject", "fallback"] = "split"
     max_candidates: int = Field(2000, ge=1)
     max_k: int = Field(1000, ge=1)
-    poll_interval_s: float = Field(0.25, gt=0)  # registry + sidecar log: fresh items show up within this
+    poll_interval_s: float = Field(1.0, gt=0)  # registry + sidecar log: fresh items show up within this
     max_sidecar_items: int = Field(10_000, ge=1)
+    # Sidecar writes (POST /items, DELETE /items/{id}) need `Authorization: Bearer <token>`. The token is
+    # read from this file, else from the environment variable SKEWLESS_ADMIN_TOKEN; with neither, sidecar
+    # writes are off (403). Reading routes stay open.
+    admin_token_file: str | None = None
     torch_threads: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
 
 
+History = Annotated[
+    list[Int64],
+    Field(
+        min_length=1,
+        max_length=MAX_HISTORY,
+        description="the user's recent item ids, most recent last: the build's own user tower embeds the "
+        "user from them (for users not in the build's user table, or instead of it)",
+    ),
+]
+
+
 class ScoreBody(BaseModel):
-    """Either one user with candidates, or explicit (user_id, item_id) rows."""
+    """One user (by id, or by recent history) with candidates, or explicit (user_id, item_id) rows."""
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: StrictInt | None = None
-    item_ids: list[StrictInt] | None = Field(None, min_length=1)
-    rows: list[tuple[StrictInt, StrictInt]] | None = Field(None, min_length=1)
+    user_id: Int64 | None = None
+    history: History | None = None
+    item_ids: list[Int64] | None = Field(None, min_length=1)
+    rows: list[tuple[Int64, Int64]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreBody:
-        single = self.user_id is not None or self.item_ids is not None
+        single = self.user_id is not None or self.item_ids is not None or self.history is not None
         if single and self.rows is not None:
-            raise ValueError("send either {user_id, item_ids} or {rows}, not both")
-        if self.rows is None and (self.user_id is None or self.item_ids is None):
+            raise ValueError("send either {user_id and/or history, item_ids} or {rows}, not both")
+        if self.rows is None and (self.item_ids is None or (self.user_id is None and self.history is None)):
             raise ValueError(
-                "expected {user_id: int, item_ids: [int, ...]} or {rows: [[user_id, item_id], ...]}"
+                "expected {user_id: int, item_ids: [int, ...]}, {history: [int, ...], item_ids: [int, ...]} "
+                "or {rows: [[user_id, item_id], ...]}"
             )
         return self
 
@@ -71,13 +114,23 @@ class ScoreResponse(BaseModel):
     scores: list[float]
     build_id: str
     checkpoint_version: str
+    history_items_dropped: int | None = None  # history given: ids unknown to the build, left out
 
 
 class RetrieveBody(BaseModel):
+    """A user by id (in the build's user table), or by recent history (any user)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    user_id: StrictInt
-    k: StrictInt = Field(10, ge=1)
+    user_id: Int64 | None = None
+    history: History | None = None
+    k: StrictInt = Field(10, ge=1, le=INT64_MAX)
+
+    @model_validator(mode="after")
+    def _a_user(self) -> RetrieveBody:
+        if self.user_id is None and self.history is None:
+            raise ValueError("expected user_id and/or history")
+        return self
 
 
 class RetrieveResponse(BaseModel):
@@ -86,6 +139,8 @@ class RetrieveResponse(BaseModel):
     sources: list[str]  # "base" or "sidecar" per item
     build_id: str
     checkpoint_version: str
+    user_source: Literal["table", "history"]
+    history_items_dropped: int | None = None
 
 
 class ItemIn(BaseModel):
@@ -93,11 +148,11 @@ class ItemIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: StrictInt
-    title: str = Field(min_length=1, max_length=500)
-    genres: str = Field("", max_length=500, description="pipe-separated, e.g. 'Comedy|Drama'")
-    year: StrictInt | None = None
-    tags: str = Field("", max_length=2000)
+    item_id: Int64
+    title: Text = Field(min_length=1, max_length=TITLE_MAX)
+    genres: Text = Field("", max_length=GENRES_MAX, description="pipe-separated, e.g. 'Comedy|Drama'")
+    year: Annotated[int, Field(strict=True, ge=YEAR_MIN, le=YEAR_MAX)] | None = None
+    tags: Text = Field("", max_length=TAGS_MAX)
 
 
 class ItemsBody(BaseModel):

@@ -3,7 +3,9 @@ import pytest
 
 from core.build_dir import BuildDir
 from core.live_build import load_build
-from core.sidecar import Sidecar, SidecarFull, SidecarLog, embed_items, merge_topk
+from core.serving_state import RetrieveQuery, ServingState, retrieve
+from core.sidecar import Sidecar, embed_items
+from core.sidecar_log import SidecarFull, SidecarLog
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 FRESH = {"title": "A brand new space opera", "genres": "Sci-Fi|Adventure", "year": 2026, "tags": "space"}
@@ -20,6 +22,12 @@ def env(tmp_path):
 
 def _upsert(i, **kw):
     return {"op": "upsert", "item_id": i, "item": {**FRESH, **kw}}
+
+
+def merge_topk(build, snap, user_row, k):
+    """Retrieval for one table user over base + sidecar, as a replica serves it."""
+    res, _ = retrieve(ServingState(build, snap), [RetrieveQuery(k, user_row=user_row)])
+    return res[0].item_ids, res[0].scores, res[0].sources
 
 
 def test_upsert_is_embedded_by_the_live_builds_own_tower_and_merged(env):
@@ -76,7 +84,9 @@ def test_size_bound_answers_a_clear_error(env):
     log = SidecarLog(reg)
     log.write([_upsert(1), _upsert(2)], max_items=2)
     log.write([_upsert(2, title="changed")], max_items=2)  # an update of a known id does not grow it
-    with pytest.raises(SidecarFull, match="sidecar is full: 2 of 2 items, 1 new"):
+    with pytest.raises(
+        SidecarFull, match="sidecar is full: 2 of 2 items not yet served by the base build, 1 new"
+    ):
         log.write([_upsert(3)], max_items=2)
     log.write([{"op": "delete", "item_id": 1}], max_items=2)
     log.write([_upsert(3)], max_items=2)

@@ -1,0 +1,150 @@
+"""A replica's serving state as a plain class: follow the registry, swap builds, tail the sidecar.
+
+`ReplicaState.tick()` runs on one thread (the replica's follower). It moves to a new live build when
+CURRENT moves (validated by `BuildWatcher`), then catches the sidecar up for that build, and publishes
+both as ONE immutable `ServingState` reference. Every request reads `current` once and uses that
+reference from start to end, so a request never mixes a build with another build's sidecar vectors or
+query tower. A sidecar failure never holds back a build swap: the new build goes live with the sidecar
+view it could build (empty at worst) and the sidecar is replayed at the next tick.
+
+No Ray here: unit tests drive `tick()` directly; serve_app/ wires it to a thread and to metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from core import skew_gate
+from core.live_build import BuildWatcher, LiveBuild
+from core.sidecar import Sidecar, SidecarSnapshot, merge_topk
+from core.sidecar_log import SidecarLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingState:
+    build: LiveBuild
+    sidecar: SidecarSnapshot
+    skew_check_passed: bool = False  # the live checkpoint version has a passed skew check on record
+
+    def history_known(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of history ids the build's user tower knows: items of the base catalog it was trained
+        and built on, not deleted since. Fresh sidecar ids are unknown to the tower (they would only
+        hash onto other items' rows), so a history drops them."""
+        _, missing = self.build.item_rows(ids)
+        known = ~missing
+        if self.sidecar.deleted:
+            known &= ~np.isin(ids, np.fromiter(self.sidecar.deleted, np.int64, len(self.sidecar.deleted)))
+        return known
+
+
+class ReplicaState:
+    def __init__(
+        self,
+        registry: Path,
+        query_checkpoint: Path | None = None,
+        on_build_event: Callable | None = None,
+        on_bad_entry: Callable[[dict, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.registry = Path(registry)
+        self.watcher = BuildWatcher(self.registry, query_checkpoint, on_event=on_build_event)
+        self.sidecar = Sidecar(SidecarLog(self.registry), on_bad_entry=on_bad_entry)
+        self.sidecar_errors = 0
+        self.current: ServingState | None = None
+        self._clock = clock
+
+    def tick(self) -> ServingState | None:
+        """Follow CURRENT, then the sidecar log; returns the state requests now see."""
+        self.watcher.poll()
+        live = self.watcher.live
+        if live is None:
+            return None
+        cur = self.current
+        same_build = cur is not None and cur.build is live
+        try:
+            snap = self.sidecar.snapshot(live, cur.sidecar if same_build else None)
+        except Exception:  # noqa: BLE001 - the sidecar must never hold back the build
+            self.sidecar_errors += 1
+            log.exception(
+                "sidecar catch-up failed on build %s; replaying the log at the next tick", live.build_id
+            )
+            self.sidecar.reset()
+            if same_build:
+                return cur  # keep the view this build already had
+            snap = SidecarSnapshot.empty(live)
+        if not same_build:
+            passed = skew_gate.passed_check_for(
+                self.registry, live.manifest.checkpoint.family, live.checkpoint_version
+            )
+            self.current = ServingState(live, snap, skew_check_passed=passed is not None)
+        elif snap is not cur.sidecar:
+            self.current = dataclasses.replace(cur, sidecar=snap)
+        return self.current
+
+    def age_s(self) -> float | None:
+        """Seconds since the live build's manifest was written: what bounds query/index skew."""
+        cur = self.current
+        return None if cur is None else max(0.0, self._clock() - cur.build.manifest.created_at_epoch())
+
+
+# ---- retrieval over one state ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieveQuery:
+    """One user to retrieve for: a row of the build's user table, or a history (known item ids)."""
+
+    k: int
+    user_row: int | None = None
+    user_id: int = 0
+    history: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieveResult:
+    item_ids: list[int]
+    scores: list[float]
+    sources: list[str]
+
+
+def query_vectors(build: LiveBuild, queries: list[RetrieveQuery]) -> tuple[np.ndarray, int]:
+    """(Q, D) query vectors and how many users the user tower embedded: table users are gathered,
+    history users embedded ONCE per unique (user, history) in one user-tower pass."""
+    xq = np.empty((len(queries), build.dim), np.float32)
+    slot: dict[tuple, int] = {}
+    users, histories, rows_of_slot = [], [], []
+    for q, query in enumerate(queries):
+        if query.history is None:
+            xq[q] = build.user_emb[query.user_row]
+            continue
+        key = (query.user_id, query.history.tobytes())
+        if key not in slot:
+            slot[key] = len(users)
+            users.append(query.user_id)
+            histories.append(query.history)
+            rows_of_slot.append([])
+        rows_of_slot[slot[key]].append(q)
+    if users:
+        vecs = build.history_vectors(np.array(users, np.int64), histories)  # (H, D)
+        for j, rows in enumerate(rows_of_slot):
+            xq[rows] = vecs[j]
+    return xq, len(users)
+
+
+def retrieve(state: ServingState, queries: list[RetrieveQuery]) -> tuple[list[RetrieveResult], int]:
+    """Top-k over base + sidecar for a batch of queries of ONE state: one index search for the whole
+    batch, deep enough that hidden (upserted or deleted) base entries cannot starve any query."""
+    build, snap = state.build, state.sidecar
+    xq, embedded = query_vectors(build, queries)
+    depth = min(build.index.ntotal, max(q.k for q in queries) + len(snap.hidden))
+    ids, scores = build.search(xq, depth)  # (Q, depth) each
+    out = [RetrieveResult(*merge_topk(snap, ids[i], scores[i], xq[i], q.k)) for i, q in enumerate(queries)]
+    return out, embedded

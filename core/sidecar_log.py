@@ -1,0 +1,274 @@
+"""The fresh-item sidecar's durable log: what was upserted or deleted since the live base build.
+
+    REGISTRY/sidecar/log.jsonl        a header line {"op": "header", "generation": g, ...}, then one JSON
+                                      line per upsert/delete, appended under flock and fsynced
+    REGISTRY/sidecar/archive/*.jsonl  entries compaction dropped because a live base build serves them
+    REGISTRY/sidecar/.lock            serialises appends and compactions
+
+Readers (every replica) tail the log by byte offset without the lock. Compaction rewrites the log as a
+new generation (temp file, fsync, os.replace), so a reader that sees another generation in the header
+replays the new file from the start; a crash before the replace leaves the old log whole.
+
+Plain Python: no numpy, torch or Ray, so writers and tests stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from core.fsutil import locked, write_bytes_atomic
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Items carry calendar years; the catalog stores them as int32 and the tower buckets them by year.
+YEAR_MIN, YEAR_MAX = 0, 9999
+TITLE_MAX, GENRES_MAX, TAGS_MAX = 500, 500, 2000
+# Superseded lines (older entries of an id with a newer one) are dropped by an append once the log holds
+# more than this many lines per live entry (+ a floor), so a stream of updates keeps it bounded.
+COMPACT_RATIO, COMPACT_FLOOR = 2, 64
+
+
+class SidecarFull(RuntimeError):
+    pass
+
+
+def _utf8_problem(name: str, value) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{name} is not valid UTF-8 text ({e.reason} at position {e.start})"
+    return None
+
+
+def item_problem(item_id, item: dict) -> str | None:
+    """Why these raw features cannot be embedded (None if they can): the boundary check of POST /items
+    and the follower's defence against entries written before it, by hand or by another version."""
+    if not isinstance(item_id, int) or isinstance(item_id, bool) or not INT64_MIN <= item_id <= INT64_MAX:
+        return f"item_id must be an integer in the int64 range, got {item_id!r:.40}"
+    if not isinstance(item, dict):
+        return f"item {item_id}: features must be an object, got {type(item).__name__}"
+    title = item.get("title")
+    for name, value, limit, required in (
+        ("title", title, TITLE_MAX, True),
+        ("genres", item.get("genres", ""), GENRES_MAX, False),
+        ("tags", item.get("tags", ""), TAGS_MAX, False),
+    ):
+        if value is None and not required:
+            continue
+        problem = _utf8_problem(name, value)
+        if problem:
+            return f"item {item_id}: {problem}"
+        if len(value) > limit or (required and not value):
+            return f"item {item_id}: {name} must be 1 to {limit} characters, got {len(value)}"
+    year = item.get("year")
+    if year is not None and (
+        not isinstance(year, int) or isinstance(year, bool) or not YEAR_MIN <= year <= YEAR_MAX
+    ):
+        return (
+            f"item {item_id}: year must be null or an integer in [{YEAR_MIN}, {YEAR_MAX}], got {year!r:.40}"
+        )
+    return None
+
+
+def entry_problem(e) -> str | None:
+    if not isinstance(e, dict) or e.get("op") not in ("upsert", "delete"):
+        return f"not an upsert/delete entry: {str(e)[:80]!r}"
+    if e["op"] == "delete":
+        i = e.get("item_id")
+        ok = isinstance(i, int) and not isinstance(i, bool) and INT64_MIN <= i <= INT64_MAX
+        return None if ok else f"delete: item_id must be an int64, got {i!r:.40}"
+    return item_problem(e.get("item_id"), e.get("item"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """How far a reader has applied the log: a generation and a byte offset within it."""
+
+    generation: int = -1
+    offset: int = 0
+
+    def covers(self, other: Position) -> bool:
+        return (self.generation, self.offset) >= (other.generation, other.offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogRead:
+    entries: list  # parsed lines after the reader's position (unvalidated: see entry_problem)
+    position: Position
+    restarted: bool  # another generation: the reader must drop what it applied and replay `entries`
+
+
+class SidecarLog:
+    def __init__(self, registry: Path, clock: Callable[[], float] = time.time):
+        self.dir = Path(registry) / "sidecar"
+        self.path = self.dir / "log.jsonl"
+        self.archive = self.dir / "archive"
+        self._clock = clock
+        # the writer's view (latest entry per id), advanced incrementally under the lock
+        self._view: dict[int, dict] = {}
+        self._lines = 0
+        self._pos = Position()
+
+    def locked(self):
+        return locked(self.dir / ".lock")
+
+    # ---- reading (no lock: appends are whole fsynced lines; replaces are atomic) ------------------
+    def read(self, pos: Position) -> LogRead:
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - one handle for header and tail: same generation
+        except FileNotFoundError:
+            return LogRead([], Position(0, 0), restarted=pos.generation not in (-1, 0) or pos.offset > 0)
+        with f:
+            first = f.readline()
+            header = _parse(first) if first.endswith(b"\n") else None
+            gen = header.get("generation", 0) if _is_header(header) else 0
+            restarted = gen != pos.generation
+            start = 0 if restarted else pos.offset
+            f.seek(start)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line without its newline is a write in progress (or torn)
+        entries = []
+        for line in data[:end].splitlines():
+            e = _parse(line)
+            if e is not None and not _is_header(e):
+                entries.append(e)
+        return LogRead(entries, Position(gen, start + end), restarted)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        """Advance the writer's view to the end of the log (caller holds the lock)."""
+        r = self.read(self._pos)
+        if r.restarted:
+            self._view, self._lines = {}, 0
+        for e in r.entries:
+            if entry_problem(e) is None:
+                self._view[int(e["item_id"])] = e
+            self._lines += 1
+        self._pos = r.position
+
+    def live_upserts(self) -> int:
+        return sum(1 for e in self._view.values() if e["op"] == "upsert")
+
+    def write(self, entries: list[dict], max_items: int) -> Position:
+        """Append upserts/deletes unless that would take the sidecar past `max_items` upserted ids;
+        returns the position that includes them. Checked under the lock against the writer's view,
+        which reads only what was appended since this writer last looked."""
+        bad = [p for p in map(entry_problem, entries) if p]
+        if bad:
+            raise ValueError(f"refusing to log {len(bad)} malformed entries, e.g. {bad[0]}")
+        with self.locked():
+            self._catch_up()
+            live = {i for i, e in self._view.items() if e["op"] == "upsert"}
+            new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
+            if len(live) + len(new_ids) > max_items:
+                raise SidecarFull(
+                    f"sidecar is full: {len(live)} of {max_items} items not yet served by the base build, "
+                    f"{len(new_ids)} new in this request; a rebuild whose catalog includes them folds them "
+                    "into the base and frees their slots"
+                )
+            stamp = self._clock()
+            self._append([{**e, "at": stamp} for e in entries])
+            self._catch_up()
+            if self._lines > COMPACT_RATIO * len(self._view) + COMPACT_FLOOR:
+                self._rewrite(served=None, base_build=None)
+            return self._pos
+
+    def _append(self, entries: list[dict]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self._write_file(generation=0, entries=[], base_build=None)
+        with open(self.path, "ab") as f:
+            if f.tell() and not _ends_with_newline(self.path):
+                f.write(b"\n")  # a crashed writer left a partial line: never glue onto it
+            for e in entries:
+                f.write(_line(e))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_file(self, generation: int, entries: Iterable[dict], base_build, before_replace=None) -> None:
+        header = {"op": "header", "generation": generation, "base_build": base_build, "at": self._clock()}
+        data = b"".join([_line(header), *(_line(e) for e in entries)])
+        write_bytes_atomic(self.path, data, before_replace=before_replace)
+
+    # ---- compaction ----------------------------------------------------------------------------
+    def compact(
+        self,
+        served: Callable[[list[dict]], list[bool]] | None = None,
+        base_build: str | None = None,
+        before_replace=None,
+    ) -> dict:
+        """Rewrite the log as a new generation holding the latest entry of each id, minus those
+        `served(entries)` says the live base build `base_build` already serves (archived first).
+        Crash-safe: the archive and the new log are each written atomically, the log last, all under
+        the lock, so a crash at any point leaves the old log whole (nothing lost, nothing doubled)."""
+        with self.locked():
+            self._catch_up()
+            return self._rewrite(served, base_build, before_replace)
+
+    def _rewrite(self, served, base_build, before_replace=None) -> dict:
+        for tmp in self.dir.glob(f".{self.path.name}.tmp-*"):
+            tmp.unlink()  # a rewrite killed before its replace (only lock holders write these)
+        latest = list(self._view.values())
+        keep_mask = [True] * len(latest)
+        if served is not None and latest:
+            keep_mask = [not s for s in served(latest)]
+        kept = [e for e, k in zip(latest, keep_mask, strict=True) if k]
+        dropped = [e for e, k in zip(latest, keep_mask, strict=True) if not k]
+        gen = self._pos.generation + 1
+        if dropped:
+            self.archive.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(
+                self.archive / f"{base_build or 'compaction'}-gen{gen}.jsonl", b"".join(map(_line, dropped))
+            )
+        stats = {"generation": gen, "lines_before": self._lines, "kept": len(kept), "served": len(dropped)}
+        self._write_file(gen, kept, base_build, before_replace=before_replace)
+        self._catch_up()
+        return stats
+
+
+def _line(e: dict) -> bytes:
+    # ensure_ascii: any text the log holds (even text that slipped past validation) stays one valid line
+    return (json.dumps(e, sort_keys=True, ensure_ascii=True) + "\n").encode()
+
+
+def _parse(line: bytes):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # the tail of a crashed write, superseded by the next line
+
+
+def _is_header(e) -> bool:
+    return isinstance(e, dict) and e.get("op") == "header"
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def served_by_catalog(catalog_rows: dict[int, dict]) -> Callable[[list[dict]], list[bool]]:
+    """A `served` predicate for compaction after a rebuild: an upsert is served when the new base's
+    catalog holds that id with the same raw features; a delete when the catalog no longer holds it.
+    `catalog_rows`: item_id -> raw features (title, genres, year, tags) for the ids the log names."""
+
+    def norm(item: dict) -> tuple:
+        return (item.get("title") or "", item.get("genres") or "", item.get("year"), item.get("tags") or "")
+
+    def served(entries: list[dict]) -> list[bool]:
+        out = []
+        for e in entries:
+            row = catalog_rows.get(int(e["item_id"]))
+            out.append(
+                row is None if e["op"] == "delete" else row is not None and norm(row) == norm(e["item"])
+            )
+        return out
+
+    return served

@@ -1,0 +1,160 @@
+"""The replica's state machine driven directly: follow CURRENT, swap, tail the sidecar, serve by history."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.live_build import load_build
+from core.registry import Registry
+from core.serving_state import ReplicaState, RetrieveQuery, retrieve
+from core.sidecar import embed_items
+from core.sidecar_log import SidecarLog
+from tests.unit.tiny_build import make_build, make_checkpoint
+
+FRESH = {"title": "A brand new space opera", "genres": "Sci-Fi|Adventure", "year": 2026, "tags": "space"}
+
+# What the sidecar log held after bad POST /items that passed the old schema: unencodable features.
+POISON = [
+    {"op": "upsert", "item_id": 2**64, "item": FRESH},
+    {"op": "upsert", "item_id": 11, "item": {**FRESH, "year": 10**11}},
+    {"op": "upsert", "item_id": 12, "item": {**FRESH, "title": "\ud800"}},
+    {"op": "delete", "item_id": "x"},
+]
+
+
+@pytest.fixture
+def reg(tmp_path):
+    ck_a, ck_b = make_checkpoint(tmp_path / "ck", seed=0), make_checkpoint(tmp_path / "ck", seed=1)
+    root = tmp_path / "reg"
+    make_build(root, "a", ck_a)
+    make_build(root, "b", ck_b, seed=1)
+    Registry(root).publish("a", expected_seq=0)
+    return root
+
+
+def _append_raw(registry, entries):
+    """Write lines straight into the log, as an older version (or a hand edit) could have."""
+    log = SidecarLog(registry)
+    log.write([{"op": "upsert", "item_id": 1, "item": FRESH}], max_items=100)  # creates the log
+    with open(log.path, "ab") as f:
+        for e in entries:
+            f.write((json.dumps(e) + "\n").encode())
+
+
+def test_poisoned_entries_are_skipped_once_and_later_writes_and_swaps_go_through(reg):
+    bad = []
+    rs = ReplicaState(reg, on_bad_entry=lambda e, why: bad.append(why))
+    _append_raw(reg, POISON)
+    SidecarLog(reg).write([{"op": "upsert", "item_id": 77, "item": FRESH}], max_items=100)
+    s1 = rs.tick()
+    assert s1.build.build_id == "a" and s1.sidecar.ids.tolist() == [1, 77]
+    assert len(bad) == len(POISON) and s1.sidecar.skipped == len(POISON)
+    SidecarLog(reg).write([{"op": "upsert", "item_id": 78, "item": FRESH}], max_items=100)
+    s2 = rs.tick()
+    assert s2.sidecar.ids.tolist() == [1, 77, 78] and len(bad) == len(POISON)  # each reported once
+    Registry(reg).publish("b", expected_seq=1)
+    s3 = rs.tick()
+    # ONE state moves: the new build, and its sidecar re-embedded by the new build's own tower
+    assert s3.build.build_id == "b" and s3.sidecar.build_id == "b" and rs.current is s3
+    np.testing.assert_allclose(
+        s3.sidecar.emb[0], embed_items(s3.build, [{**FRESH, "item_id": 1}])[0], atol=1e-6
+    )
+
+
+def test_a_sidecar_failure_never_holds_back_a_build_swap(reg, monkeypatch):
+    rs = ReplicaState(reg)
+    SidecarLog(reg).write([{"op": "upsert", "item_id": 5, "item": FRESH}], max_items=10)
+    assert rs.tick().sidecar.ids.tolist() == [5]
+    Registry(reg).publish("b", expected_seq=1)
+    real = rs.sidecar.snapshot
+    monkeypatch.setattr(rs.sidecar, "snapshot", lambda *a: (_ for _ in ()).throw(OSError("log unreadable")))
+    s = rs.tick()
+    assert s.build.build_id == "b" and len(s.sidecar.ids) == 0 and rs.sidecar_errors == 1
+    monkeypatch.setattr(rs.sidecar, "snapshot", real)
+    assert rs.tick().sidecar.ids.tolist() == [5]  # replayed at the next tick
+
+
+def test_each_entry_is_embedded_once_per_build(reg, monkeypatch):
+    import core.sidecar as sc
+
+    embedded = []
+    real = sc.embed_items
+    monkeypatch.setattr(
+        sc, "embed_items", lambda b, rows: embedded.extend(r["item_id"] for r in rows) or real(b, rows)
+    )
+    rs = ReplicaState(reg)
+    log = SidecarLog(reg)
+    for i in range(5):
+        log.write([{"op": "upsert", "item_id": 100 + i, "item": FRESH}], max_items=10)
+        rs.tick()
+    assert embedded == [100, 101, 102, 103, 104]  # not 1 + 2 + 3 + 4 + 5 re-embeddings
+    Registry(reg).publish("b", expected_seq=1)
+    rs.tick()
+    assert sorted(embedded[5:]) == [100, 101, 102, 103, 104]  # once more for the new checkpoint
+
+
+def test_build_age_is_measured_from_the_manifest(reg):
+    rs = ReplicaState(reg, clock=lambda: 0.0)
+    s = rs.tick()
+    rs._clock = lambda: s.build.manifest.created_at_epoch() + 90.0
+    assert rs.age_s() == pytest.approx(90.0)
+
+
+@pytest.fixture
+def no_users(tmp_path):
+    root = tmp_path / "reg"
+    make_build(root, "nu", make_checkpoint(tmp_path / "ck"), n_users=0)
+    Registry(root).publish("nu", expected_seq=0)
+    return root
+
+
+def test_a_build_without_users_serves_retrieval_and_scoring_by_history(no_users):
+    rs = ReplicaState(no_users)
+    state = rs.tick()
+    b = state.build
+    assert not b.manifest.has_users and len(b.user_ids) == 0
+    history = np.asarray(b.item_ids[[3, 7, 9]])
+    u = b.history_vectors(np.array([42]), [history])[0]  # the build's own user tower
+    (res,), embedded = retrieve(state, [RetrieveQuery(10, user_id=42, history=history)])
+    exact = np.argsort(-(np.asarray(b.item_emb) @ u))[:10]
+    assert res.item_ids == b.item_ids[exact].tolist() and embedded == 1
+
+    items = np.asarray(b.item_ids[:20])
+    req = ScoreRequest(np.full(20, 42, np.int64), items, history)
+    twin = ScoreRequest(np.full(5, 42, np.int64), items[:5], history)  # same user again in the batch
+    (r1, r2), stats = score_batch(b, [req, twin], BroadcastConfig())
+    with torch.inference_mode():
+        ref = b.scorer(torch.from_numpy(np.tile(u, (20, 1))), torch.from_numpy(np.asarray(b.item_emb[:20])))
+    np.testing.assert_allclose(r1.scores, ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(r2.scores, r1.scores[:5], atol=1e-6)
+    assert stats.history_users == 1  # one user-tower pass for the batch's one unique (user, history)
+
+
+def test_history_drops_unknown_and_deleted_items(reg):
+    rs = ReplicaState(reg)
+    b = rs.tick().build
+    known = int(b.item_ids[0])
+    SidecarLog(reg).write([{"op": "delete", "item_id": int(b.item_ids[1])}], max_items=10)
+    state = rs.tick()
+    mask = state.history_known(np.array([known, int(b.item_ids[1]), 10**12], np.int64))
+    assert mask.tolist() == [True, False, False]
+
+
+def test_table_and_history_queries_in_one_batch_match_the_build(reg):
+    state = ReplicaState(reg).tick()
+    b = state.build
+    hist = np.asarray(b.item_ids[:4])
+    res, embedded = retrieve(
+        state,
+        [
+            RetrieveQuery(5, user_row=3),
+            RetrieveQuery(7, user_id=1, history=hist),
+            RetrieveQuery(5, user_row=4),
+        ],
+    )
+    assert [len(r.item_ids) for r in res] == [5, 7, 5] and embedded == 1
+    assert res[0].item_ids == b.retrieve(np.array([3]), 5)[0][0].tolist()
+    assert load_build(reg / "builds" / "a").build_id == b.build_id
