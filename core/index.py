@@ -29,7 +29,7 @@ MEASURED_CHOICE_MAX_ITEMS = 200_000
 # assignment grow far slower with n.
 HNSW_MAX_ITEMS = 2_000_000
 # faiss 1.15 switches flat distance computation to BLAS only when n_queries * d >= 128000; below that a
-# batch of 1000 queries on 1M x 64 ran 10x slower (PITFALLS.md). 20 queries is where BLAS starts to pay.
+# batch of 1000 queries on 1M x 64 ran 10x slower. 20 queries is where BLAS starts to pay.
 BLAS_THRESHOLD = 20
 # ~1.1-1.25x steps: with powers of 2 the cheapest setting that reaches the target can overshoot it by 2x
 # in cost (1M items: nprobe 16 gave recall 0.946, so tuning jumped to 32 and lost 40% of the QPS), and

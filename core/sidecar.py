@@ -23,7 +23,8 @@ import pyarrow.dataset as pads
 from core.embed import item_vectors
 from core.features import encode_item_rows
 from core.live_build import LiveBuild
-from core.sidecar_log import Position, SidecarLog, entry_problem
+from core.registry import Registry
+from core.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,24 @@ def catalog_rows(catalog_files: list[Path], ids: list[int]) -> dict[int, dict]:
     ds = pads.dataset([str(f) for f in catalog_files], format="parquet")
     t = ds.to_table(columns=list(ITEM_FIELDS), filter=pc.field("item_id").isin(pa.array(ids, pa.int64())))
     return {int(r["item_id"]): r for r in t.to_pylist()}
+
+
+def fold_into_base(registry: Path, build_id: str, catalog_files: list[Path], before_replace=None) -> dict:
+    """After `build_id` went live: drop from the sidecar log the entries its catalog already serves
+    (same raw features; deletes of ids it no longer holds), archived, so they stop counting against
+    the cap. Nothing is dropped unless `build_id` is still the live build when the log is rewritten."""
+    log = SidecarLog(registry)
+    if not log.path.exists():
+        return {"folded": 0, "kept": 0}
+
+    def served(entries: list[dict]) -> list[bool]:
+        if Registry(registry).current() != build_id:
+            return [False] * len(entries)  # another build went live meanwhile: it decides, not this one
+        rows = catalog_rows(catalog_files, sorted({int(e["item_id"]) for e in entries}))
+        return served_by_catalog(rows)(entries)
+
+    stats = log.compact(served, base_build=build_id, before_replace=before_replace)
+    return {"folded": stats["served"], "kept": stats["kept"], "generation": stats["generation"]}
 
 
 def merge_topk(

@@ -56,6 +56,18 @@ from serve_app.schemas import (
 )
 
 log = logging.getLogger("skewless.serve")
+
+
+def _into_replica_log() -> None:
+    """Serve writes a replica's log from the `ray.serve` logger only: hand its handlers to this app's
+    and core's loggers, so a skipped sidecar entry or a refused build shows in the replica's own log."""
+    serve_logger = logging.getLogger("ray.serve")
+    for name in ("skewless", "core"):
+        lg = logging.getLogger(name)
+        lg.handlers, lg.propagate = list(serve_logger.handlers), False
+        lg.setLevel(logging.INFO)
+
+
 api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
 ItemId = Annotated[int, PathParam(ge=INT64_MIN, le=INT64_MAX)]
 
@@ -85,6 +97,7 @@ def _by_state(items: list[tuple]) -> list[tuple[ServingState, list[int]]]:
 @serve.ingress(api)
 class Recommender:
     def __init__(self, args: dict):
+        _into_replica_log()
         self.args = AppArgs(**args)
         torch.set_num_threads(self.args.torch_threads)
         ann.configure(self.args.faiss_threads)

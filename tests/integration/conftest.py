@@ -119,6 +119,7 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     `ray stop` would kill every Ray on the machine). 4 logical CPUs: a rebuild needs one per embedding
     actor plus one for Ray Data's file-listing task, beside the Serve replicas."""
     port, dash, metrics = free_port(), free_port(), free_port()
+    sessions_before = set(Path("/tmp/ray").glob("session_2*"))
     log = open(tmp_path_factory.mktemp("ray") / "ray-head.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
@@ -146,6 +147,9 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
 
     try:
         wait_for(up, 180, "the Ray head to accept job API calls", interval_s=1)
+        # this cluster's logs (tests grep them): the session directory that appeared with this head
+        new = sorted(set(Path("/tmp/ray").glob("session_2*")) - sessions_before)
+        info["session_dir"] = new[-1] if new else Path("/tmp/ray/session_latest").resolve()
         yield info
     finally:
         proc.terminate()  # --block turns SIGTERM into a clean stop of this cluster's processes

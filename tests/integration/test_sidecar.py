@@ -3,7 +3,10 @@ restarts, and move to the next build re-embedded by its checkpoint."""
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -15,27 +18,36 @@ from core.datasets import read_table
 from core.live_build import load_build
 from core.registry import Registry
 from core.sidecar import embed_items
+from core.sidecar_log import SidecarLog
 from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
 
 FRESH_ID = 9_000_001
+POLL_S = 0.2
+TOKEN = secrets.token_urlsafe(24)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _app(registry, max_k: int = 1000) -> dict:
+def _app(registry, token_file, max_k: int = 1000) -> dict:
     return {
         "name": "sidecar",
         "route_prefix": "/",
         "import_path": "serve_app.app:build_app",
-        "args": {"registry": str(registry), "poll_interval_s": 0.2, "max_sidecar_items": 5, "max_k": max_k},
+        "args": {"registry": str(registry), "poll_interval_s": POLL_S, "max_sidecar_items": 5, "max_k": max_k,
+                 "admin_token_file": str(token_file)},
         "deployments": [{"name": "Recommender", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}}],
-    }
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def app(ray_head, ml_data, checkpoints, new_registry, serve_port, tmp_path_factory):
     registry = new_registry("reg-sidecar")
     build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+    secret_dir = tmp_path_factory.mktemp("secret")
+    token_file = secret_dir / "admin_token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     cfg = tmp_path_factory.mktemp("serve-sidecar") / "serve.yaml"
-    base = serve_deploy(ray_head, serve_port, [_app(registry)], cfg)
+    base = serve_deploy(ray_head, serve_port, [_app(registry, token_file)], cfg)
 
     def healthy():
         try:
@@ -46,7 +58,7 @@ def app(ray_head, ml_data, checkpoints, new_registry, serve_port, tmp_path_facto
     wait_for(healthy, 240, "the sidecar app on build A", interval_s=1)
     catalog = read_table(ml_data / "catalog")
     return {"base": base, "registry": registry, "build_a": build_a, "catalog": catalog, "cfg": cfg, "ray_head": ray_head, "port": serve_port,
-            "users": read_table(ml_data / "users")["user_id"].to_pylist()}  # fmt: skip
+            "users": read_table(ml_data / "users")["user_id"].to_pylist(), "token_file": token_file}  # fmt: skip
 
 
 def _retrieve(app, user, k=50):
@@ -92,7 +104,7 @@ def _all_replicas(app, path, n=2, tries=60):
 def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
     item = _twin_of_top_item(app, app["users"][0])
     user = _relevant_user(app, item)
-    r = requests.post(f"{app['base']}/items", json={"items": [item]}, timeout=10)
+    r = requests.post(f"{app['base']}/items", json={"items": [item]}, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
     t0 = time.monotonic()
     wait_for(
@@ -105,7 +117,7 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
     got = _retrieve(app, user)
     assert got["sources"][got["item_ids"].index(FRESH_ID)] == "sidecar" and got["build_id"] == app["build_a"]
 
-    r = requests.delete(f"{app['base']}/items/{FRESH_ID}", timeout=10)
+    r = requests.delete(f"{app['base']}/items/{FRESH_ID}", headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
     wait_for(
         lambda: all(FRESH_ID not in _retrieve(app, user)["item_ids"] for _ in range(6)),
@@ -116,21 +128,28 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
 
 
 def test_bad_items_and_a_full_sidecar_get_clear_errors(app):
-    r = requests.post(f"{app['base']}/items", json={"items": [{"item_id": "x", "title": "t"}]}, timeout=10)
+    r = requests.post(
+        f"{app['base']}/items", json={"items": [{"item_id": "x", "title": "t"}]}, headers=AUTH, timeout=10
+    )
     assert r.status_code == 422 and "item_id" in r.text
-    r = requests.post(f"{app['base']}/items", json={"items": []}, timeout=10)
+    r = requests.post(f"{app['base']}/items", json={"items": []}, headers=AUTH, timeout=10)
     assert r.status_code == 422
     many = [{"item_id": 9_100_000 + i, "title": f"filler {i}"} for i in range(6)]
-    r = requests.post(f"{app['base']}/items", json={"items": many}, timeout=10)
+    r = requests.post(f"{app['base']}/items", json={"items": many}, headers=AUTH, timeout=10)
     assert r.status_code == 507 and "sidecar is full" in r.text and "of 5 items" in r.text
 
 
 def test_replica_restart_keeps_the_sidecar(app):
     item = _twin_of_top_item(app, app["users"][1]) | {"item_id": FRESH_ID + 1}
-    assert requests.post(f"{app['base']}/items", json={"items": [item]}, timeout=10).status_code == 200
+    assert (
+        requests.post(f"{app['base']}/items", json={"items": [item]}, headers=AUTH, timeout=10).status_code
+        == 200
+    )
     before = {r.json()["replica"] for r in _all_replicas(app, "/version").values()}
     # A changed argument makes Serve replace every replica: new processes that start from the log.
-    serve_deploy(app["ray_head"], app["port"], [_app(app["registry"], max_k=1001)], app["cfg"])
+    serve_deploy(
+        app["ray_head"], app["port"], [_app(app["registry"], app["token_file"], max_k=1001)], app["cfg"]
+    )
 
     def replaced():
         now = {r.json()["replica"] for r in _all_replicas(app, "/version").values()}
@@ -143,7 +162,10 @@ def test_replica_restart_keeps_the_sidecar(app):
 
 def test_swap_re_embeds_sidecar_items_with_the_new_checkpoint(app, ray_head, ml_data, checkpoints):
     item = _twin_of_top_item(app, app["users"][2]) | {"item_id": FRESH_ID + 2}
-    assert requests.post(f"{app['base']}/items", json={"items": [item]}, timeout=10).status_code == 200
+    assert (
+        requests.post(f"{app['base']}/items", json={"items": [item]}, headers=AUTH, timeout=10).status_code
+        == 200
+    )
     version_b = read_manifest(checkpoints[1])["version"]
     build_b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", app["registry"]))["build_id"]
     wait_for(
@@ -161,3 +183,84 @@ def test_swap_re_embeds_sidecar_items_with_the_new_checkpoint(app, ray_head, ml_
         }
     got = _retrieve(app, app["users"][2], k=1000)
     assert got["checkpoint_version"] == version_b and FRESH_ID + 2 in got["item_ids"]
+
+
+def test_sidecar_writes_need_the_admin_token_which_no_log_line_shows(app, ray_head):
+    item = {"item_id": 9_200_000, "title": "token check"}
+    url = f"{app['base']}/items"
+    r = requests.post(url, json={"items": [item]}, timeout=10)
+    assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", r.text
+    r = requests.post(url, json={"items": [item]}, headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 403 and "not valid" in r.text
+    r = requests.delete(f"{url}/{FRESH_ID + 1}", headers={"Authorization": f"Basic {TOKEN}"}, timeout=10)
+    assert r.status_code == 403
+    assert _retrieve(app, app["users"][0])["build_id"]  # reading routes stay open
+    r = requests.post(url, json={"items": [item]}, headers=AUTH, timeout=10)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    assert requests.delete(f"{url}/9200000", headers=AUTH, timeout=10).status_code == 200
+    # every log file of every Ray session here: the replicas' logs among them, and no line with the token
+    logs = [p for p in Path("/tmp/ray").glob("session_*/logs/**/*") if p.is_file()]
+    replica_logs = [p for p in logs if "replica_sidecar" in p.name]
+    assert replica_logs and any(
+        "sidecar writes need the admin token" in p.read_text(errors="replace") for p in replica_logs
+    )
+    leaked = [p for p in logs if TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+# Features that passed the old schema but could not be encoded (they poisoned every replica's follower)
+UNENCODABLE = {
+    "id beyond int64": ({"item_id": 2**63, "title": "t"}, "item_id"),
+    "id far beyond int64": ({"item_id": 10**30, "title": "t"}, "item_id"),
+    "year out of range": ({"item_id": 9_300_001, "title": "t", "year": 10**10}, "year"),
+    "lone surrogate": ({"item_id": 9_300_002, "title": "bad \ud800 text"}, "title"),
+}
+
+
+def _post_raw(app, body: dict, headers=AUTH):
+    # json.dumps escapes a lone surrogate as \ud800, which is valid JSON that decodes to it again
+    return requests.post(f"{app['base']}/items", data=json.dumps(body), timeout=10,
+                         headers={**headers, "content-type": "application/json"})  # fmt: skip
+
+
+def test_unencodable_items_get_422_and_a_poisoned_log_never_stops_later_writes_or_swaps(
+    app, ray_head, ml_data, checkpoints
+):
+    log_path = SidecarLog(app["registry"]).path
+    before = log_path.read_bytes()
+    for name, (item, field) in UNENCODABLE.items():
+        r = _post_raw(app, {"items": [item, {"item_id": 9_300_100, "title": "a good neighbour"}]})
+        assert r.status_code == 422 and field in r.text, (name, r.status_code, r.text)
+    assert log_path.read_bytes() == before  # nothing written, not even the good neighbour
+    # A log that already holds such entries (written by an older version, or by hand):
+    with open(log_path, "ab") as f:
+        for item, _ in UNENCODABLE.values():
+            f.write((json.dumps({"op": "upsert", "item_id": item["item_id"], "item": item}) + "\n").encode())
+    fresh = {"item_id": 9_300_200, "title": "visible despite the poison", "genres": "Drama"}
+    r = requests.post(f"{app['base']}/items", json={"items": [fresh]}, headers=AUTH, timeout=10)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    t0 = time.monotonic()
+    wait_for(
+        lambda: all(x.status_code == 200 and x.json()["source"] == "sidecar"
+                    for x in _all_replicas(app, f"/items/{fresh['item_id']}").values()),
+        1.0, "the valid upsert on every replica", interval_s=0.05,
+    )  # fmt: skip
+    assert time.monotonic() - t0 < 1.0
+    versions = [r.json() for r in _all_replicas(app, "/version").values()]
+    assert all(v["sidecar_skipped_entries"] >= len(UNENCODABLE) for v in versions), versions
+    # a newly published build reaches /score AND /retrieve on every replica
+    build_c = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", app["registry"]))["build_id"]
+    user = app["users"][3]
+    item_ids = app["catalog"]["item_id"].to_pylist()[:5]
+
+    def everywhere():
+        got = set()
+        for _ in range(12):
+            got.add(_retrieve(app, user)["build_id"])
+            s = requests.post(
+                f"{app['base']}/score", json={"user_id": user, "item_ids": item_ids}, timeout=10
+            )
+            got.add(s.json()["build_id"])
+        return got == {build_c}
+
+    wait_for(everywhere, 60, "both routes of every replica on the new build", interval_s=0.5)

@@ -114,3 +114,28 @@ def test_upsert_identical_to_the_base_entry_is_folded(env, tmp_path):
     log.write([_upsert(target), _upsert(10**9)], max_items=10)
     snap = Sidecar(log).snapshot(a2, None)
     assert snap.ids.tolist() == [10**9] and snap.folded == 1 and target not in snap.hidden
+
+
+def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env, tmp_path):
+    from core.datasets import partition_files, write_dataset
+    from core.features import encode_item_rows
+    from core.registry import Registry
+    from core.sidecar import fold_into_base
+    from tests.unit.tiny_build import SCHEMA
+
+    reg, _, _ = env
+    log = SidecarLog(reg)
+    log.write([_upsert(1), _upsert(2), {"op": "delete", "item_id": 3}], max_items=2)
+    with pytest.raises(SidecarFull):
+        log.write([_upsert(4)], max_items=2)
+    # the next catalog holds item 1 exactly as upserted, item 2 with other features, no item 3
+    rows = [{**FRESH, "item_id": 1}, {**FRESH, "item_id": 2, "title": "old title"}, {**FRESH, "item_id": 9}]
+    write_dataset(
+        tmp_path / "cat", [encode_item_rows(rows, SCHEMA)], kind="catalog", schema=SCHEMA, source={}
+    )
+    files = partition_files(tmp_path / "cat")
+    Registry(reg).publish("b", expected_seq=0)
+    assert fold_into_base(reg, "a", files)["folded"] == 0  # "a" is not live: nothing is dropped
+    stats = fold_into_base(reg, "b", files)
+    assert stats == {"folded": 2, "kept": 1, "generation": 2}
+    log.write([_upsert(4)], max_items=2)  # a slot is free again
