@@ -2,7 +2,8 @@
 
     REGISTRY/sidecar/log.jsonl        a header line {"op": "header", "generation": g, ...}, then one JSON
                                       line per upsert/delete, appended under flock and fsynced
-    REGISTRY/sidecar/archive/*.jsonl  entries compaction dropped because a live base build serves them
+    REGISTRY/sidecar/archive/*.jsonl  entries compaction dropped: served by a live base build, or
+                                      malformed (no replica can apply them)
     REGISTRY/sidecar/.lock            serialises appends and compactions
 
 Readers (every replica) tail the log by byte offset without the lock. Compaction rewrites the log as a
@@ -112,6 +113,7 @@ class SidecarLog:
         self._clock = clock
         # the writer's view (latest entry per id), advanced incrementally under the lock
         self._view: dict[int, dict] = {}
+        self._invalid: list = []  # lines no replica can apply: kept aside, archived by the next rewrite
         self._lines = 0
         self._pos = Position()
 
@@ -145,10 +147,12 @@ class SidecarLog:
         """Advance the writer's view to the end of the log (caller holds the lock)."""
         r = self.read(self._pos)
         if r.restarted:
-            self._view, self._lines = {}, 0
+            self._view, self._invalid, self._lines = {}, [], 0
         for e in r.entries:
             if entry_problem(e) is None:
                 self._view[int(e["item_id"])] = e
+            else:
+                self._invalid.append(e)
             self._lines += 1
         self._pos = r.position
 
@@ -221,12 +225,13 @@ class SidecarLog:
         kept = [e for e, k in zip(latest, keep_mask, strict=True) if k]
         dropped = [e for e, k in zip(latest, keep_mask, strict=True) if not k]
         gen = self._pos.generation + 1
-        if dropped:
-            self.archive.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(
-                self.archive / f"{base_build or 'compaction'}-gen{gen}.jsonl", b"".join(map(_line, dropped))
-            )
-        stats = {"generation": gen, "lines_before": self._lines, "kept": len(kept), "served": len(dropped)}
+        for what, lines in (("served", dropped), ("invalid", self._invalid)):
+            if lines:  # out of the log, never lost
+                self.archive.mkdir(parents=True, exist_ok=True)
+                name = f"{base_build or 'compaction'}-gen{gen}-{what}.jsonl"
+                write_bytes_atomic(self.archive / name, b"".join(map(_line, lines)))
+        stats = {"generation": gen, "lines_before": self._lines, "kept": len(kept), "served": len(dropped),
+                 "invalid": len(self._invalid)}  # fmt: skip
         self._write_file(gen, kept, base_build, before_replace=before_replace)
         self._catch_up()
         return stats

@@ -14,11 +14,12 @@ import pytest
 import requests
 
 from core.checkpoint import read_manifest
-from core.datasets import read_table
+from core.datasets import read_dataset_manifest, read_table, write_dataset
+from core.features import FeatureSchema, encode_item_rows
 from core.live_build import load_build
 from core.registry import Registry
 from core.sidecar import embed_items
-from core.sidecar_log import SidecarLog
+from core.sidecar_log import Position, SidecarLog, entry_problem
 from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
 
 FRESH_ID = 9_000_001
@@ -264,3 +265,49 @@ def test_unencodable_items_get_422_and_a_poisoned_log_never_stops_later_writes_o
         return got == {build_c}
 
     wait_for(everywhere, 60, "both routes of every replica on the new build", interval_s=0.5)
+
+
+def test_a_rebuild_whose_catalog_holds_the_sidecar_items_folds_them_and_frees_the_cap(
+    app, ray_head, ml_data, checkpoints, tmp_path
+):
+    url = f"{app['base']}/items"
+    fillers = [{"item_id": 9_400_000 + i, "title": f"fresh filler {i}", "genres": "Comedy"} for i in range(5)]
+    for f in fillers:  # fill the cap (5) with what is not yet in the base
+        r = requests.post(url, json={"items": [f]}, headers=AUTH, timeout=10)
+        if r.status_code == 507:
+            break
+        assert r.status_code == 200, r.text
+    r = requests.post(
+        url, json={"items": [{"item_id": 9_499_999, "title": "one too many"}]}, headers=AUTH, timeout=10
+    )
+    assert r.status_code == 507 and "sidecar is full" in r.text
+    # The next catalog: the old one plus every item the sidecar serves, with the same raw features
+    log = SidecarLog(app["registry"])
+    latest: dict[int, dict | None] = {}
+    for e in log.read(Position()).entries:
+        if entry_problem(e) is None:
+            latest[e["item_id"]] = e["item"] if e["op"] == "upsert" else None
+    latest = {i: it for i, it in latest.items() if it is not None}
+    schema = FeatureSchema.from_dict(read_dataset_manifest(ml_data / "catalog", "catalog")["feature_schema"])
+    fresh = encode_item_rows([{**it, "item_id": i} for i, it in latest.items()], schema)
+    catalog = tmp_path / "movielens-next" / "catalog"
+    write_dataset(
+        catalog,
+        [read_table(ml_data / "catalog"), fresh],
+        kind="catalog",
+        schema=schema,
+        source={"test": True},
+    )
+    p = rebuild(ray_head, checkpoints[0], catalog, app["registry"], "--users", ml_data / "users")
+    s = summary(p)
+    assert s["sidecar"]["folded"] >= len(latest), s
+    wait_for(
+        lambda: all(r.json()["build_id"] == s["build_id"] and r.json()["sidecar_items"] == 0
+                    for r in _all_replicas(app, "/version").values()),
+        60, "every replica on the new base with an empty sidecar",
+    )  # fmt: skip
+    r = requests.post(
+        url, json={"items": [{"item_id": 9_499_999, "title": "room again"}]}, headers=AUTH, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    assert len(log.path.read_bytes().splitlines()) <= 3  # header + what is not served by the base

@@ -67,7 +67,7 @@ def test_cap_counts_only_entries_the_base_does_not_serve_and_compaction_frees_it
     assert stats["served"] == 1 and stats["kept"] == 2
     log.write([_up(4)], max_items=3)  # a slot is free again
     assert sorted(e["item_id"] for e in _lines(log)[1:]) == [2, 3, 4]
-    archived = [json.loads(x) for x in (log.archive / "b2-gen1.jsonl").read_bytes().splitlines()]
+    archived = [json.loads(x) for x in (log.archive / "b2-gen1-served.jsonl").read_bytes().splitlines()]
     assert [e["item_id"] for e in archived] == [1]  # dropped from the log, never lost
 
 
