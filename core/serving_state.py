@@ -12,6 +12,7 @@ No Ray here: unit tests drive `tick()` directly; serve_app/ wires it to a thread
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ import numpy as np
 from core import skew_gate
 from core.live_build import BuildWatcher, LiveBuild
 from core.sidecar import Sidecar, SidecarSnapshot, merge_topk
-from core.sidecar_log import SidecarLog
+from core.sidecar_log import Position, SidecarLog
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,18 @@ class ReplicaState:
         elif snap is not cur.sidecar:
             self.current = dataclasses.replace(cur, sidecar=snap)
         return self.current
+
+    async def until_applied(self, pos: Position, timeout_s: float, poll_s: float = 0.01) -> bool:
+        """Read-your-writes: wait until the published state's sidecar view includes `pos`. False when
+        it did not within `timeout_s` (the write is durable; this replica has not applied it yet)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.current
+            if state is not None and state.sidecar.position.covers(pos):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
 
     def age_s(self) -> float | None:
         """Seconds since the live build's manifest was written: what bounds query/index skew."""

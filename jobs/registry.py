@@ -5,6 +5,11 @@ python -m jobs.registry current
 python -m jobs.registry rollback            # back to the build live before the current one
 python -m jobs.registry promote BUILD_ID    # make any complete build live
 python -m jobs.registry gc [--dry-run]      # never removes the live build or its rollback targets
+python -m jobs.registry sidecar             # the fresh-item log: generation, entries, size
+python -m jobs.registry sidecar-fold        # drop entries the live build's catalog serves (archived)
+
+A rebuild folds the sidecar into its new base by itself after it publishes; `sidecar-fold` redoes
+that step (e.g. after a rebuild was killed between publishing and folding).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
+from core.datasets import partition_files
 from core.registry import Registry
+from core.sidecar import fold_into_base
+from core.sidecar_log import Position, SidecarLog, entry_problem
 from jobs.common import run_main
 
 
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--keep-extra", type=int, default=2, help="newest other builds kept")
     gc.add_argument("--stale-staging-s", type=float, default=3600.0)
     gc.add_argument("--dry-run", action="store_true")
+    sub.add_parser("sidecar", help="the fresh-item sidecar log: generation, entries, size")
+    sub.add_parser("sidecar-fold", help="drop sidecar entries the live build's catalog already serves")
     a = p.parse_args(argv)
     reg = Registry(a.registry)
     if a.cmd == "list":
@@ -84,6 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "gc":
         removed = reg.gc(a.rollback_window, a.keep_extra, a.stale_staging_s, a.dry_run)
         print(("would remove: " if a.dry_run else "removed: ") + (", ".join(removed) or "nothing"))
+    elif a.cmd == "sidecar":
+        log = SidecarLog(a.registry)
+        r = log.read(Position())
+        bad = sum(entry_problem(e) is not None for e in r.entries)
+        latest = {e["item_id"]: e["op"] for e in r.entries if entry_problem(e) is None}
+        print(json.dumps({
+            "log": str(log.path), "generation": r.position.generation, "bytes": r.position.offset,
+            "lines": len(r.entries), "malformed_lines": bad,
+            "upserted_items": sum(op == "upsert" for op in latest.values()),
+            "deleted_items": sum(op == "delete" for op in latest.values()),
+        }, indent=2))  # fmt: skip
+    elif a.cmd == "sidecar-fold":
+        live = reg.current()
+        if live is None:
+            print(f"no live build in {a.registry}: nothing to fold into")
+            return 1
+        catalog = reg.manifest(live).catalog.path
+        stats = fold_into_base(a.registry, live, partition_files(catalog))
+        print(f"folded into {live}: " + json.dumps(stats))
     return 0
 
 

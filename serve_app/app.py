@@ -334,17 +334,6 @@ class Recommender:
             return e
 
     # ---- fresh-item sidecar ----------------------------------------------------------------------
-    async def _until_applied(self, pos: Position, timeout_s: float = 5.0) -> bool:
-        """Read-your-writes: wake the follower and wait until this replica's view includes `pos`."""
-        self._wake.set()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = self.rs.current
-            if state is not None and state.sidecar.position.covers(pos):
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
     async def _write_sidecar(self, entries: list[dict], op: str) -> tuple[Position, bool]:
         try:
             pos = await asyncio.to_thread(self.sidecar_log.write, entries, self.args.max_sidecar_items)
@@ -352,7 +341,8 @@ class Recommender:
             self.metrics.error(507)
             raise HTTPException(507, str(e)) from None
         self.metrics.sidecar_ops.inc(len(entries), self.metrics._t(op=op))
-        return pos, await self._until_applied(pos)
+        self._wake.set()  # the follower applies it now instead of at its next poll
+        return pos, await self.rs.until_applied(pos, self.args.sidecar_apply_timeout_s)
 
     def _written(self, payload: dict, pos: Position, applied: bool) -> JSONResponse:
         """200 once this replica serves the write; 202 when it is durable but not applied in time."""
@@ -360,7 +350,9 @@ class Recommender:
         payload = {**payload, "sidecar_items": len(state.sidecar.ids), "build_id": state.build.build_id,
                    "log_position": {"generation": pos.generation, "offset": pos.offset}, "applied": applied}  # fmt: skip
         if not applied:
-            payload["detail"] = "written to the durable log; this replica had not applied it within 5 s"
+            payload["detail"] = (
+                f"written to the durable log; this replica had not applied it within {self.args.sidecar_apply_timeout_s} s"
+            )
         return JSONResponse(payload, status_code=200 if applied else 202)
 
     @api.post("/items")

@@ -69,6 +69,8 @@ class AppArgs(BaseModel):
     # read from this file, else from the environment variable SKEWLESS_ADMIN_TOKEN; with neither, sidecar
     # writes are off (403). Reading routes stay open.
     admin_token_file: str | None = None
+    # A sidecar write answers 200 once this replica serves it, else 202 after this long (durable either way)
+    sidecar_apply_timeout_s: float = Field(5.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
 

@@ -158,3 +158,17 @@ def test_table_and_history_queries_in_one_batch_match_the_build(reg):
     assert [len(r.item_ids) for r in res] == [5, 7, 5] and embedded == 1
     assert res[0].item_ids == b.retrieve(np.array([3]), 5)[0][0].tolist()
     assert load_build(reg / "builds" / "a").build_id == b.build_id
+
+
+def test_until_applied_says_when_the_replica_did_not_catch_up(reg):
+    import asyncio
+
+    from core.sidecar_log import Position
+
+    rs = ReplicaState(reg)
+    rs.tick()
+    pos = SidecarLog(reg).write([{"op": "upsert", "item_id": 5, "item": FRESH}], max_items=10)
+    assert asyncio.run(rs.until_applied(pos, timeout_s=0.05)) is False  # nobody ticked: not applied
+    rs.tick()
+    assert asyncio.run(rs.until_applied(pos, timeout_s=0.05)) is True
+    assert asyncio.run(rs.until_applied(Position(pos.generation, pos.offset + 1), 0.0)) is False
