@@ -113,9 +113,18 @@ def zero_items(emb: Embedder, batch: pa.Table) -> pa.Table:
 class TimedEmbedBatches(EmbedBatches):
     """The job's callable class, plus one line per batch (start, end, rows) in a side file."""
 
-    def __init__(self, checkpoint: str, what: str, threads: int, precision: str, log_dir: str, noop: bool):
+    def __init__(
+        self,
+        checkpoint: str,
+        what: str,
+        threads: int,
+        precision: str,
+        log_dir: str,
+        noop: bool,
+        nice: int = 0,
+    ):
         t_init = time.time()
-        super().__init__(checkpoint, what, threads, precision)
+        super().__init__(checkpoint, what, threads, precision, nice=nice)
         if noop:
             self.fn = lambda batch: zero_items(self.embedder, batch)
         with open(os.path.join(log_dir, f"init-{os.getpid()}.json"), "w") as f:

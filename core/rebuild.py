@@ -2,7 +2,8 @@
 
     preflight()  -> verify checkpoint, catalog/users datasets, schemas, columns, counts
     (jobs.rebuild_index embeds catalog and users into the staging directory with Ray Data)
-    finalize()   -> read embeddings back, gate, build + tune the index, write, commit, publish
+    finalize()   -> read embeddings back, gate, build + tune the index on user-tower queries (the
+                    users', else sampled histories'), write, commit, publish
 
 `on_phase(name)` is called after each step; tests use it to crash the process at known points.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -24,6 +26,7 @@ from core import index as ann
 from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.checkpoint import Checkpoint, load_checkpoint
 from core.datasets import DatasetError, partition_files, read_dataset_manifest
+from core.embed import user_vectors
 from core.features import (
     ITEM_FEATURE_COLUMNS,
     USER_FEATURE_COLUMNS,
@@ -103,16 +106,41 @@ def _read_embedded(directory: Path):
     return pads.dataset(str(directory), format="parquet").to_table()
 
 
-def _query_sample(
-    user_x: np.ndarray | None, item_x: np.ndarray, n: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tuning and held-out query sets, disjoint: user embeddings (real queries) when there are users,
-    otherwise item vectors."""
-    pool = user_x if user_x is not None and len(user_x) >= 20 else item_x
+# Fewer users than this cannot be split into tuning and held-out sets that measure recall; such a
+# build tunes on sampled histories, as a build without users does.
+MIN_USER_QUERIES = 20
+
+
+def sample_histories(item_ids: np.ndarray, n: int, history_len: int, seed: int) -> pa.ListArray:
+    """`n` synthetic histories (item ids, most recent last) drawn from the catalog with a seeded rng;
+    lengths spread evenly over 1..history_len, so short and full histories are both queried. Items are
+    drawn with replacement (a rare repeat only weighs that item more in the mean-pooled history)."""
     rng = np.random.default_rng(seed)
-    pick = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
-    half = len(pick) // 2
-    return pool[pick[:half]], pool[pick[half:]]
+    lengths = rng.integers(1, history_len + 1, size=n)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.asarray(item_ids, np.int64)[rng.integers(0, len(item_ids), size=int(offsets[-1]))]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def query_sets(
+    ck: Checkpoint, user_x: np.ndarray | None, item_ids: np.ndarray, n: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Disjoint tuning and held-out queries, both what serving will send this index: the build's user
+    embeddings, or, without users, the checkpoint's user tower over histories sampled from the catalog.
+    Never item vectors: each is its own nearest neighbour, which makes recall look better than it is.
+    Returns (xq_tune (T, D), xq_hold (H, D), a record of which queries these are for the manifest)."""
+    if user_x is not None and len(user_x) >= MIN_USER_QUERIES:
+        source = "users"
+        rng = np.random.default_rng(seed)
+        pool = user_x[rng.choice(len(user_x), size=min(n, len(user_x)), replace=False)]
+    else:
+        source = "sampled_histories"
+        histories = sample_histories(item_ids, n, ck.schema.history_len, seed)
+        # one user id for all: the queries differ by their histories alone
+        pool = user_vectors(ck.model.user_tower, np.zeros(n, np.int64), histories, ck.schema)  # (n, D)
+    half = len(pool) // 2
+    return pool[:half], pool[half:], {"source": source, "tuning": half, "holdout": len(pool) - half}
 
 
 def finalize(
@@ -147,12 +175,14 @@ def finalize(
     phase("validated")
 
     t1 = time.perf_counter()
-    xq_tune, xq_hold = _query_sample(user_x, xb, opts.max_queries, opts.seed)
+    xq_tune, xq_hold, queries = query_sets(ck, user_x, item_ids, opts.max_queries, opts.seed)
     idx, spec, quality, t_idx = ann.build_tuned(
         xb, item_ids, xq_tune, xq_hold, opts.k, opts.target_recall, opts.kind, seed=opts.seed
     )
+    quality["queries"] = queries
     timings.update(t_idx)
-    # choosing the setting: exact search of the query sets + the recall sweeps (+ QPS timings if measured)
+    # choosing the setting: the query sets (user tower if sampled), their exact search, the recall sweeps
+    # (+ QPS timings if measured)
     timings["recall_s"] = round(time.perf_counter() - t1 - t_idx["index_train_s"] - t_idx["index_add_s"], 3)
     if quality["recall_at_k"] < opts.target_recall:
         last = quality["tuning_sweep"][-1]
@@ -164,7 +194,8 @@ def finalize(
             f"on the tuning queries"
         )
         raise ValidationError(
-            f"index {spec.factory}: held-out recall@{opts.k} {quality['recall_at_k']:.4f} is below the target "
+            f"index {spec.factory}: held-out recall@{opts.k} {quality['recall_at_k']:.4f} ({queries['source']} "
+            f"queries) is below the target "
             f"{opts.target_recall}: {why}; not publishing (try another --index, or a lower --target-recall)"
         )
     out.write_index(idx)

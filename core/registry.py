@@ -180,6 +180,10 @@ class Registry:
                 removed.append(b)
                 if not dry_run:
                     shutil.rmtree(self.builds / b)
+            for tmp in self.root.glob(f".{POINTER}.tmp-*"):
+                removed.append(tmp.name)  # a pointer update killed before its replace (we hold the lock)
+                if not dry_run:
+                    tmp.unlink()
             if self.builds.is_dir():
                 for p in self.builds.iterdir():
                     if p.name.startswith(".tmp-") and _staging_is_dead(p, stale_staging_s):

@@ -8,7 +8,8 @@
 
 Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
 the inputs', unique ids, finite vectors, and held-out recall@k >= the target. Exit code 0 = published,
-2 = refused (bad input or failed gate), 1 = unexpected error. CURRENT is untouched on any failure.
+2 = refused (bad input, failed gate, --timeout-s passed), 1 = unexpected error. CURRENT is untouched on
+any failure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,11 +30,13 @@ import ray
 from core import index as ann
 from core import skew_gate
 from core.build_dir import BuildDir
+from core.datasets import DATASET_MANIFEST
 from core.embed import PRECISIONS, Embedder
 from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
 from core.registry import Registry
-from jobs.common import run_main
+from core.sidecar import fold_into_base
+from jobs.common import lower_priority, run_main
 
 log = logging.getLogger("skewless.rebuild")
 
@@ -41,8 +45,8 @@ log = logging.getLogger("skewless.rebuild")
 class RebuildConfig:
     checkpoint: Path
     catalog: Path
-    users: Path | None
-    registry: Path
+    users: Path | None = None
+    registry: Path = Path("registry")
     address: str | None = None
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -53,20 +57,38 @@ class RebuildConfig:
     torch_threads: int = 2
     faiss_threads: int = 2
     index: IndexOptions = IndexOptions()
-    timeout_s: int = 3600
+    timeout_s: float = 3600.0
     wait_for_min_actors_s: int = 300
     force_unchecked: bool = False
     skip_resource_check: bool = False
     precision: str = "fp32"
+    # added to the nice value of the embedding actors and of the driver (index build), for a rebuild
+    # that shares cores with serving: the kernel's CPU share of a nice-19 thread is ~1/68 of a nice-0 one's
+    nice: int = 0
+
+
+def actor_device(gpu_ids: list) -> str:
+    """The torch device of an actor given the GPUs Ray assigned it. Ray sets CUDA_VISIBLE_DEVICES to
+    those; a CPU-pool actor gets none even on a GPU node (torch.cuda.is_available() would say True)."""
+    return "cuda:0" if gpu_ids else "cpu"
 
 
 class EmbedBatches:
-    """Ray Data callable: loads the checkpoint from its path once per actor, then embeds batches."""
+    """Ray Data callable: loads the checkpoint from its path once per actor, then embeds batches.
+    `assigned_gpus` and `renice` are Ray's and the OS's; tests pass their own."""
 
-    def __init__(self, checkpoint: str, what: str, threads: int, precision: str = "fp32"):
-        # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned; a CPU-pool actor gets none even on a
-        # GPU node (torch.cuda.is_available() would still say True there).
-        device = "cuda:0" if ray.get_gpu_ids() else "cpu"
+    def __init__(
+        self,
+        checkpoint: str,
+        what: str,
+        threads: int,
+        precision: str = "fp32",
+        nice: int = 0,
+        assigned_gpus: Callable[[], list] = ray.get_gpu_ids,
+        renice: Callable[[int], int] = lower_priority,
+    ):
+        renice(nice)  # first: torch's compute threads, started later, inherit the priority
+        device = actor_device(assigned_gpus())
         self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
         self.fn = self.embedder.items if what == "items" else self.embedder.users
 
@@ -94,6 +116,7 @@ def embed_dataset(
             "what": what,
             "threads": cfg.torch_threads,
             "precision": cfg.precision,
+            "nice": cfg.nice,
             **(udf_kwargs or {}),
         },
         batch_size=cfg.batch_size,
@@ -132,10 +155,6 @@ def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
         )
 
 
-def _timeout(signum, frame):
-    raise TimeoutError("rebuild exceeded --timeout-s; nothing was published")
-
-
 def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     phase = on_phase or (lambda _n: None)
     t_start = time.perf_counter()
@@ -154,6 +173,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # a failed block must fail the build, never silently drop catalog rows
     ctx.wait_for_min_actors_s = cfg.wait_for_min_actors_s
+    lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
     ann.configure(cfg.faiss_threads)
     check_resources(cfg, ray.cluster_resources())
 
@@ -182,6 +202,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "torch_threads": cfg.torch_threads,
             "precision": cfg.precision,
             "faiss_threads": cfg.faiss_threads,
+            "nice": cfg.nice,
             "ray_version": ray.__version__,
             "skew_gate": gate,
         }
@@ -192,6 +213,17 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         if staging.exists():  # a committed build has left staging; only a half-written one is removed
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    # Published: the sidecar's entries this catalog already serves leave the log (archived), which
+    # frees their slots under the cap. A failure here leaves the log as it was (`jobs.registry
+    # sidecar-fold` redoes it); it never un-publishes the build.
+    try:
+        folded = fold_into_base(cfg.registry, build_id, inputs.catalog_files)
+    except Exception as e:  # noqa: BLE001 - the build is live; folding is housekeeping
+        log.error(
+            "build %s is live but folding the sidecar into it failed: %s: %s", build_id, type(e).__name__, e
+        )
+        folded = {"error": f"{type(e).__name__}: {e}"}
+    phase("sidecar_folded")
     total = time.perf_counter() - t_start
     n = manifest.catalog.row_count
     summary = {
@@ -206,6 +238,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         "recall_at_10": manifest.quality["recall_at_k"],
         "timings": timings,
         "published": True,
+        "sidecar": folded,
     }
     print(
         f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} items/s embedding), "
@@ -224,11 +257,20 @@ def _resource(s: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (e.g. gpu_pool=1), got {s!r}") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, then each option with its default (from RebuildConfig and
+    IndexOptions) where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse(argv: list[str] | None) -> RebuildConfig:
+    d, ix = RebuildConfig, IndexOptions  # the one source of defaults
     p = argparse.ArgumentParser(
-        prog="python -m jobs.rebuild_index",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m jobs.rebuild_index", description=__doc__, formatter_class=_HelpFormatter
     )
     p.add_argument(
         "--checkpoint", type=Path, required=True, help="checkpoint directory written by jobs.train"
@@ -239,48 +281,77 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     p.add_argument(
         "--users",
         type=Path,
-        default=None,
-        help="users dataset; embedded with the SAME checkpoint for serving (default: CATALOG/../users if present)",
+        default=d.users,
+        help="users dataset; embedded with the SAME checkpoint for serving (default: CATALOG/../users if "
+        "present)",
     )
-    p.add_argument("--no-users", action="store_true", help="do not embed users")
-    p.add_argument("--registry", type=Path, default=Path("registry"))
+    p.add_argument(
+        "--no-users",
+        action="store_true",
+        help="do not embed users: the build has no user tables, and its index is tuned and gated on the "
+        "user tower over histories sampled from the catalog",
+    )
+    p.add_argument("--registry", type=Path, default=d.registry, help="build registry directory")
     p.add_argument(
         "--address",
-        default=None,
-        help="Ray address (default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new local Ray; `local` forces a new one)",
+        default=d.address,
+        help="Ray address (default: RAY_ADDRESS, else a cluster started with `ray start` on this machine, "
+        "else a new local Ray; `local` forces a new one)",
     )
     p.add_argument(
-        "--num-workers", type=int, default=1, help="embedding actor pool size (one per GPU on a GPU pool)"
+        "--num-workers",
+        type=int,
+        default=d.num_workers,
+        help="embedding actor pool size (one per GPU on a GPU pool)",
     )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs each actor reserves")
     p.add_argument(
-        "--read-cpus", type=float, default=0.25, help="logical CPUs each parquet read task reserves"
+        "--cpus-per-worker", type=float, default=d.cpus_per_worker, help="logical CPUs each actor reserves"
     )
     p.add_argument(
-        "--num-gpus-per-worker", type=float, default=0.0, help="0 = CPU pool, 1 = one GPU per actor"
+        "--read-cpus", type=float, default=d.read_cpus, help="logical CPUs each parquet read task reserves"
+    )
+    p.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=d.num_gpus_per_worker,
+        help="0 = CPU pool, 1 = one GPU per actor",
     )
     p.add_argument(
         "--resources-per-worker",
         type=_resource,
         action="append",
-        default=[],
+        default=list(d.resources_per_worker),
         metavar="NAME=AMOUNT",
-        help="custom resource each actor needs, e.g. gpu_pool=1 (repeatable)",
+        help="custom resource each embedding actor reserves, e.g. gpu_pool=1 (repeatable). Only nodes that "
+        "advertise it run the actors, which keeps them off serving nodes (give those none of it). Ray "
+        "Data's read and write tasks are not pinned by it and may run on any node with CPU",
     )
-    p.add_argument("--batch-size", type=int, default=8192, help="rows per embedding batch")
-    p.add_argument("--torch-threads", type=int, default=2, help="torch intra-op threads per actor")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=d.nice,
+        metavar="N",
+        help="add N (0-19) to the nice value of the embedding actors and of the driver's index build, so "
+        "a rebuild that shares a node's cores with serving yields them to it",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per embedding batch")
+    p.add_argument(
+        "--torch-threads", type=int, default=d.torch_threads, help="torch intra-op threads per actor"
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
+        default=d.precision,
         help="embedding compute precision (bf16: ~2x faster on CPUs with bf16 units; the index then holds "
         "vectors that differ slightly from fp32 ones, see README)",
     )
-    p.add_argument("--faiss-threads", type=int, default=2, help="faiss OpenMP threads in the driver")
+    p.add_argument(
+        "--faiss-threads", type=int, default=d.faiss_threads, help="faiss OpenMP threads in the driver"
+    )
     p.add_argument(
         "--index",
         choices=ann.KINDS,
-        default="auto",
+        default=ix.kind,
         help="index family (auto: build several, tune each to the target recall and keep the fastest: up "
         "to 200k items Flat, HNSW32 and IVF-Flat at 2, 4, 8*sqrt(n) lists; up to 2M HNSW32 and IVF-Flat at "
         "2, 4*sqrt(n); above, IVF-Flat at 2*sqrt(n) alone)",
@@ -288,17 +359,27 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     p.add_argument(
         "--target-recall",
         type=float,
-        default=0.95,
-        help="held-out recall@10 needed to publish (the search setting is the cheapest that reaches it on "
-        "the tuning queries and on the disjoint held-out queries)",
+        default=ix.target_recall,
+        help=f"held-out recall@{ix.k} needed to publish (the search setting is the cheapest that reaches it "
+        "on the tuning queries and on the disjoint held-out queries)",
     )
     p.add_argument(
         "--force-unchecked",
         action="store_true",
         help="publish without a passed skew check (recorded in the manifest)",
     )
-    p.add_argument("--timeout-s", type=int, default=3600)
-    p.add_argument("--wait-for-min-actors-s", type=int, default=300)
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=d.timeout_s,
+        help="give up (exit 2, nothing published) after this many seconds",
+    )
+    p.add_argument(
+        "--wait-for-min-actors-s",
+        type=int,
+        default=d.wait_for_min_actors_s,
+        help="fail if the embedding actor pool has not started within this many seconds",
+    )
     p.add_argument(
         "--skip-resource-check",
         action="store_true",
@@ -307,10 +388,12 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
+    if not 0 <= a.nice <= 19 or a.timeout_s <= 0:
+        p.error(f"--nice must be in 0..19 (got {a.nice}) and --timeout-s > 0 (got {a.timeout_s:g})")
     users = None
     if not a.no_users:
         users = a.users or (
-            a.catalog.parent / "users" if (a.catalog.parent / "users" / "_dataset.json").exists() else None
+            a.catalog.parent / "users" if (a.catalog.parent / "users" / DATASET_MANIFEST).exists() else None
         )
     return RebuildConfig(
         checkpoint=a.checkpoint, catalog=a.catalog, users=users, registry=a.registry, address=a.address,
@@ -318,15 +401,23 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
-        skip_resource_check=a.skip_resource_check, precision=a.precision,
+        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None, on_phase=None) -> int:
     cfg = parse(argv)
-    signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(cfg.timeout_s)
-    rebuild(cfg, on_phase=on_phase)
+
+    def timeout(signum, frame):
+        raise TimeoutError(f"rebuild exceeded --timeout-s {cfg.timeout_s:g}; nothing was published")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, cfg.timeout_s)
+    try:
+        rebuild(cfg, on_phase=on_phase)
+    finally:  # main may run in a longer-lived process (tests): leave no alarm behind
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
     return 0
 
 

@@ -8,8 +8,11 @@ import uuid
 
 import pytest
 
+from core.build_dir import BuildDir
 from core.checkpoint import read_manifest
 from core.datasets import read_table
+from core.rebuild import IndexOptions
+from core.registry import Registry
 from tests.conftest import REPO
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import ray_cli, rebuild, run_module, summary, wait_for
@@ -83,6 +86,27 @@ def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(
     check_build(registry, first, checkpoint_version=version_a, catalog_ids=catalog_ids)
     listing = run_module("jobs.registry", "--registry", registry, "list").stdout
     assert f"* {first}" in listing and f"  {second}" in listing
+
+
+def test_a_build_without_users_is_tuned_on_sampled_histories_and_published(
+    ray_head, ml_data, checkpoints, new_registry, catalog_ids
+):
+    """--no-users: no user tables, and the index is tuned and gated on the user tower over sampled
+    histories (real queries), not on item vectors; --nice reaches the actors and the driver unharmed."""
+    registry = new_registry("reg-no-users")
+    out = rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--no-users", "--nice", "5")
+    build = summary(out)["build_id"]
+    assert current_build(registry) == build
+    version_a = read_manifest(checkpoints[0])["version"]
+    checked = check_build(registry, build, checkpoint_version=version_a, catalog_ids=catalog_ids)
+    m = checked["manifest"]
+    assert m.users is None and m.homogeneity["user_rows"] == 0
+    half = IndexOptions.max_queries // 2
+    assert m.quality["queries"] == {"source": "sampled_histories", "tuning": half, "holdout": half}
+    assert m.quality["recall_at_k"] >= m.quality["target"] == 0.95
+    assert m.run["nice"] == 5
+    b = BuildDir(Registry(registry).build_dir(build))
+    assert not b.table_path("user_ids").exists() and not b.user_parquet.exists()
 
 
 def test_submit_without_the_token_is_refused(ray_head, ml_data, checkpoints, tmp_path):

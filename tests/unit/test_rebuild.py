@@ -1,0 +1,437 @@
+"""The Ray-free half of the rebuild, in-process: preflight, the gates, the embedder, and finalize with a
+crash injected at every phase (what `ray job stop`'s SIGKILL can interrupt).
+
+The embedded tables are written here with pyarrow, as the job's Ray Data workers write them, into the
+staging directory that `BuildDir` names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import index as ann
+from core.build_dir import BuildDir
+from core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_manifest
+from core.datasets import DATASET_MANIFEST, DatasetError, part_name, split_table, write_dataset
+from core.embed import Embedder, embedding_table, embeddings_to_numpy, item_vectors, user_vectors
+from core.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
+from core.rebuild import IndexOptions, finalize, preflight, query_sets, sample_histories
+from core.registry import POINTER, Registry
+from core.validate import ValidationError, check_embedded
+from tests.unit.tiny_build import CFG, SCHEMA, make_build, make_checkpoint
+
+N_ITEMS, N_USERS = 240, 60
+# Flat: exact, so recall is 1.0 and the tests are about the rebuild's steps, not index tuning
+OPTS = IndexOptions(kind="flat", max_queries=200)
+PHASES = ("validated", "index_written", "build_committed", "pointer_temp_written", "published")
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing on the way out may treat it as a handled error."""
+
+
+def _items(n: int, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    rows = [
+        {
+            "item_id": 1000 + 7 * i,  # sparse ids: nothing may assume ids are row numbers
+            "title": f"movie {i} part {i % 5}",
+            "genres": "|".join(rng.choice(MOVIELENS_GENRES[1:], size=1 + i % 3, replace=False)),
+            "year": None if i % 17 == 0 else 1950 + i % 70,
+            "tags": f"tag{i % 11} tag{i % 13}",
+        }
+        for i in range(n)
+    ]
+    return encode_item_rows(rows, SCHEMA)
+
+
+def _users(n: int, item_ids: np.ndarray, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    hist = [rng.choice(item_ids, size=1 + u % SCHEMA.history_len).tolist() for u in range(n)]
+    return pa.Table.from_pydict(
+        {"user_id": np.arange(5, 5 + 3 * n, 3), "history": hist}, schema=USER_ARROW_SCHEMA
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A checkpoint, a catalog and a users dataset (two partitions each), and their embedded tables."""
+    root = tmp_path_factory.mktemp("tiny-rebuild")
+    ck_path = make_checkpoint(root / "checkpoints")
+    items = _items(N_ITEMS)
+    users = _users(N_USERS, items["item_id"].to_numpy())
+    src = {"test": True}
+    write_dataset(root / "catalog", split_table(items, 2), kind="catalog", schema=SCHEMA, source=src)
+    write_dataset(root / "users", split_table(users, 2), kind="users", schema=SCHEMA, source=src)
+    emb = Embedder(ck_path)
+    return {
+        "root": root,
+        "ck_path": ck_path,
+        "ck": emb.ckpt,
+        "items": items,
+        "users": users,
+        "item_emb": emb.items(items),
+        "user_emb": emb.users(users),
+    }
+
+
+def _stage(staging, tiny, users: bool = True) -> None:
+    """What the job's Ray Data stage leaves in staging: parquet files of embedded rows, in any order."""
+    out = BuildDir(staging)
+    tables = [(out.item_parquet, tiny["item_emb"])] + (
+        [(out.user_parquet, tiny["user_emb"])] if users else []
+    )
+    for directory, table in tables:
+        directory.mkdir()
+        shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
+        for i, part in enumerate(split_table(shuffled, 2)):
+            pq.write_table(part, directory / part_name(i))
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _staging_of_a_killed_job(reg: Registry, build_id: str, monkeypatch):
+    """A staging directory whose owner process has exited (as after SIGKILL), so `gc` may remove it."""
+    pid = _dead_pid()
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: pid)
+        return reg.staging(build_id)
+
+
+def _live_registry(tmp_path, tiny) -> Registry:
+    reg = Registry(tmp_path / "registry")
+    make_build(reg.root, "old-build", tiny["ck_path"], n_items=50, n_users=10)
+    reg.publish("old-build", expected_seq=0)
+    return reg
+
+
+def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None):
+    inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
+    seq = reg.pointer().seq
+    return finalize(inputs, reg, staging, build_id, seq, opts, {}, {"nice": 0}, on_phase=on_phase)
+
+
+def _assert_loadable(reg: Registry, build_id: str, items: int) -> None:
+    b = BuildDir(reg.build_dir(build_id))
+    m = b.read_manifest()
+    assert m.build_id == build_id and m.index.ntotal == items == len(b.open_items()[0])
+    assert b.load_index().ntotal == items
+    assert read_manifest(b.checkpoint_path)["version"] == m.checkpoint_version
+
+
+# ---- preflight ---------------------------------------------------------------------------------------
+
+
+def _catalog(tmp_path, table, schema=SCHEMA, name="catalog"):
+    parts = split_table(table, 2) if table.num_rows else [table]
+    write_dataset(tmp_path / name, parts, kind="catalog", schema=schema, source={"test": True})
+    return tmp_path / name
+
+
+def test_preflight_accepts_matching_inputs_and_counts_them(tiny):
+    inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users")
+    assert inputs.checkpoint.version == tiny["ck"].version
+    assert inputs.catalog_manifest["row_count"] == N_ITEMS and len(inputs.catalog_files) == 2
+    assert inputs.users_manifest["row_count"] == N_USERS and len(inputs.user_files) == 2
+    no_users = preflight(tiny["ck_path"], tiny["root"] / "catalog", None)
+    assert no_users.users_manifest is None and no_users.user_files == []
+
+
+def test_preflight_refuses_a_missing_or_corrupted_checkpoint(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        preflight(tmp_path / "no-such-checkpoint", tiny["root"] / "catalog", None)
+    bad = tmp_path / "corrupt" / tiny["ck_path"].name
+    shutil.copytree(tiny["ck_path"], bad)
+    data = bytearray((bad / WEIGHTS).read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    (bad / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupted: weights sha256 expected"):
+        preflight(bad, tiny["root"] / "catalog", None)
+
+
+def test_preflight_refuses_missing_columns_naming_them(tiny, tmp_path):
+    catalog = _catalog(tmp_path, tiny["items"].drop_columns(["title_tokens"]))
+    with pytest.raises(ValueError, match=r"missing required columns \['title_tokens'\]"):
+        preflight(tiny["ck_path"], catalog, None)
+    users = tmp_path / "users"
+    write_dataset(
+        users, [tiny["users"].select(["user_id"])], kind="users", schema=SCHEMA, source={"test": True}
+    )
+    with pytest.raises(ValueError, match=r"users partition .* missing required columns \['history'\]"):
+        preflight(tiny["ck_path"], tiny["root"] / "catalog", users)
+
+
+def test_preflight_refuses_a_row_count_that_disagrees_with_the_partitions(tiny, tmp_path):
+    catalog = _catalog(tmp_path, tiny["items"])
+    m = json.loads((catalog / DATASET_MANIFEST).read_text())
+    m["row_count"] += 1
+    (catalog / DATASET_MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DatasetError, match=f"says {N_ITEMS + 1:,} rows but the partitions hold {N_ITEMS:,}"):
+        preflight(tiny["ck_path"], catalog, None)
+
+
+def test_preflight_refuses_a_schema_mismatch_naming_field_expected_and_actual(tiny, tmp_path):
+    other = dataclasses.replace(SCHEMA, title_buckets=999)
+    catalog = _catalog(tmp_path, tiny["items"], schema=other)
+    with pytest.raises(DatasetError, match="feature schema mismatch.*title_buckets: expected 256, got 999"):
+        preflight(tiny["ck_path"], catalog, None)
+    users = tmp_path / "users"
+    write_dataset(users, [tiny["users"]], kind="users", schema=other, source={"test": True})
+    with pytest.raises(DatasetError, match="vs users .*title_buckets: expected 256, got 999"):
+        preflight(tiny["ck_path"], tiny["root"] / "catalog", users)
+
+
+def test_preflight_refuses_an_empty_catalog(tiny, tmp_path):
+    catalog = _catalog(tmp_path, tiny["items"].slice(0, 0))
+    with pytest.raises(DatasetError, match=r"is empty \(0 rows\)"):
+        preflight(tiny["ck_path"], catalog, None)
+
+
+# ---- the gates ---------------------------------------------------------------------------------------
+
+
+def _embedded(n: int, version: str = "v1", seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(100, 100 + 2 * n, 2))  # unsorted, as Ray Data writes them
+    return embedding_table(ids, rng.standard_normal((n, 4)).astype(np.float32), version, "item_id")
+
+
+def _check(table, rows, version="v1"):
+    return check_embedded(
+        table, id_name="item_id", expected_version=version, expected_rows=rows, what="catalog"
+    )
+
+
+def test_check_embedded_returns_rows_sorted_by_id_and_aligned():
+    t = _embedded(50)
+    ids, x = _check(t, 50)
+    assert (np.diff(ids) > 0).all() and x.shape == (50, 4)
+    by_id = dict(zip(t["item_id"].to_pylist(), embeddings_to_numpy(t), strict=True))
+    np.testing.assert_array_equal(x, np.stack([by_id[i] for i in ids.tolist()]))
+
+
+def test_check_embedded_refuses_rows_from_more_than_one_checkpoint():
+    mixed = pa.concat_tables([_embedded(10, "v1"), _embedded(3, "v2", seed=1)])
+    with pytest.raises(
+        ValidationError, match=r"must all carry checkpoint version 'v1'; found \['v1', 'v2'\]"
+    ):
+        _check(mixed, 13)
+    with pytest.raises(ValidationError, match=r"found \['v2'\]"):
+        _check(_embedded(10, "v2"), 10)
+    with pytest.raises(ValidationError, match=r"found \[\]"):
+        _check(_embedded(10).slice(0, 0), 0)
+
+
+def test_check_embedded_refuses_a_wrong_row_count():
+    with pytest.raises(ValidationError, match="expected 51 embedded rows .*, got 50"):
+        _check(_embedded(50), 51)
+    with pytest.raises(ValidationError, match="expected 49 embedded rows"):
+        _check(_embedded(50), 49)
+
+
+def test_check_embedded_refuses_duplicate_ids_naming_them():
+    t = _embedded(20)
+    dup = pa.concat_tables([t, t.slice(0, 3)])
+    first = sorted(t["item_id"].to_pylist()[:3])
+    with pytest.raises(
+        ValidationError, match=re.escape(f"item_id must be unique; 3 duplicates, e.g. {first}")
+    ):
+        _check(dup, 23)
+
+
+def test_check_embedded_refuses_non_finite_vectors_naming_ids():
+    t = _embedded(20)
+    x = embeddings_to_numpy(t).copy()
+    x[4, 1], x[7, 0] = np.nan, np.inf
+    bad = embedding_table(t["item_id"].to_numpy(), x, "v1", "item_id")
+    ids = sorted([t["item_id"][4].as_py(), t["item_id"][7].as_py()])
+    with pytest.raises(
+        ValidationError, match=re.escape(f"2 vectors contain NaN or infinity (e.g. item_id {ids})")
+    ):
+        _check(bad, 20)
+
+
+# ---- the embedder ------------------------------------------------------------------------------------
+
+
+def test_embedder_items_carry_one_version_and_match_item_vectors(tiny):
+    out, ck = tiny["item_emb"], tiny["ck"]
+    assert out.num_rows == N_ITEMS and out["item_id"].to_pylist() == tiny["items"]["item_id"].to_pylist()
+    assert set(out["checkpoint_version"].cast(pa.string()).to_pylist()) == {ck.version}
+    x = embeddings_to_numpy(out)
+    assert x.shape == (N_ITEMS, CFG.embed_dim) and x.dtype == np.float32
+    np.testing.assert_allclose(x, item_vectors(ck.model.item_tower, tiny["items"], ck.schema), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_embedder_users_carry_one_version_and_match_user_vectors(tiny):
+    out, ck, users = tiny["user_emb"], tiny["ck"], tiny["users"]
+    assert out["user_id"].to_pylist() == users["user_id"].to_pylist()
+    assert set(out["checkpoint_version"].cast(pa.string()).to_pylist()) == {ck.version}
+    x = embeddings_to_numpy(out)
+    assert x.shape == (N_USERS, CFG.embed_dim)
+    want = user_vectors(ck.model.user_tower, users["user_id"].to_numpy(), users["history"], ck.schema)
+    np.testing.assert_allclose(x, want, atol=1e-6)
+
+
+def test_embedder_refuses_batches_without_the_tower_columns(tiny):
+    emb = Embedder(tiny["ck_path"])
+    with pytest.raises(ValueError, match=r"catalog batch is missing required columns \['tag_tokens'\]"):
+        emb.items(tiny["items"].drop_columns(["tag_tokens"]))
+    with pytest.raises(ValueError, match=r"users batch is missing required columns \['history'\]"):
+        emb.users(tiny["users"].select(["user_id"]))
+
+
+# ---- which queries tune and gate the index -----------------------------------------------------------
+
+
+def test_sampled_histories_are_seeded_catalog_ids_of_spread_lengths(tiny):
+    ids = tiny["items"]["item_id"].to_numpy()
+    h = sample_histories(ids, 2000, SCHEMA.history_len, seed=3)
+    lengths = np.diff(h.offsets.to_numpy())
+    assert len(h) == 2000 and lengths.min() == 1 and lengths.max() == SCHEMA.history_len
+    assert 0.4 * SCHEMA.history_len < lengths.mean() < 0.6 * SCHEMA.history_len
+    assert set(h.values.to_numpy().tolist()) <= set(ids.tolist())
+    assert h.equals(sample_histories(ids, 2000, SCHEMA.history_len, seed=3))
+    assert not h.equals(sample_histories(ids, 2000, SCHEMA.history_len, seed=4))
+
+
+def test_without_users_the_queries_are_the_user_tower_over_sampled_histories(tiny):
+    ck, ids = tiny["ck"], tiny["items"]["item_id"].to_numpy()
+    tune, hold, info = query_sets(ck, None, ids, 200, seed=0)
+    assert info == {"source": "sampled_histories", "tuning": 100, "holdout": 100}
+    hist = sample_histories(ids, 200, ck.schema.history_len, seed=0)
+    want = user_vectors(ck.model.user_tower, np.zeros(200, np.int64), hist, ck.schema)
+    np.testing.assert_allclose(np.concatenate([tune, hold]), want, atol=1e-6)
+    # not item vectors: an item vector would find itself at inner product 1
+    xb = embeddings_to_numpy(tiny["item_emb"])
+    assert (np.concatenate([tune, hold]) @ xb.T).max() < 0.999
+
+
+def test_with_users_the_queries_are_disjoint_user_embeddings(tiny):
+    xu = embeddings_to_numpy(tiny["user_emb"])
+    tune, hold, info = query_sets(tiny["ck"], xu, tiny["items"]["item_id"].to_numpy(), 200, seed=0)
+    assert info == {"source": "users", "tuning": N_USERS // 2, "holdout": N_USERS - N_USERS // 2}
+    rows = {r.tobytes(): i for i, r in enumerate(xu)}
+    picked = [rows[r.tobytes()] for r in np.concatenate([tune, hold])]
+    assert len(set(picked)) == N_USERS  # every user once: tuning and held-out sets are disjoint
+
+
+# ---- finalize ----------------------------------------------------------------------------------------
+
+
+def test_finalize_with_users_publishes_tables_and_records_the_queries(tiny, tmp_path):
+    reg = _live_registry(tmp_path, tiny)
+    staging = reg.staging("b-users")
+    _stage(staging, tiny)
+    m = _finalize(tiny, reg, staging, "b-users")
+    assert reg.current() == "b-users" and not staging.exists()
+    _assert_loadable(reg, "b-users", N_ITEMS)
+    assert m.users.row_count == N_USERS and m.homogeneity["user_rows"] == N_USERS
+    assert m.quality["queries"] == {"source": "users", "tuning": N_USERS // 2, "holdout": N_USERS // 2}
+    b = BuildDir(reg.build_dir("b-users"))
+    assert reg.manifest("b-users").quality == m.quality
+    ids, xu = b.open_users(m)
+    assert len(ids) == N_USERS and (np.diff(ids) > 0).all() and xu.shape == (N_USERS, CFG.embed_dim)
+
+
+def test_finalize_without_users_publishes_a_build_tuned_on_sampled_histories(tiny, tmp_path):
+    reg = _live_registry(tmp_path, tiny)
+    staging = reg.staging("b-no-users")
+    _stage(staging, tiny, users=False)
+    m = _finalize(tiny, reg, staging, "b-no-users", users=False)
+    assert reg.current() == "b-no-users"
+    _assert_loadable(reg, "b-no-users", N_ITEMS)
+    m = reg.manifest("b-no-users")
+    assert m.users is None and not m.has_users and m.homogeneity["user_rows"] == 0
+    assert m.quality["queries"] == {"source": "sampled_histories", "tuning": 100, "holdout": 100}
+    assert m.quality["tuning_queries"] == 100 and m.quality["holdout_queries"] == 100
+    b = BuildDir(reg.build_dir("b-no-users"))
+    assert not b.table_path("user_ids").exists() and not b.table_path("user_embeddings").exists()
+    assert len(b.open_users(m)[0]) == 0
+
+
+def test_finalize_without_users_still_refuses_a_held_out_recall_below_target(tiny, tmp_path, monkeypatch):
+    real = ann.build_tuned
+
+    def below_target(*args, **kwargs):
+        idx, spec, quality, t = real(*args, **kwargs)
+        return idx, spec, {**quality, "recall_at_k": 0.5, "tuning_reached_target": False}, t
+
+    monkeypatch.setattr(ann, "build_tuned", below_target)
+    reg = _live_registry(tmp_path, tiny)
+    before, builds = (reg.root / POINTER).read_bytes(), reg.list_builds()
+    staging = reg.staging("b-low")
+    _stage(staging, tiny, users=False)
+    with pytest.raises(ValidationError, match=r"recall@10 0\.5000 \(sampled_histories queries\) is below"):
+        _finalize(tiny, reg, staging, "b-low", users=False)
+    assert (reg.root / POINTER).read_bytes() == before and reg.list_builds() == builds
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_crash_at_each_phase_leaves_current_on_a_complete_build(phase, tiny, tmp_path, monkeypatch):
+    reg = _live_registry(tmp_path, tiny)
+    pointer_before, builds_before = (reg.root / POINTER).read_bytes(), reg.list_builds()
+    staging = _staging_of_a_killed_job(reg, "b-new", monkeypatch)
+    _stage(staging, tiny)
+
+    def crash(name: str) -> None:
+        if name == phase:
+            raise Killed(name)
+
+    with pytest.raises(Killed):
+        _finalize(tiny, reg, staging, "b-new", on_phase=crash)
+
+    pointer = json.loads((reg.root / POINTER).read_text())  # whole, valid JSON at every phase
+    committed = phase in ("build_committed", "pointer_temp_written", "published")
+    assert staging.exists() != committed
+    for b in reg.list_builds():  # whatever is listed is complete and loadable: no half build visible
+        _assert_loadable(reg, b, N_ITEMS if b == "b-new" else 50)
+    assert reg.list_builds() == sorted(builds_before + (["b-new"] if committed else []))
+    if phase == "published":
+        assert pointer["build_id"] == reg.current() == "b-new"
+    else:
+        assert (reg.root / POINTER).read_bytes() == pointer_before and pointer["build_id"] == "old-build"
+
+    removed = reg.gc(rollback_window=2, keep_extra=0)
+    leftover = {"validated": staging.name, "index_written": staging.name}.get(phase, "b-new")
+    assert (leftover in removed) == (phase != "published")  # a published build is live: kept
+    assert not any(p.name.startswith(".") for p in reg.builds.iterdir())
+    assert not list(reg.root.glob(f".{POINTER}.tmp-*"))  # nor a pointer temp killed before its replace
+    _assert_loadable(reg, reg.current(), N_ITEMS if phase == "published" else 50)
+
+    retry = reg.staging("b-retry")  # the job run again
+    _stage(retry, tiny)
+    _finalize(tiny, reg, retry, "b-retry")
+    assert reg.current() == "b-retry"
+    _assert_loadable(reg, "b-retry", N_ITEMS)
+    assert reg.pointer().stack[-2] == ("b-new" if phase == "published" else "old-build")
+
+
+def test_finalize_reads_back_what_the_workers_wrote_and_gates_it(tiny, tmp_path):
+    """A worker that embedded with another checkpoint is caught in finalize, before anything is written."""
+    reg = _live_registry(tmp_path, tiny)
+    staging = reg.staging("b-mixed")
+    _stage(staging, tiny)
+    other = load_checkpoint(make_checkpoint(tmp_path / "other", seed=1))
+    stray = embedding_table(
+        np.array([999_999]), np.ones((1, CFG.embed_dim), np.float32), other.version, "item_id"
+    )
+    pq.write_table(stray, BuildDir(staging).item_parquet / part_name(9))
+    with pytest.raises(ValidationError, match=f"found .*'{other.version}'"):
+        _finalize(tiny, reg, staging, "b-mixed")
+    assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
+    assert not BuildDir(staging).index_path.exists()
