@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 from torch.nn import functional as F
 
+from core.embed import item_vectors, user_vectors
 from core.features import FeatureSchema
 from core.metrics import evaluate_topk, popularity_scores
 from core.model import ModelConfig, TwoTower, item_inputs_from_arrow, user_inputs_from_lists
@@ -45,25 +46,16 @@ def _examples(train: pa.Table, history_len: int) -> tuple[np.ndarray, np.ndarray
     return uid, iid, hist
 
 
-def item_embeddings(model: TwoTower, catalog: pa.Table, batch: int = 8192) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.item_tower(item_inputs_from_arrow(catalog.slice(s, batch), model.schema))
-                for s in range(0, catalog.num_rows, batch)
-            ]
-        )
+def item_embeddings(model: TwoTower, catalog: pa.Table) -> torch.Tensor:
+    """(N, D) item vectors of the catalog (core.embed: the one place catalogs are embedded in-process)."""
+    return torch.from_numpy(item_vectors(model.item_tower, catalog, model.schema))
 
 
-def user_embeddings(model: TwoTower, users: pa.Table, batch: int = 8192) -> torch.Tensor:
-    with torch.no_grad():
-        out = []
-        for s in range(0, users.num_rows, batch):
-            u = users.slice(s, batch)
-            out.append(
-                model.user_tower(user_inputs_from_lists(u["user_id"].to_numpy(), u["history"], model.schema))
-            )
-        return torch.cat(out)
+def user_embeddings(model: TwoTower, users: pa.Table) -> torch.Tensor:
+    """(U, D) user vectors from the users table's ids and histories."""
+    return torch.from_numpy(
+        user_vectors(model.user_tower, users["user_id"].to_numpy(), users["history"], model.schema)
+    )
 
 
 def train(
