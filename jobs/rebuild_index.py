@@ -63,7 +63,9 @@ class RebuildConfig:
     skip_resource_check: bool = False
     precision: str = "fp32"
     # added to the nice value of the embedding actors and of the driver (index build), for a rebuild
-    # that shares cores with serving: the kernel's CPU share of a nice-19 thread is ~1/68 of a nice-0 one's
+    # that shares cores with serving. Ray starts its workers (Serve replicas and the embedding actors
+    # alike) at nice 15, while a driver runs at its launcher's (0 under `ray job submit`): unlowered, the
+    # driver's index build outweighs a replica ~28x in the kernel's CPU shares; at 19 it weighs less.
     nice: int = 0
 
 

@@ -103,8 +103,10 @@ class ReplicaMetrics:
 
     def swap(self, outcome: str, old, new) -> None:
         self.swaps.inc(1, self._t(outcome=outcome))
-        if outcome == "swapped" and old is not None:
+        if outcome == "swapped" and old is not None:  # the old build's series read 0 until Ray drops them
             self.live_build.set(0, self._t(build_id=old.build_id, checkpoint_version=old.checkpoint_version))
+            family = old.manifest.checkpoint.family
+            self.skew_passed.set(0, self._t(family=family, checkpoint_version=old.checkpoint_version))
 
     def state(self, serving, age_s: float | None) -> None:
         """Set every state gauge from the replica's current ServingState (called at each tick)."""

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.build_dir import BuildDir
+from core.build_dir import BuildDir, BuildFormatError
 from core.live_build import BuildRefused, BuildWatcher, load_build
 from core.registry import Registry
 from tests.unit.tiny_build import make_build, make_checkpoint
@@ -76,3 +76,28 @@ def test_watcher_swaps_on_publish_and_keeps_old_build_when_new_one_is_broken(tmp
     reg.rollback()
     assert w.poll() == "refused"  # rollback lands on b2, which is still broken; b3 keeps serving
     assert events == [("swapped", "b1"), ("refused", None), ("swapped", "b3"), ("refused", None)]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("format_version", 1), ("format_version", 3), ("kind", "other")]
+)
+def test_a_build_of_another_format_or_kind_is_refused_naming_both(tmp_path, field, value):
+    import json
+
+    build = BuildDir(make_build(tmp_path / "reg", "b1", make_checkpoint(tmp_path / "ck")))
+    m = json.loads(build.manifest_path.read_text())
+    m[field] = value
+    build.manifest_path.write_text(json.dumps(m))
+    with pytest.raises(
+        BuildRefused, match=rf"expected kind 'skewless.build' format version 2, got .*{value!r}"
+    ):
+        load_build(build.root)
+    with pytest.raises(BuildFormatError, match="format version"):
+        Registry(tmp_path / "reg").manifest("b1")
+
+
+def test_a_build_without_users_loads_and_answers_by_history(tmp_path):
+    b = load_build(make_build(tmp_path / "reg", "nu", make_checkpoint(tmp_path / "ck"), n_users=0))
+    assert not b.manifest.has_users and b.user_rows(np.array([5]))[1].all()  # every user id is unknown
+    ids, _ = b.search(b.history_vectors(np.array([0]), [np.asarray(b.item_ids[:3])]), 5)
+    assert (ids >= 0).all()
