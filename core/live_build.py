@@ -140,7 +140,7 @@ def load_build(
         user_emb=user_emb,
         scorer=ck.model.scorer,
         item_tower=ck.model.item_tower,
-        user_tower=query.model.user_tower,
+        user_tower=ck.model.user_tower,  # history users: the index's own version, whatever query_checkpoint says
         schema=ck.schema,
         loaded_at=clock(),
     )

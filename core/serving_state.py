@@ -81,14 +81,22 @@ class ReplicaState:
             if same_build:
                 return cur  # keep the view this build already had
             snap = SidecarSnapshot.empty(live)
+        passed = self._skew_passed(live)
         if not same_build:
-            passed = skew_gate.passed_check_for(
-                self.registry, live.manifest.checkpoint.family, live.checkpoint_version
-            )
-            self.current = ServingState(live, snap, skew_check_passed=passed is not None)
-        elif snap is not cur.sidecar:
-            self.current = dataclasses.replace(cur, sidecar=snap)
+            self.current = ServingState(live, snap, skew_check_passed=passed)
+        elif snap is not cur.sidecar or passed != cur.skew_check_passed:
+            self.current = dataclasses.replace(cur, sidecar=snap, skew_check_passed=passed)
         return self.current
+
+    def _skew_passed(self, live: LiveBuild) -> bool:
+        """Whether the live version has a passed skew check on record (read at every tick: a check can
+        pass after the build went live). An unreadable record counts as no check; it never stops a swap."""
+        try:
+            family = live.manifest.checkpoint.family
+            return skew_gate.passed_check_for(self.registry, family, live.checkpoint_version) is not None
+        except Exception:  # noqa: BLE001 - a hand-edited or older record must not hold serving back
+            log.warning("skew check records of %s are unreadable; reporting no passed check", live.build_id)
+            return False
 
     async def until_applied(self, pos: Position, timeout_s: float, poll_s: float = 0.01) -> bool:
         """Read-your-writes: wait until the published state's sidecar view includes `pos`. False when

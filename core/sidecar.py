@@ -73,6 +73,7 @@ class Sidecar:
         self.pos = Position()
         self.skipped = 0
         self._vecs: dict[int, np.ndarray] = {}  # id -> vector by `_vec_build`'s tower
+        self._failed: set[int] = set()  # ids `_vec_build`'s tower could not embed: retried by the next build
         self._vec_build: str | None = None
 
     def _skip(self, entry: dict, why: str) -> None:
@@ -88,6 +89,7 @@ class Sidecar:
                 continue
             i = int(e["item_id"])
             self._vecs.pop(i, None)  # changed: embed again
+            self._failed.discard(i)
             if e["op"] == "upsert":
                 self.items[i] = e["item"]
                 self.deleted.discard(i)
@@ -96,7 +98,7 @@ class Sidecar:
                 self.deleted.add(i)
 
     def _embed_missing(self, build: LiveBuild) -> None:
-        todo = [i for i in sorted(self.items) if i not in self._vecs]
+        todo = [i for i in sorted(self.items) if i not in self._vecs and i not in self._failed]
         if not todo:
             return
         try:
@@ -110,21 +112,26 @@ class Sidecar:
                 self._vecs[i] = embed_items(build, [self.items[i] | {"item_id": i}])[0]
             except Exception as e:  # noqa: BLE001 - one item's features must not block the others
                 self._skip({"op": "upsert", "item_id": i}, f"cannot be embedded: {type(e).__name__}: {e}")
-                self.items.pop(i)
+                self._failed.add(i)
 
     def snapshot(self, build: LiveBuild, prev: SidecarSnapshot | None) -> SidecarSnapshot:
         """Catch up with the log and return the view for `build` (`prev` when nothing changed)."""
         r = self.log.read(self.pos)
+        kept = {}
         if r.restarted:  # compacted (or replaced): replay the new generation from its start
-            self.items, self.deleted, self._vecs = {}, set(), {}
+            kept = {i: (self.items.get(i), v) for i, v in self._vecs.items()}
+            self.items, self.deleted, self._vecs, self._failed = {}, set(), {}, set()
         self._apply(r.entries)
+        for i, (item, v) in kept.items():  # a compaction changes no features: keep those vectors
+            if self.items.get(i) == item:
+                self._vecs[i] = v
         self.pos = r.position
-        if self._vec_build != build.build_id:
-            self._vecs, self._vec_build = {}, build.build_id  # another checkpoint: embed each entry again
+        if self._vec_build != build.build_id:  # another checkpoint: embed each entry again, once
+            self._vecs, self._failed, self._vec_build = {}, set(), build.build_id
         elif prev is not None and prev.build_id == build.build_id and not r.entries and not r.restarted:
             return dataclasses.replace(prev, position=self.pos) if prev.position != self.pos else prev
         self._embed_missing(build)
-        ids = np.array(sorted(self.items), dtype=np.int64)
+        ids = np.array(sorted(i for i in self.items if i in self._vecs), dtype=np.int64)
         emb = np.stack([self._vecs[i] for i in ids]) if len(ids) else np.zeros((0, build.dim), np.float32)
         keep = ~_same_as_base(build, ids, emb)  # folded: the base build serves exactly this vector
         return SidecarSnapshot(

@@ -348,7 +348,7 @@ class Recommender:
         """200 once this replica serves the write; 202 when it is durable but not applied in time."""
         state = self._state()
         payload = {**payload, "sidecar_items": len(state.sidecar.ids), "build_id": state.build.build_id,
-                   "log_position": {"generation": pos.generation, "offset": pos.offset}, "applied": applied}  # fmt: skip
+                   "checkpoint_version": state.build.checkpoint_version, "log_position": {"generation": pos.generation, "offset": pos.offset}, "applied": applied}  # fmt: skip
         if not applied:
             payload["detail"] = (
                 f"written to the durable log; this replica had not applied it within {self.args.sidecar_apply_timeout_s} s"
@@ -358,17 +358,13 @@ class Recommender:
     @api.post("/items")
     async def upsert_items(self, body: ItemsBody, authorization: Annotated[str | None, Header()] = None):
         self.auth.check(authorization)
-        state = self._state()
+        self._state()  # 503 before anything is written when no build is live
         entries = [
             {"op": "upsert", "item_id": it.item_id, "item": it.model_dump(exclude={"item_id"})}
             for it in body.items
         ]
         pos, applied = await self._write_sidecar(entries, "upsert")
-        payload = {
-            "upserted": [it.item_id for it in body.items],
-            "checkpoint_version": state.build.checkpoint_version,
-        }
-        return self._written(payload, pos, applied)
+        return self._written({"upserted": [it.item_id for it in body.items]}, pos, applied)
 
     @api.delete("/items/{item_id}")
     async def delete_item(self, item_id: ItemId, authorization: Annotated[str | None, Header()] = None):

@@ -172,3 +172,51 @@ def test_until_applied_says_when_the_replica_did_not_catch_up(reg):
     rs.tick()
     assert asyncio.run(rs.until_applied(pos, timeout_s=0.05)) is True
     assert asyncio.run(rs.until_applied(Position(pos.generation, pos.offset + 1), 0.0)) is False
+
+
+def test_an_unreadable_skew_record_never_stalls_a_swap(reg):
+    rs = ReplicaState(reg)
+    rs.tick()
+    bad = reg / "skew" / "tiny"
+    bad.mkdir(parents=True)
+    (bad / "20260101T000000-bad.json").write_text('{"versions": []}')  # no "passed": an older format
+    Registry(reg).publish("b", expected_seq=1)
+    s = rs.tick()
+    assert s.build.build_id == "b" and s.skew_check_passed is False
+
+
+def test_a_compaction_does_not_re_embed_unchanged_items(reg, monkeypatch):
+    import core.sidecar as sc
+
+    embedded = []
+    real = sc.embed_items
+    monkeypatch.setattr(
+        sc, "embed_items", lambda b, rows: embedded.extend(r["item_id"] for r in rows) or real(b, rows)
+    )
+    rs = ReplicaState(reg)
+    log = SidecarLog(reg)
+    log.write([{"op": "upsert", "item_id": 100 + i, "item": FRESH} for i in range(20)], max_items=50)
+    rs.tick()
+    log.compact()  # a new generation with the same entries
+    log.write([{"op": "upsert", "item_id": 100, "item": {**FRESH, "title": "changed"}}], max_items=50)
+    s = rs.tick()
+    assert sorted(embedded) == sorted([*range(100, 120), 100])  # only the changed one again
+    assert s.sidecar.ids.tolist() == list(range(100, 120))
+
+
+def test_an_item_that_fails_to_embed_is_retried_by_the_next_build(reg, monkeypatch):
+    import core.sidecar as sc
+
+    real = sc.embed_items
+
+    def flaky(b, rows):
+        if b.build_id == "a" and any(r["item_id"] == 7 for r in rows):
+            raise MemoryError("transient")
+        return real(b, rows)
+
+    monkeypatch.setattr(sc, "embed_items", flaky)
+    rs = ReplicaState(reg)
+    SidecarLog(reg).write([{"op": "upsert", "item_id": i, "item": FRESH} for i in (6, 7)], max_items=10)
+    assert rs.tick().sidecar.ids.tolist() == [6]  # 7 skipped on build a, 6 still served
+    Registry(reg).publish("b", expected_seq=1)
+    assert rs.tick().sidecar.ids.tolist() == [6, 7]
