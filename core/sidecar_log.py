@@ -215,6 +215,26 @@ class SidecarLog:
             self._catch_up()
             return self._rewrite(served, base_build, before_replace)
 
+    def restore_folded(self, base_build: str) -> int:
+        """Put back the entries folded into `base_build` (after CURRENT moved back from it, e.g. a
+        rollback: the build now live never served them). An entry whose id has a newer one in the log
+        stays out. Idempotent: a crash after the append and before the archive is marked leaves ids that
+        the next run skips."""
+        restored = 0
+        with self.locked():
+            self._catch_up()
+            for path in sorted(self.archive.glob(f"{base_build}-gen*-served.jsonl")):
+                entries = [e for e in map(_parse, path.read_bytes().splitlines()) if e is not None]
+                back = [
+                    e for e in entries if entry_problem(e) is None and int(e["item_id"]) not in self._view
+                ]
+                if back:
+                    self._append(back)
+                    restored += len(back)
+                path.rename(path.with_name(f"restored-{path.name}"))
+            self._catch_up()
+        return restored
+
     def _rewrite(self, served, base_build, before_replace=None) -> dict:
         for tmp in self.dir.glob(f".{self.path.name}.tmp-*"):
             tmp.unlink()  # a rewrite killed before its replace (only lock holders write these)

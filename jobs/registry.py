@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "rollback":
         before = reg.current()
         ptr = reg.rollback()
-        print(f"rolled back: {before} -> {ptr.build_id} (seq {ptr.seq})")
+        # the sidecar entries folded into the build we left come back: the live build never served them
+        restored = SidecarLog(a.registry).restore_folded(before)
+        print(
+            f"rolled back: {before} -> {ptr.build_id} (seq {ptr.seq}); sidecar entries restored: {restored}"
+        )
     elif a.cmd == "promote":
         before = reg.current()
         ptr = reg.promote(a.build_id)

@@ -139,3 +139,31 @@ def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env
     stats = fold_into_base(reg, "b", files)
     assert stats == {"folded": 2, "kept": 1, "generation": 2}
     log.write([_upsert(4)], max_items=2)  # a slot is free again
+
+
+def test_a_rollback_restores_what_the_build_it_left_had_folded(env, tmp_path, capsys):
+    from core.datasets import partition_files, write_dataset
+    from core.features import encode_item_rows
+    from core.registry import Registry
+    from core.sidecar import fold_into_base
+    from jobs import registry as cli
+    from tests.unit.tiny_build import SCHEMA
+
+    reg, a, _ = env
+    log = SidecarLog(reg)
+    log.write([_upsert(10**9), {"op": "delete", "item_id": int(a.item_ids[0])}], max_items=5)
+    before = Sidecar(SidecarLog(reg)).snapshot(a, None)
+    assert before.ids.tolist() == [10**9] and int(a.item_ids[0]) in before.deleted
+    rows = [{**FRESH, "item_id": 10**9}]  # build b's catalog: holds the fresh item, not the deleted one
+    write_dataset(
+        tmp_path / "cat", [encode_item_rows(rows, SCHEMA)], kind="catalog", schema=SCHEMA, source={}
+    )
+    Registry(reg).publish("a", expected_seq=0)
+    Registry(reg).publish("b", expected_seq=1)
+    assert fold_into_base(reg, "b", partition_files(tmp_path / "cat"))["folded"] == 2
+    assert Sidecar(SidecarLog(reg)).snapshot(a, None).ids.tolist() == []  # on a, they would be lost
+    assert cli.main(["--registry", str(reg), "rollback"]) == 0
+    assert "sidecar entries restored: 2" in capsys.readouterr().out
+    after = Sidecar(SidecarLog(reg)).snapshot(a, None)
+    assert after.ids.tolist() == [10**9] and int(a.item_ids[0]) in after.deleted
+    assert SidecarLog(reg).restore_folded("b") == 0  # idempotent
