@@ -91,23 +91,14 @@ def _history_users(
 ) -> tuple[dict[int, int], np.ndarray | None]:
     """Request index -> virtual user row, and the (H, D) vectors of those rows: ONE user-tower pass
     over the batch's unique (user, history) pairs."""
-    slot: dict[tuple, int] = {}
-    row_of: dict[int, int] = {}
-    users, histories = [], []
-    for k in valid_idx:
-        req = requests[k]
-        if req.history is None:
-            continue
-        key = (int(req.user_ids[0]), req.history.tobytes())
-        if key not in slot:
-            slot[key] = len(users)
-            users.append(key[0])
-            histories.append(req.history)
-        row_of[k] = len(build.user_ids) + slot[key]
-    if not users:
+    ks = [k for k in valid_idx if requests[k].history is not None]
+    if not ks:
         return {}, None
-    stats.history_users += len(users)
-    return row_of, build.history_vectors(np.array(users, np.int64), histories)
+    slots, vecs = build.unique_history_vectors(
+        [int(requests[k].user_ids[0]) for k in ks], [requests[k].history for k in ks]
+    )
+    stats.history_users += len(vecs)
+    return {k: len(build.user_ids) + int(j) for k, j in zip(ks, slots, strict=True)}, vecs
 
 
 @torch.inference_mode()

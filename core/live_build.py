@@ -74,6 +74,22 @@ class LiveBuild:
         the same checkpoint version as the index, so the pair stays homogeneous."""
         return user_vectors(self.user_tower, np.asarray(user_ids, np.int64), histories, self.schema)
 
+    def unique_history_vectors(
+        self, user_ids: list[int], histories: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Users given by history, embedded ONCE per unique (user, history) in one user-tower pass:
+        (slot (n,) int64: each input's row in the vectors, vectors (H, D))."""
+        slot_of: dict[tuple, int] = {}
+        users, hists, slots = [], [], []
+        for u, h in zip(user_ids, histories, strict=True):
+            key = (int(u), h.tobytes())
+            if key not in slot_of:
+                slot_of[key] = len(users)
+                users.append(key[0])
+                hists.append(h)
+            slots.append(slot_of[key])
+        return np.array(slots, np.int64), self.history_vectors(np.array(users, np.int64), hists)
+
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) of the index for query vectors (Q, D): (Q, k) each, -1 padded."""
         D, I = ann.search(self.index, self.spec, self.search_params, np.ascontiguousarray(xq, np.float32), k)

@@ -61,6 +61,7 @@ class ReplicaState:
         self.sidecar_errors = 0
         self.current: ServingState | None = None
         self._clock = clock
+        self._skew_key, self._skew_value = None, False  # the verdict, cached per (build, skew dir mtime)
 
     def tick(self) -> ServingState | None:
         """Follow CURRENT, then the sidecar log; returns the state requests now see."""
@@ -89,14 +90,22 @@ class ReplicaState:
         return self.current
 
     def _skew_passed(self, live: LiveBuild) -> bool:
-        """Whether the live version has a passed skew check on record (read at every tick: a check can
-        pass after the build went live). An unreadable record counts as no check; it never stops a swap."""
-        try:
-            family = live.manifest.checkpoint.family
-            return skew_gate.passed_check_for(self.registry, family, live.checkpoint_version) is not None
-        except Exception:  # noqa: BLE001 - a hand-edited or older record must not hold serving back
-            log.warning("skew check records of %s are unreadable; reporting no passed check", live.build_id)
-            return False
+        """Whether the live version has a passed skew check on record, re-read whenever the skew
+        directory changes (a check can pass after the build went live). An unreadable record counts as
+        no check, reported once per change; it never stops a swap."""
+        family = live.manifest.checkpoint.family
+        d = self.registry / "skew" / family
+        key = (live.build_id, d.stat().st_mtime_ns if d.is_dir() else None)  # a new check changes it
+        if key != self._skew_key:
+            try:
+                passed = (
+                    skew_gate.passed_check_for(self.registry, family, live.checkpoint_version) is not None
+                )
+            except Exception:  # noqa: BLE001 - a hand-edited or older record must not hold serving back
+                log.warning("skew check records of %s are unreadable; reporting no passed check", family)
+                passed = False
+            self._skew_key, self._skew_value = key, passed
+        return self._skew_value
 
     async def until_applied(self, pos: Position, timeout_s: float, poll_s: float = 0.01) -> bool:
         """Read-your-writes: wait until the published state's sidecar view includes `pos`. False when
@@ -140,24 +149,16 @@ def query_vectors(build: LiveBuild, queries: list[RetrieveQuery]) -> tuple[np.nd
     """(Q, D) query vectors and how many users the user tower embedded: table users are gathered,
     history users embedded ONCE per unique (user, history) in one user-tower pass."""
     xq = np.empty((len(queries), build.dim), np.float32)
-    slot: dict[tuple, int] = {}
-    users, histories, rows_of_slot = [], [], []
-    for q, query in enumerate(queries):
-        if query.history is None:
-            xq[q] = build.user_emb[query.user_row]
-            continue
-        key = (query.user_id, query.history.tobytes())
-        if key not in slot:
-            slot[key] = len(users)
-            users.append(query.user_id)
-            histories.append(query.history)
-            rows_of_slot.append([])
-        rows_of_slot[slot[key]].append(q)
-    if users:
-        vecs = build.history_vectors(np.array(users, np.int64), histories)  # (H, D)
-        for j, rows in enumerate(rows_of_slot):
-            xq[rows] = vecs[j]
-    return xq, len(users)
+    table = [q for q, query in enumerate(queries) if query.history is None]
+    xq[table] = build.user_emb[[queries[q].user_row for q in table]]
+    hist = [q for q, query in enumerate(queries) if query.history is not None]
+    if not hist:
+        return xq, 0
+    slots, vecs = build.unique_history_vectors(
+        [queries[q].user_id for q in hist], [queries[q].history for q in hist]
+    )
+    xq[hist] = vecs[slots]
+    return xq, len(vecs)
 
 
 def retrieve(state: ServingState, queries: list[RetrieveQuery]) -> tuple[list[RetrieveResult], int]:

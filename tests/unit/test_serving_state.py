@@ -35,6 +35,18 @@ def reg(tmp_path):
     return root
 
 
+@pytest.fixture
+def embedded(monkeypatch) -> list[int]:
+    """Every item id the sidecar sends to a tower, in order."""
+    import core.sidecar as sc
+
+    ids, real = [], sc.embed_items
+    monkeypatch.setattr(
+        sc, "embed_items", lambda b, rows: ids.extend(r["item_id"] for r in rows) or real(b, rows)
+    )
+    return ids
+
+
 def _append_raw(registry, entries):
     """Write lines straight into the log, as an older version (or a hand edit) could have."""
     log = SidecarLog(registry)
@@ -77,14 +89,7 @@ def test_a_sidecar_failure_never_holds_back_a_build_swap(reg, monkeypatch):
     assert rs.tick().sidecar.ids.tolist() == [5]  # replayed at the next tick
 
 
-def test_each_entry_is_embedded_once_per_build(reg, monkeypatch):
-    import core.sidecar as sc
-
-    embedded = []
-    real = sc.embed_items
-    monkeypatch.setattr(
-        sc, "embed_items", lambda b, rows: embedded.extend(r["item_id"] for r in rows) or real(b, rows)
-    )
+def test_each_entry_is_embedded_once_per_build(reg, embedded):
     rs = ReplicaState(reg)
     log = SidecarLog(reg)
     for i in range(5):
@@ -185,14 +190,7 @@ def test_an_unreadable_skew_record_never_stalls_a_swap(reg):
     assert s.build.build_id == "b" and s.skew_check_passed is False
 
 
-def test_a_compaction_does_not_re_embed_unchanged_items(reg, monkeypatch):
-    import core.sidecar as sc
-
-    embedded = []
-    real = sc.embed_items
-    monkeypatch.setattr(
-        sc, "embed_items", lambda b, rows: embedded.extend(r["item_id"] for r in rows) or real(b, rows)
-    )
+def test_a_compaction_does_not_re_embed_unchanged_items(reg, embedded):
     rs = ReplicaState(reg)
     log = SidecarLog(reg)
     log.write([{"op": "upsert", "item_id": 100 + i, "item": FRESH} for i in range(20)], max_items=50)
