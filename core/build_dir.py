@@ -5,8 +5,11 @@
     builds/<build_id>/item_ids.npy          (N,) int64 sorted; item_embeddings.npy (N, D) row-aligned
     builds/<build_id>/user_ids.npy          (U,) int64 sorted; user_embeddings.npy (U, D); only when
                                             the build embedded users (manifest.users is not None)
+    builds/<build_id>/shards/NNNNN.faiss    a sharded build's indexes instead of index.faiss (one per
+                                            id range, manifest.index.shards; searched as one)
     builds/<build_id>/checkpoint/           the checkpoint copy: query tower travels with its index
-    builds/<build_id>/embeddings/, users/   the embedded tables as written by the rebuild (parquet)
+    (staging only) parts/, rebuild.json     committed embedded partitions (core.parts) and what they
+                                            were embedded from (core.rebuild): what --resume reuses
 
 Every other module (rebuild, serving, registry, jobs, tests, benchmarks) goes through `BuildDir` and
 `BuildManifest`; no file name or manifest key is spelled anywhere else.
@@ -28,8 +31,10 @@ from core.fsutil import write_json_atomic
 
 KIND = "skewless.build"
 # 2: user tables optional (a build without users is servable by history), quality.queries records
-# which queries tuned and gated the index. Format 1 builds predate both and are refused.
-FORMAT_VERSION = 2
+# which queries tuned and gated the index. 3: index.layout merged | sharded with index.shards (id
+# range, rows, node, version of each), manifest.parts (embedded / reused partitions). Older builds are
+# refused.
+FORMAT_VERSION = 3
 # Every skewless artifact directory (builds, checkpoints) describes itself in a file of this name.
 MANIFEST_FILE = "manifest.json"
 _INDEX_FILE = "index.faiss"
@@ -40,8 +45,9 @@ _TABLES = {
     "user_embeddings": "user_embeddings.npy",
 }
 _CHECKPOINT_DIR = "checkpoint"
-_ITEM_PARQUET_DIR = "embeddings"
-_USER_PARQUET_DIR = "users"
+_SHARDS_DIR = "shards"
+_PARTS_DIR = "parts"
+_RESUME_FILE = "rebuild.json"
 
 
 class BuildFormatError(ValueError):
@@ -74,6 +80,8 @@ class IndexInfo:
     ntotal: int
     train_sample: int
     search_params: dict
+    layout: str = "merged"  # "merged": index.faiss | "sharded": shards/NNNNN.faiss, one per entry below
+    shards: tuple = ()  # per id range: shard, rows, id_lo, id_hi, row_offset, node, checkpoint_version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +98,7 @@ class BuildManifest:
     skew_gate: dict | None
     run: dict
     based_on_seq: int
+    parts: dict = dataclasses.field(default_factory=dict)  # embedded partitions: counts, reused
 
     @property
     def checkpoint_version(self) -> str:
@@ -123,12 +132,13 @@ class BuildManifest:
                 catalog=DatasetRef(**d["catalog"]),
                 users=None if d["users"] is None else DatasetRef(**d["users"]),
                 homogeneity=d["homogeneity"],
-                index=IndexInfo(**d["index"]),
+                index=IndexInfo(**{**d["index"], "shards": tuple(d["index"].get("shards", ()))}),
                 quality=d["quality"],
                 timings=d["timings"],
                 skew_gate=d["skew_gate"],
                 run=d["run"],
                 based_on_seq=d["based_on_seq"],
+                parts=d.get("parts", {}),
             )
         except (KeyError, TypeError) as e:
             raise BuildFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
@@ -161,16 +171,25 @@ class BuildDir:
         return self.root / _CHECKPOINT_DIR
 
     @property
-    def item_parquet(self) -> Path:
-        """Where the rebuild's workers write the embedded catalog (parquet)."""
-        return self.root / _ITEM_PARQUET_DIR
+    def parts_dir(self) -> Path:
+        """Staging only: the rebuild's committed embedded partitions (core.parts)."""
+        return self.root / _PARTS_DIR
 
     @property
-    def user_parquet(self) -> Path:
-        return self.root / _USER_PARQUET_DIR
+    def resume_path(self) -> Path:
+        """Staging only: what the staged parts were embedded from (core.rebuild.resume_record)."""
+        return self.root / _RESUME_FILE
+
+    def shard_index_path(self, shard: int) -> Path:
+        return self.root / _SHARDS_DIR / f"{shard:05d}.faiss"
 
     def table_path(self, name: str) -> Path:
         return self.root / _TABLES[name]
+
+    def table_files(self, what: str) -> tuple[Path, Path]:
+        """(ids .npy, vectors .npy) of the items or users table, which the rebuild's workers fill."""
+        one = {"items": "item", "users": "user"}[what]
+        return self.table_path(f"{one}_ids"), self.table_path(f"{one}_embeddings")
 
     def is_complete(self) -> bool:
         """A complete build has its manifest, which the writer adds last."""
@@ -186,6 +205,10 @@ class BuildDir:
 
     def write_index(self, index) -> None:
         ann.save(index, self.index_path)
+
+    def shard_paths(self, shards) -> dict[int, str]:
+        (self.root / _SHARDS_DIR).mkdir(exist_ok=True)
+        return {int(s): str(self.shard_index_path(int(s))) for s in shards}
 
     def copy_checkpoint(self, checkpoint_dir: Path) -> None:
         shutil.copytree(checkpoint_dir, self.checkpoint_path)
@@ -205,7 +228,12 @@ class BuildDir:
             raise BuildFormatError(f"{where}: {MANIFEST_FILE} is not valid JSON: {e}") from e
         return BuildManifest.from_dict(d, where)
 
-    def load_index(self, mmap: bool = False):
+    def load_index(self, manifest: BuildManifest | None = None, mmap: bool = False):
+        """The merged index, or (manifest.index.layout "sharded") the shards searched as one."""
+        if manifest is not None and manifest.index.layout == "sharded":
+            return ann.ShardedIndex(
+                [ann.load(self.shard_index_path(s["shard"]), mmap=mmap) for s in manifest.index.shards]
+            )
         return ann.load(self.index_path, mmap=mmap)
 
     def open_items(self, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

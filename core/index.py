@@ -95,6 +95,27 @@ def auto_specs(n: int, d: int) -> list[IndexSpec]:
     return list(dict.fromkeys(specs))  # small n: list counts may coincide
 
 
+def prior_spec(n: int, d: int) -> IndexSpec:
+    """`auto` above MEASURED_CHOICE_MAX_ITEMS, without building candidates: IVF-Flat at 4*sqrt(n) lists
+    up to HNSW_MAX_ITEMS (the best batch QPS at recall@10 0.95 in the 1M sweep, README: IVF4096 26.7k,
+    IVF8192 24.8k, HNSW32 20.8k, IVF2048 17.7k), 2*sqrt(n) above (k-means costs 64 * lists^2 * d per
+    iteration: 16384 lists at 10M would train 16x longer than 4096 at 1M)."""
+    return ivf_spec(n, d, 4.0 if n <= HNSW_MAX_ITEMS else 2.0)
+
+
+MERGEABLE = ("flat", "ivf")  # families whose shards faiss merges (IVF: list by list); HNSW graphs do not
+
+
+def index_bytes(spec: IndexSpec, n: int, d: int) -> int:
+    """Memory an index of n vectors takes (what a process holding it, merged, must have)."""
+    per = 4 * d + 8  # float codes + id (IVF stores ids in its lists, IDMap2 in its map)
+    if spec.kind == "hnsw":
+        per += 32 * 2 * 4 + 16  # level-0 links (2M) + upper levels and bookkeeping, about
+    if spec.kind == "ivfpq":
+        per += d // 4  # 4-bit codes of the fast-scan PQ, besides the refine's flat vectors
+    return n * per
+
+
 def build(spec: IndexSpec, xb: np.ndarray, ids: np.ndarray, seed: int = 0) -> tuple[faiss.Index, dict]:
     """xb: (N, D) float32 unit rows; ids: (N,) int64. Returns the index and train/add seconds."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
@@ -178,42 +199,48 @@ def recall_at_k(
     return float(hits.sum() / (k * len(xq)))
 
 
-def _tune(index, spec: IndexSpec, xb, ids, xq, exact, k: int, target: float) -> tuple[int, list, bool]:
-    """Position in candidate_params(spec) of the cheapest setting whose recall on (xq, exact) reaches
-    `target` (else the most accurate one), with the settings tried and whether the target was reached."""
+def _tune(grid: list[dict], recall_tune, target: float) -> tuple[int, list, bool]:
+    """Position in `grid` of the cheapest setting whose recall on the tuning queries (`recall_tune(p)`)
+    reaches `target` (else the most accurate one), with the settings tried and whether it was reached."""
     tried = []
-    grid = candidate_params(spec)
     for i, p in enumerate(grid):
-        _, I = search(index, spec, p, xq, k)
-        r = recall_at_k(xb, ids, xq, I, k, exact)
+        r = recall_tune(p)
         tried.append({**p, "recall": round(r, 4)})
-        log.info("index %s params %s: tuning recall@%d %.4f", spec.factory, p, k, r)
+        log.info("params %s: tuning recall %.4f", p, r)
         if r >= target:
             return i, tried, True
     return len(grid) - 1, tried, False
 
 
-def _confirm(
-    index, spec: IndexSpec, start: int, xb, ids, xq_tune, exact_tune, xq_hold, k: int, target: float
-):
+def _confirm(grid: list[dict], start: int, recall_tune, recall_hold, target: float):
     """From grid position `start` (reached the target on the tuning queries) step up until the setting
     reaches it on the disjoint held-out queries as well. One sample is not enough: in CI the cheapest
     setting at 0.9508 on the tuning queries gave 0.9495 on the held-out ones and failed the build; a
     fixed margin instead (two standard errors) cost 10-20% of the QPS at the target. Returns (params,
     held-out recall, steps): the most accurate setting tried if none reaches it (the gate then refuses)."""
-    grid = candidate_params(spec)
-    exact_hold = exact_topk(xb, xq_hold, k)
     steps = []
     for i in range(start, len(grid)):
         p = grid[i]
-        hold = recall_at_k(xb, ids, xq_hold, search(index, spec, p, xq_hold, k)[1], k, exact_hold)
-        tune = None
-        if i > start:  # exact_tune: the tuning queries' exact top-k, computed once (10M items: ~20 s each)
-            tune = recall_at_k(xb, ids, xq_tune, search(index, spec, p, xq_tune, k)[1], k, exact_tune)
+        hold = recall_hold(p)
+        tune = recall_tune(p) if i > start else None  # at `start` the tuning recall is known
         steps.append({**p, "holdout_recall": round(hold, 4), "tuning_recall": tune and round(tune, 4)})
         if hold >= target and (tune is None or tune >= target):
             break
     return grid[i], hold, steps
+
+
+def tune_setting(spec: IndexSpec, recall_tune, recall_hold, target: float) -> dict:
+    """The cheapest search setting of `spec` that reaches `target` on the tuning queries and then on the
+    held-out ones; `recall_*(params) -> recall@k` search wherever the index lives (one process, or
+    every shard's worker). Returns the quality fields the manifest records."""
+    grid = candidate_params(spec)
+    pos, tried, reached = _tune(grid, recall_tune, target)
+    if reached:
+        params, hold, steps = _confirm(grid, pos, recall_tune, recall_hold, target)
+    else:
+        params, hold, steps = grid[pos], recall_hold(grid[pos]), []
+    return {"params": params, "tuning_sweep": tried, "recall_at_k": round(hold, 4),
+            "tuning_reached_target": reached, "holdout_steps": steps}  # fmt: skip
 
 
 def batch_qps(
@@ -232,6 +259,10 @@ def batch_qps(
                 passes += 1
             out.append(passes * len(xq) / (time.perf_counter() - t0))
     return [float(np.median(r)) for r in rates]
+
+
+def _recall_fn(index, spec: IndexSpec, xb, ids, xq, k: int, exact):
+    return lambda p: recall_at_k(xb, ids, xq, search(index, spec, p, xq, k)[1], k, exact)
 
 
 @dataclasses.dataclass(eq=False)
@@ -277,7 +308,15 @@ def build_tuned(
         index, t = build(spec, xb, ids, seed=seed)
         timings["index_train_s"] += t["index_train_s"]
         timings["index_add_s"] += t["index_add_s"]
-        built.append(_Candidate(index, spec, *_tune(index, spec, xb, ids, xq_tune, exact_tune, k, target)))
+        built.append(
+            _Candidate(
+                index,
+                spec,
+                *_tune(
+                    candidate_params(spec), _recall_fn(index, spec, xb, ids, xq_tune, k, exact_tune), target
+                ),
+            )
+        )
     # one that missed the target cannot beat one that reached it: only those that reached it (all, if
     # none did) are timed, together, so they stay in memory until then (1M items: ~1 GB for three)
     contenders = [c for c in built if c.reached] or built
@@ -304,8 +343,9 @@ def build_tuned(
     del built, contenders, best
     if reached:
         params, holdout, confirm = _confirm(
-            index, spec, pos, xb, ids, xq_tune, exact_tune, xq_holdout, k, target
-        )
+            candidate_params(spec), pos, _recall_fn(index, spec, xb, ids, xq_tune, k, exact_tune),
+            _recall_fn(index, spec, xb, ids, xq_holdout, k, exact_topk(xb, xq_holdout, k)), target,
+        )  # fmt: skip
     else:  # nothing reached the target on the tuning queries: report the most accurate setting
         params = candidate_params(spec)[pos]
         holdout = recall_at_k(xb, ids, xq_holdout, search(index, spec, params, xq_holdout, k)[1], k)
@@ -329,6 +369,34 @@ def build_tuned(
     }
     timings = {key: round(v, 3) for key, v in timings.items()}
     return index, spec, quality, timings
+
+
+def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of several (scores (Q, k_i), ids (Q, k_i)) lists over disjoint id sets, best first."""
+    D = np.concatenate([r[0] for r in results], axis=1)
+    I = np.concatenate([r[1] for r in results], axis=1)
+    D = np.where(I >= 0, D, -np.inf)
+    order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
+class ShardedIndex:
+    """Several indexes over disjoint ids searched as one: each shard answers its top-k with the same
+    search parameters, and the lists are merged. Shards built from one trained IVF index probe the
+    same lists a merged index would, so the answers are those of the merged index."""
+
+    def __init__(self, shards: list[faiss.Index]):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.shards = shards
+        self.d = shards[0].d
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(s.ntotal for s in self.shards))
+
+    def search(self, xq: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        return merge_topk([s.search(xq, k, params=params) for s in self.shards], k)
 
 
 def save(index: faiss.Index, path) -> None:

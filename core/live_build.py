@@ -124,7 +124,10 @@ def load_build(
                 f"query tower version {query.version} differs from the index's checkpoint version {version} in build "
                 f"{manifest.build_id} and that pair has not passed a skew check; serving it is refused"
             )
-        idx = bd.load_index()
+        stray = sorted({s["checkpoint_version"] for s in manifest.index.shards} - {version})
+        if stray:
+            raise BuildRefused(f"build {manifest.build_id}: shards of checkpoint versions {stray}, index is {version}")
+        idx = bd.load_index(manifest)
         item_ids, item_emb = bd.open_items()
         user_ids, user_emb = bd.open_users(manifest)
     except BuildRefused:

@@ -1,9 +1,10 @@
 """The Ray-free half of an index rebuild: checks before embedding, then gates, index, publish.
 
-    preflight()  -> verify checkpoint, catalog/users datasets, schemas, columns, counts
-    (jobs.rebuild_index embeds catalog and users into the staging directory with Ray Data)
-    finalize()   -> read embeddings back, gate, build + tune the index on user-tower queries (the
-                    users', else sampled histories'), write, commit, publish
+    preflight()          -> verify checkpoint, catalog/users datasets, schemas, columns, counts
+    build_and_publish()  -> on a worker pool (core.worker; Ray actors in jobs.rebuild_index): embed
+                            every partition (reusing committed ones on --resume), gate, assemble and
+                            tune the index (core.assemble) on user-tower queries (the users', else
+                            sampled histories'), then commit and publish
 
 `on_phase(name)` is called after each step; tests use it to crash the process at known points.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from core import index as ann
+from core import assemble as asm
+from core import parts
 from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.checkpoint import Checkpoint, load_checkpoint
 from core.datasets import DatasetError, partition_files, read_dataset_manifest
@@ -36,7 +38,7 @@ from core.features import (
 )
 from core.fsutil import commit_dir
 from core.registry import Registry
-from core.validate import ValidationError, check_embedded
+from core.validate import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ class IndexOptions:
     # split evenly into tuning and held-out queries, both of which the chosen setting must pass
     max_queries: int = 4000
     seed: int = 0
+    layout: str = "auto"  # core.assemble.LAYOUTS
+    memory_budget: int = 4 << 30  # bytes one process may hold of the index (auto layout, shard size)
+    shards: int = 0  # 0: from the budget and the number of workers
 
 
 def _dataset(
@@ -102,10 +107,6 @@ def new_build_id(version: str, clock: Callable[[], float] = time.time) -> str:
     return f"{stamp}-{version.rsplit('-', 1)[-1][:8]}-{uuid.uuid4().hex[:4]}"
 
 
-def _read_embedded(directory: Path):
-    return pads.dataset(str(directory), format="parquet").to_table()
-
-
 # Fewer users than this cannot be split into tuning and held-out sets that measure recall; such a
 # build tunes on sampled histories, as a build without users does.
 MIN_USER_QUERIES = 20
@@ -119,7 +120,7 @@ def sample_histories(item_ids: np.ndarray, n: int, history_len: int, seed: int) 
     lengths = rng.integers(1, history_len + 1, size=n)
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.asarray(item_ids, np.int64)[rng.integers(0, len(item_ids), size=int(offsets[-1]))]
+    values = np.asarray(item_ids[rng.integers(0, len(item_ids), size=int(offsets[-1]))], np.int64)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
@@ -143,47 +144,108 @@ def query_sets(
     return pool[:half], pool[half:], {"source": source, "tuning": half, "holdout": len(pool) - half}
 
 
-def finalize(
+def embed_settings(ck: Checkpoint, precision: str, batch_size: int) -> parts.EmbedSettings:
+    return parts.EmbedSettings(ck.version, ck.manifest["weights_sha256"], precision, batch_size)
+
+
+def resume_record(inputs: Inputs, settings: parts.EmbedSettings) -> dict:
+    """What a staged build's parts were embedded from; a resume must match it exactly."""
+
+    def ds(m: dict | None, files: list[Path]) -> dict | None:
+        if m is None:
+            return None
+        return {
+            "fingerprint": m["fingerprint"],
+            "row_count": m["row_count"],
+            "partitions": [str(f) for f in files],
+        }
+
+    return {
+        "checkpoint": {"version": settings.checkpoint_version, "weights_sha256": settings.weights_sha256,
+                       "path": str(inputs.checkpoint.path.resolve())},
+        "embedding": {"precision": settings.precision, "batch_size": settings.batch_size},
+        "catalog": ds(inputs.catalog_manifest, inputs.catalog_files),
+        "users": ds(inputs.users_manifest, inputs.user_files),
+    }  # fmt: skip
+
+
+class ResumeRefused(ValueError):
+    """A staged build was embedded from other inputs than the resumed run's."""
+
+
+def check_resume(staged: dict, now: dict, build_id: str) -> None:
+    """Refuse, naming every difference, unless the resumed run embeds exactly what was staged."""
+    diffs = []
+    for section in ("checkpoint", "embedding", "catalog", "users"):
+        a, b = staged.get(section), now.get(section)
+        if (a is None) != (b is None):
+            diffs.append(
+                f"{section}: staged {'none' if a is None else 'present'}, now {'none' if b is None else 'present'}"
+            )
+            continue
+        for key in sorted(set(a or {}) | set(b or {})):
+            if key != "path" and (a or {}).get(key) != (b or {}).get(key):
+                diffs.append(f"{section} {key}: staged {(a or {}).get(key)!r}, now {(b or {}).get(key)!r}")
+    if diffs:
+        raise ResumeRefused(
+            f"cannot resume {build_id}: its committed partitions were embedded from other inputs ("
+            + "; ".join(diffs)
+            + "). Start a new rebuild (without --resume)."
+        )
+
+
+def build_and_publish(
     inputs: Inputs,
+    pool,
     registry: Registry,
     staging: Path,
     build_id: str,
     expected_seq: int,
     opts: IndexOptions,
+    settings: parts.EmbedSettings,
     timings: dict,
     run_info: dict,
     on_phase: Phase | None = None,
+    progress: Callable[[str], None] = print,
+    share: Callable = lambda obj: obj,
 ) -> BuildManifest:
-    """Gate, index, commit and publish a staged build; returns its manifest. Raises before anything is
-    published if a gate fails (the caller then removes the staging directory)."""
+    """Embed (reusing committed parts), gate, assemble, tune, commit and publish; returns the manifest.
+    Raises before anything is published if a gate fails. `pool`: core.worker.Pool; `share`: puts a large
+    argument where every worker reads it once (Ray's object store; identity in-process)."""
     phase = on_phase or (lambda _name: None)
     ck = inputs.checkpoint
     out = BuildDir(staging)
+    tasks = parts.plan("items", inputs.catalog_files) + parts.plan("users", inputs.user_files)
     t0 = time.perf_counter()
-    item_ids, xb = check_embedded(
-        _read_embedded(out.item_parquet),
-        id_name="item_id", expected_version=ck.version, expected_rows=inputs.catalog_manifest["row_count"], what="catalog",
-    )  # fmt: skip
-    user_x = None
+    emb = asm.embed_all(pool, tasks, out.parts_dir, settings, progress, phase)
+    timings["embed_s"] = round(time.perf_counter() - t0, 3)
+    phase("embedded")
+    item_recs, user_recs = emb.of(tasks, "items"), emb.of(tasks, "users")
+    asm.check_rows(item_recs, inputs.catalog_manifest["row_count"], "catalog")
     if inputs.users_manifest is not None:
-        user_ids, user_x = check_embedded(
-            _read_embedded(out.user_parquet),
-            id_name="user_id", expected_version=ck.version, expected_rows=inputs.users_manifest["row_count"], what="users",
-        )  # fmt: skip
-        out.write_users(user_ids, user_x)
-    timings["validate_s"] = round(time.perf_counter() - t0, 3)
-    phase("validated")
+        asm.check_rows(user_recs, inputs.users_manifest["row_count"], "users")
+    versions = sorted({r["checkpoint_version"] for r in item_recs + user_recs})
+    d = next(r["dim"] for r in item_recs if r["rows"])
+    n = inputs.catalog_manifest["row_count"]
 
     t1 = time.perf_counter()
-    xq_tune, xq_hold, queries = query_sets(ck, user_x, item_ids, opts.max_queries, opts.seed)
-    idx, spec, quality, t_idx = ann.build_tuned(
-        xb, item_ids, xq_tune, xq_hold, opts.k, opts.target_recall, opts.kind, seed=opts.seed
+    plan = asm.plan_index(n, d, opts.kind, opts.layout, opts.memory_budget, opts.shards, pool.size)
+    item_plans = asm.plan_tables(pool, out.parts_dir, item_recs, plan.shards if not plan.small else pool.size)
+    user_x = None
+    if user_recs:
+        user_plans = asm.plan_tables(pool, out.parts_dir, user_recs, pool.size)
+        asm.write_table(pool, out, "users", user_plans, ck.version, d, progress)
+        user_x = np.load(out.table_files("users")[1], mmap_mode="r")  # the queries read a few rows of it
+    timings["users_table_s"] = round(time.perf_counter() - t1, 3)
+    xq_tune, xq_hold, queries = query_sets(
+        ck, user_x, asm.GlobalRows(out.parts_dir, item_recs, "ids"), opts.max_queries, opts.seed
     )
+    quality, shard_recs = asm.build_index(
+        pool, out, plan, item_recs, item_plans, ck.version, xq_tune, xq_hold, opts, share, progress, timings
+    )
+    spec = quality.pop("spec")
     quality["queries"] = queries
-    timings.update(t_idx)
-    # choosing the setting: the query sets (user tower if sampled), their exact search, the recall sweeps
-    # (+ QPS timings if measured)
-    timings["recall_s"] = round(time.perf_counter() - t1 - t_idx["index_train_s"] - t_idx["index_add_s"], 3)
+    phase("validated")  # every gate but the recall gate has passed on every part and every shard
     if quality["recall_at_k"] < opts.target_recall:
         last = quality["tuning_sweep"][-1]
         why = (
@@ -198,11 +260,11 @@ def finalize(
             f"queries) is below the target "
             f"{opts.target_recall}: {why}; not publishing (try another --index, or a lower --target-recall)"
         )
-    out.write_index(idx)
-    out.write_items(item_ids, xb)
     phase("index_written")
 
     t2 = time.perf_counter()
+    shutil.rmtree(out.parts_dir)  # the tables hold every vector now; a crash from here re-embeds on resume
+    out.resume_path.unlink(missing_ok=True)
     # The query tower travels with the index: serving loads both from the build, as one unit.
     out.copy_checkpoint(ck.path)
     manifest = BuildManifest(
@@ -230,24 +292,33 @@ def finalize(
             path=str(inputs.user_files[0].parent.resolve()),
         ),
         homogeneity={
-            "checkpoint_versions": [ck.version],
-            "item_rows": int(len(item_ids)),
-            "user_rows": 0 if user_x is None else int(len(user_x)),
+            "checkpoint_versions": versions,
+            "item_rows": int(sum(r["rows"] for r in item_recs)),
+            "user_rows": int(sum(r["rows"] for r in user_recs)),
         },
         index=IndexInfo(
             type=spec.kind,
             factory=spec.factory,
             metric="inner_product",
-            dim=int(xb.shape[1]),
-            ntotal=int(idx.ntotal),
+            dim=int(d),
+            ntotal=int(n),
             train_sample=spec.train_sample,
             search_params=quality["params"],
+            layout=plan.layout,
+            shards=tuple(shard_recs),
         ),
         quality=quality,
         timings=timings,
         skew_gate=run_info.get("skew_gate"),
         run=run_info,
         based_on_seq=expected_seq,
+        parts={
+            "items": len(item_recs),
+            "users": len(user_recs),
+            "embedded": emb.embedded,
+            "reused": emb.reused,
+            "nodes": sorted({r["node"] for r in emb.records.values()}),
+        },  # fmt: skip
     )
     out.write_manifest(manifest)
     final = registry.builds / build_id

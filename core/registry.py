@@ -101,6 +101,21 @@ class Registry:
         )
         return tmp
 
+    def resume_staging(self, build_id: str) -> Path:
+        """The staging directory of a stopped rebuild, now owned by this process."""
+        tmp = self.builds / f".tmp-{build_id}"
+        if (self.builds / build_id).exists():
+            raise FileExistsError(f"build {build_id} is already committed; nothing to resume")
+        if not tmp.is_dir():
+            raise FileNotFoundError(
+                f"no staged rebuild {build_id} in {self.builds} (never started here, or removed by "
+                "`jobs.registry gc` or by a refused gate)"
+            )
+        (tmp / ".owner").write_text(
+            json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": self._clock()})
+        )
+        return tmp
+
     def _locked(self):
         return locked(self.root / ".lock")
 

@@ -21,22 +21,33 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
 import ray
 
+from core import assemble as asm
 from core import index as ann
 from core import skew_gate
 from core.build_dir import BuildDir
-from core.datasets import DATASET_MANIFEST
-from core.embed import PRECISIONS, Embedder
-from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
-from core.rebuild import IndexOptions, Inputs, finalize, new_build_id, preflight
+from core.datasets import DATASET_MANIFEST, DatasetError
+from core.embed import PRECISIONS
+from core.fsutil import write_json_atomic
+from core.rebuild import (
+    IndexOptions,
+    Inputs,
+    ResumeRefused,
+    build_and_publish,
+    check_resume,
+    embed_settings,
+    new_build_id,
+    preflight,
+    resume_record,
+)
 from core.registry import Registry
 from core.sidecar import fold_into_base
+from core.validate import ValidationError
 from jobs.common import lower_priority, run_main
+from jobs.worker_pool import RayPool
 
 log = logging.getLogger("skewless.rebuild")
 
@@ -50,7 +61,6 @@ class RebuildConfig:
     address: str | None = None
     num_workers: int = 1
     cpus_per_worker: float = 1.0
-    read_cpus: float = 0.25
     num_gpus_per_worker: float = 0.0
     resources_per_worker: tuple[tuple[str, float], ...] = ()
     batch_size: int = 8192
@@ -62,87 +72,19 @@ class RebuildConfig:
     force_unchecked: bool = False
     skip_resource_check: bool = False
     precision: str = "fp32"
-    # added to the nice value of the embedding actors and of the driver (index build), for a rebuild
-    # that shares cores with serving. Ray starts its workers (Serve replicas and the embedding actors
-    # alike) at nice 15, while a driver runs at its launcher's (0 under `ray job submit`): unlowered, the
-    # driver's index build outweighs a replica ~28x in the kernel's CPU shares; at 19 it weighs less.
+    # added to the nice value of the workers (embedding, index build) and of the driver, for a rebuild
+    # that shares cores with serving. Ray starts its workers (Serve replicas and the rebuild's actors
+    # alike) at nice 15, while a driver runs at its launcher's (0 under `ray job submit`).
     nice: int = 0
-
-
-def actor_device(gpu_ids: list) -> str:
-    """The torch device of an actor given the GPUs Ray assigned it. Ray sets CUDA_VISIBLE_DEVICES to
-    those; a CPU-pool actor gets none even on a GPU node (torch.cuda.is_available() would say True)."""
-    return "cuda:0" if gpu_ids else "cpu"
-
-
-class EmbedBatches:
-    """Ray Data callable: loads the checkpoint from its path once per actor, then embeds batches.
-    `assigned_gpus` and `renice` are Ray's and the OS's; tests pass their own."""
-
-    def __init__(
-        self,
-        checkpoint: str,
-        what: str,
-        threads: int,
-        precision: str = "fp32",
-        nice: int = 0,
-        assigned_gpus: Callable[[], list] = ray.get_gpu_ids,
-        renice: Callable[[int], int] = lower_priority,
-    ):
-        renice(nice)  # first: torch's compute threads, started later, inherit the priority
-        device = actor_device(assigned_gpus())
-        self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
-        self.fn = self.embedder.items if what == "items" else self.embedder.users
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.fn(batch)
-
-
-def embed_dataset(
-    cfg: RebuildConfig,
-    files: list[Path],
-    columns: tuple[str, ...],
-    what: str,
-    out: Path,
-    udf: type = EmbedBatches,
-    udf_kwargs: dict | None = None,
-) -> None:
-    """Partitions -> embedding table parquet files in `out` (benchmarks/ time this very function)."""
-    # Read tasks reserve a fraction of a CPU: with whole CPUs, an actor pool that holds every CPU would
-    # starve the reads that feed it and the pipeline would wait forever.
-    ds = ray.data.read_parquet([str(f) for f in files], num_cpus=cfg.read_cpus).select_columns(list(columns))
-    ds = ds.map_batches(
-        udf,
-        fn_constructor_kwargs={
-            "checkpoint": str(cfg.checkpoint.resolve()),
-            "what": what,
-            "threads": cfg.torch_threads,
-            "precision": cfg.precision,
-            "nice": cfg.nice,
-            **(udf_kwargs or {}),
-        },
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
-        num_cpus=cfg.cpus_per_worker,
-        num_gpus=cfg.num_gpus_per_worker or None,
-        resources=dict(cfg.resources_per_worker) or None,
-        udf_modifying_row_count=False,
-        # libgomp threads spin after each op by default; on nodes where read and write tasks share the
-        # cores with the actor, the spinning steals their CPU (2-6x slower on a loaded 2-core node).
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
-    )
-    # pyarrow tries a dictionary for every column of every row group; on the float embedding column that
-    # is wasted work that took more time than the embedding itself (benchmarks/rebuild_throughput.py).
-    ds.write_parquet(str(out), use_dictionary=["checkpoint_version"])
+    resume: str | None = None  # a staged build id whose committed partitions are reused
 
 
 def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
-    """Fail fast, naming what is missing, instead of hanging until --timeout-s: Ray Data's ListFiles
-    and read tasks need a CPU beside the actor pool, and a pool that cannot be placed waits forever."""
+    """Fail fast, naming what is missing, instead of hanging until --wait-for-min-actors-s: a pool
+    that cannot be placed waits."""
     if cfg.skip_resource_check:
         return
-    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker + 1}
+    need = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
     if cfg.num_gpus_per_worker:
         need["GPU"] = cfg.num_workers * cfg.num_gpus_per_worker
     for name, amount in cfg.resources_per_worker:
@@ -151,10 +93,29 @@ def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
     if short:
         detail = ", ".join(f"{k}: needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
         raise RuntimeError(
-            f"the actor pool ({cfg.num_workers} workers) cannot be placed on this cluster ({detail}; one "
-            "CPU is kept for Ray Data's file listing and reads). Lower --num-workers/--cpus-per-worker, or "
-            "pass --skip-resource-check on an autoscaling cluster that will grow."
+            f"the worker pool ({cfg.num_workers} workers) cannot be placed on this cluster ({detail}). Lower "
+            "--num-workers/--cpus-per-worker, or pass --skip-resource-check on an autoscaling cluster that "
+            "will grow."
         )
+
+
+def _staging(cfg: RebuildConfig, registry: Registry, inputs: Inputs, settings) -> tuple[str, Path]:
+    """A new staging directory, or (--resume) the staged one, checked against what this run embeds."""
+    record = resume_record(inputs, settings)
+    if cfg.resume is None:
+        build_id = new_build_id(inputs.checkpoint.version)
+        staging = registry.staging(build_id)
+        write_json_atomic(BuildDir(staging).resume_path, record)
+        return build_id, staging
+    staging = registry.resume_staging(cfg.resume)
+    try:
+        staged = json.loads(BuildDir(staging).resume_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeRefused(
+            f"cannot resume {cfg.resume}: its staging directory has no readable record ({e})"
+        ) from e
+    check_resume(staged, record, cfg.resume)
+    return cfg.resume, staging
 
 
 def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
@@ -165,39 +126,25 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     gate = skew_gate.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
     registry = Registry(cfg.registry)
     expected_seq = registry.pointer().seq
-    build_id = new_build_id(ck.version)
+    settings = embed_settings(ck, cfg.precision, cfg.batch_size)
+    build_id, staging = _staging(cfg, registry, inputs, settings)
     print(
-        f"rebuild {build_id}: checkpoint {ck.version}, {inputs.catalog_manifest['row_count']:,} items in "
-        f"{len(inputs.catalog_files)} partitions, registry {cfg.registry} (seq {expected_seq})",
+        f"rebuild {build_id}{' (resumed)' if cfg.resume else ''}: checkpoint {ck.version}, "
+        f"{inputs.catalog_manifest['row_count']:,} items in {len(inputs.catalog_files)} partitions, "
+        f"registry {cfg.registry} (seq {expected_seq})",
         flush=True,
     )
-    ray.init(address=cfg.address, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = 0  # a failed block must fail the build, never silently drop catalog rows
-    ctx.wait_for_min_actors_s = cfg.wait_for_min_actors_s
-    lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
-    ann.configure(cfg.faiss_threads)
-    check_resources(cfg, ray.cluster_resources())
-
-    staging = registry.staging(build_id)
     try:
-        timings = {}
+        ray.init(address=cfg.address, log_to_driver=True)
+        lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
+        check_resources(cfg, ray.cluster_resources())
         t0 = time.perf_counter()
-        embed_dataset(
-            cfg, inputs.catalog_files, ITEM_FEATURE_COLUMNS, "items", BuildDir(staging).item_parquet
-        )
-        timings["read_embed_s"] = round(time.perf_counter() - t0, 3)
-        if inputs.users_manifest is not None:
-            t0 = time.perf_counter()
-            embed_dataset(
-                cfg, inputs.user_files, USER_FEATURE_COLUMNS, "users", BuildDir(staging).user_parquet
-            )
-            timings["users_embed_s"] = round(time.perf_counter() - t0, 3)
-        phase("embedded")
+        pool = RayPool(cfg)
+        timings = {"pool_start_s": round(time.perf_counter() - t0, 3)}
+        print(f"{pool.size} workers on {len(set(pool.nodes()))} node(s)", flush=True)
         run_info = {
             "num_workers": cfg.num_workers,
             "cpus_per_worker": cfg.cpus_per_worker,
-            "read_cpus": cfg.read_cpus,
             "num_gpus_per_worker": cfg.num_gpus_per_worker,
             "resources_per_worker": dict(cfg.resources_per_worker),
             "batch_size": cfg.batch_size,
@@ -205,15 +152,24 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "precision": cfg.precision,
             "faiss_threads": cfg.faiss_threads,
             "nice": cfg.nice,
+            "resumed": cfg.resume is not None,
             "ray_version": ray.__version__,
             "skew_gate": gate,
         }
-        manifest = finalize(
-            inputs, registry, staging, build_id, expected_seq, cfg.index, timings, run_info, on_phase=phase
-        )
+        try:
+            manifest = build_and_publish(
+                inputs, pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings, run_info,
+                on_phase=phase, progress=lambda m: print(m, flush=True), share=pool.share,
+            )  # fmt: skip
+        finally:
+            pool.close()
+    except (ValidationError, DatasetError):
+        # a refused build: resuming cannot change the verdict, so nothing of it is kept
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     except BaseException:
-        if staging.exists():  # a committed build has left staging; only a half-written one is removed
-            shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():  # interrupted (timeout, error): the committed partitions stay for --resume
+            print(f"rebuild {build_id} stopped; resume it with --resume {build_id}", flush=True)
         raise
     # Published: the sidecar's entries this catalog already serves leave the log (archived), which
     # frees their slots under the cap. A failure here leaves the log as it was (`jobs.registry
@@ -234,21 +190,35 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         "items": n,
         "users": manifest.homogeneity["user_rows"],
         "seconds": round(total, 2),
-        "items_per_s": round(n / timings["read_embed_s"], 1),
+        "items_per_s": round((n + manifest.homogeneity["user_rows"]) / max(timings["embed_s"], 1e-9), 1),
         "index": manifest.index.factory,
         "search_params": manifest.index.search_params,
         "recall_at_10": manifest.quality["recall_at_k"],
         "timings": timings,
+        "layout": manifest.index.layout,
+        "shards": len(manifest.index.shards),
+        "parts": manifest.parts,
         "published": True,
         "sidecar": folded,
     }
     print(
-        f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} items/s embedding), "
+        f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} rows/s embedding), "
         f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f}, "
         f"checkpoint {ck.version}"
     )
     print("SUMMARY " + json.dumps(summary), flush=True)
     return summary
+
+
+def _bytes(s: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    num, unit = s.rstrip("BbiI").upper()[:-1], s.rstrip("BbiI").upper()[-1:]
+    if unit.isdigit():
+        num, unit = num + unit, ""
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 1000000, got {s!r}") from None
 
 
 def _resource(s: str) -> tuple[str, float]:
@@ -304,13 +274,10 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--num-workers",
         type=int,
         default=d.num_workers,
-        help="embedding actor pool size (one per GPU on a GPU pool)",
+        help="rebuild workers (Ray actors: they embed, add shards and search them; one per GPU on a GPU pool)",
     )
     p.add_argument(
         "--cpus-per-worker", type=float, default=d.cpus_per_worker, help="logical CPUs each actor reserves"
-    )
-    p.add_argument(
-        "--read-cpus", type=float, default=d.read_cpus, help="logical CPUs each parquet read task reserves"
     )
     p.add_argument(
         "--num-gpus-per-worker",
@@ -348,15 +315,44 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "vectors that differ slightly from fp32 ones, see README)",
     )
     p.add_argument(
-        "--faiss-threads", type=int, default=d.faiss_threads, help="faiss OpenMP threads in the driver"
+        "--faiss-threads", type=int, default=d.faiss_threads, help="faiss OpenMP threads per worker"
     )
     p.add_argument(
         "--index",
         choices=ann.KINDS,
         default=ix.kind,
-        help="index family (auto: build several, tune each to the target recall and keep the fastest: up "
-        "to 200k items Flat, HNSW32 and IVF-Flat at 2, 4, 8*sqrt(n) lists; up to 2M HNSW32 and IVF-Flat at "
-        "2, 4*sqrt(n); above, IVF-Flat at 2*sqrt(n) alone)",
+        help="index family (auto: up to 200k items Flat, HNSW32 and IVF-Flat at 2, 4, 8*sqrt(n) lists are "
+        "built in one worker and the fastest at the target recall is kept; above, IVF-Flat at 4*sqrt(n) "
+        "lists up to 2M items and 2*sqrt(n) beyond, trained once and added shard by shard, with only its "
+        "search setting measured)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=asm.LAYOUTS,
+        default=ix.layout,
+        help="merged: one index file; sharded: one index per id range, searched as one by serving; auto: "
+        "merged when the merged index fits --memory-budget",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_bytes,
+        default=ix.memory_budget,
+        metavar="SIZE",
+        help="memory one process may hold of the index (e.g. 4G, 512M): decides auto's layout and the "
+        "shard size",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=ix.shards,
+        help="number of id-range shards (0: from the budget and workers)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="BUILD_ID",
+        default=d.resume,
+        help="continue a stopped rebuild: reuse its committed partitions (same checkpoint, catalog, users, "
+        "precision and batch size, or it is refused naming what differs) and redo the rest",
     )
     p.add_argument(
         "--target-recall",
@@ -390,6 +386,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
+    if a.shards < 0 or a.memory_budget <= 0:
+        p.error(f"--shards must be >= 0 (got {a.shards}) and --memory-budget > 0")
     if not 0 <= a.nice <= 19 or a.timeout_s <= 0:
         p.error(f"--nice must be in 0..19 (got {a.nice}) and --timeout-s > 0 (got {a.timeout_s:g})")
     users = None
@@ -399,11 +397,12 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         )
     return RebuildConfig(
         checkpoint=a.checkpoint, catalog=a.catalog, users=users, registry=a.registry, address=a.address,
-        num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, read_cpus=a.read_cpus, num_gpus_per_worker=a.num_gpus_per_worker,
+        num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, num_gpus_per_worker=a.num_gpus_per_worker,
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
-        faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall),
+        faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall, layout=a.layout,
+        memory_budget=a.memory_budget, shards=a.shards),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
-        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice,
+        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume,
     )  # fmt: skip
 
 

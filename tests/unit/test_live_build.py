@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.build_dir import BuildDir, BuildFormatError
+from core.build_dir import FORMAT_VERSION, BuildDir, BuildFormatError
 from core.live_build import BuildRefused, BuildWatcher, load_build
 from core.registry import Registry
 from tests.unit.tiny_build import make_build, make_checkpoint
@@ -79,7 +79,7 @@ def test_watcher_swaps_on_publish_and_keeps_old_build_when_new_one_is_broken(tmp
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("format_version", 1), ("format_version", 3), ("kind", "other")]
+    ("field", "value"), [("format_version", 2), ("format_version", 4), ("kind", "other")]
 )
 def test_a_build_of_another_format_or_kind_is_refused_naming_both(tmp_path, field, value):
     import json
@@ -89,7 +89,7 @@ def test_a_build_of_another_format_or_kind_is_refused_naming_both(tmp_path, fiel
     m[field] = value
     build.manifest_path.write_text(json.dumps(m))
     with pytest.raises(
-        BuildRefused, match=rf"expected kind 'skewless.build' format version 2, got .*{value!r}"
+        BuildRefused, match=rf"expected kind 'skewless.build' format version {FORMAT_VERSION}, got .*{value!r}"
     ):
         load_build(build.root)
     with pytest.raises(BuildFormatError, match="format version"):

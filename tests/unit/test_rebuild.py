@@ -1,8 +1,6 @@
-"""The Ray-free half of the rebuild, in-process: preflight, the gates, the embedder, and finalize with a
-crash injected at every phase (what `ray job stop`'s SIGKILL can interrupt).
-
-The embedded tables are written here with pyarrow, as the job's Ray Data workers write them, into the
-staging directory that `BuildDir` names."""
+"""The Ray-free half of the rebuild, in-process: preflight, the gates, the embedder, and
+build_and_publish on an in-process worker pool (core.worker.LocalPool, the same calls the job's Ray
+actors get) with a crash injected at every phase (what `ray job stop`'s SIGKILL can interrupt)."""
 
 from __future__ import annotations
 
@@ -15,24 +13,39 @@ import subprocess
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from core import index as ann
 from core.build_dir import BuildDir
 from core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_manifest
-from core.datasets import DATASET_MANIFEST, DatasetError, part_name, split_table, write_dataset
+from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dataset
 from core.embed import Embedder, embedding_table, embeddings_to_numpy, item_vectors, user_vectors
 from core.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
-from core.rebuild import IndexOptions, finalize, preflight, query_sets, sample_histories
+from core.rebuild import (
+    IndexOptions,
+    build_and_publish,
+    embed_settings,
+    preflight,
+    query_sets,
+    sample_histories,
+)
 from core.registry import POINTER, Registry
 from core.validate import ValidationError, check_embedded
+from core.worker import LocalPool, Worker
 from tests.unit.tiny_build import CFG, SCHEMA, make_build, make_checkpoint
 
 N_ITEMS, N_USERS = 240, 60
 # Flat: exact, so recall is 1.0 and the tests are about the rebuild's steps, not index tuning
 OPTS = IndexOptions(kind="flat", max_queries=200)
-PHASES = ("validated", "index_written", "build_committed", "pointer_temp_written", "published")
+PHASES = (
+    "part_committed",
+    "embedded",
+    "validated",
+    "index_written",
+    "build_committed",
+    "pointer_temp_written",
+    "published",
+)
 
 
 class Killed(BaseException):
@@ -84,19 +97,6 @@ def tiny(tmp_path_factory):
     }
 
 
-def _stage(staging, tiny, users: bool = True) -> None:
-    """What the job's Ray Data stage leaves in staging: parquet files of embedded rows, in any order."""
-    out = BuildDir(staging)
-    tables = [(out.item_parquet, tiny["item_emb"])] + (
-        [(out.user_parquet, tiny["user_emb"])] if users else []
-    )
-    for directory, table in tables:
-        directory.mkdir()
-        shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
-        for i, part in enumerate(split_table(shuffled, 2)):
-            pq.write_table(part, directory / part_name(i))
-
-
 def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
     p.wait()
@@ -118,17 +118,22 @@ def _live_registry(tmp_path, tiny) -> Registry:
     return reg
 
 
-def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None):
+def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, workers=None):
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
     seq = reg.pointer().seq
-    return finalize(inputs, reg, staging, build_id, seq, opts, {}, {"nice": 0}, on_phase=on_phase)
+    pool = LocalPool(workers or [Worker(str(tiny["ck_path"]), threads=1)])
+    settings = embed_settings(inputs.checkpoint, "fp32", 64)
+    return build_and_publish(
+        inputs, pool, reg, staging, build_id, seq, opts, settings, {}, {"nice": 0}, on_phase=on_phase,
+        progress=lambda _m: None,
+    )  # fmt: skip
 
 
 def _assert_loadable(reg: Registry, build_id: str, items: int) -> None:
     b = BuildDir(reg.build_dir(build_id))
     m = b.read_manifest()
     assert m.build_id == build_id and m.index.ntotal == items == len(b.open_items()[0])
-    assert b.load_index().ntotal == items
+    assert b.load_index(m).ntotal == items
     assert read_manifest(b.checkpoint_path)["version"] == m.checkpoint_version
 
 
@@ -330,13 +335,12 @@ def test_with_users_the_queries_are_disjoint_user_embeddings(tiny):
     assert len(set(picked)) == N_USERS  # every user once: tuning and held-out sets are disjoint
 
 
-# ---- finalize ----------------------------------------------------------------------------------------
+# ---- build_and_publish ----------------------------------------------------------------------------------------
 
 
 def test_finalize_with_users_publishes_tables_and_records_the_queries(tiny, tmp_path):
     reg = _live_registry(tmp_path, tiny)
     staging = reg.staging("b-users")
-    _stage(staging, tiny)
     m = _finalize(tiny, reg, staging, "b-users")
     assert reg.current() == "b-users" and not staging.exists()
     _assert_loadable(reg, "b-users", N_ITEMS)
@@ -351,7 +355,6 @@ def test_finalize_with_users_publishes_tables_and_records_the_queries(tiny, tmp_
 def test_finalize_without_users_publishes_a_build_tuned_on_sampled_histories(tiny, tmp_path):
     reg = _live_registry(tmp_path, tiny)
     staging = reg.staging("b-no-users")
-    _stage(staging, tiny, users=False)
     m = _finalize(tiny, reg, staging, "b-no-users", users=False)
     assert reg.current() == "b-no-users"
     _assert_loadable(reg, "b-no-users", N_ITEMS)
@@ -375,7 +378,6 @@ def test_finalize_without_users_still_refuses_a_held_out_recall_below_target(tin
     reg = _live_registry(tmp_path, tiny)
     before, builds = (reg.root / POINTER).read_bytes(), reg.list_builds()
     staging = reg.staging("b-low")
-    _stage(staging, tiny, users=False)
     with pytest.raises(ValidationError, match=r"recall@10 0\.5000 \(sampled_histories queries\) is below"):
         _finalize(tiny, reg, staging, "b-low", users=False)
     assert (reg.root / POINTER).read_bytes() == before and reg.list_builds() == builds
@@ -386,7 +388,6 @@ def test_a_crash_at_each_phase_leaves_current_on_a_complete_build(phase, tiny, t
     reg = _live_registry(tmp_path, tiny)
     pointer_before, builds_before = (reg.root / POINTER).read_bytes(), reg.list_builds()
     staging = _staging_of_a_killed_job(reg, "b-new", monkeypatch)
-    _stage(staging, tiny)
 
     def crash(name: str) -> None:
         if name == phase:
@@ -407,31 +408,28 @@ def test_a_crash_at_each_phase_leaves_current_on_a_complete_build(phase, tiny, t
         assert (reg.root / POINTER).read_bytes() == pointer_before and pointer["build_id"] == "old-build"
 
     removed = reg.gc(rollback_window=2, keep_extra=0)
-    leftover = {"validated": staging.name, "index_written": staging.name}.get(phase, "b-new")
+    leftover = staging.name if not committed else "b-new"
     assert (leftover in removed) == (phase != "published")  # a published build is live: kept
     assert not any(p.name.startswith(".") for p in reg.builds.iterdir())
     assert not list(reg.root.glob(f".{POINTER}.tmp-*"))  # nor a pointer temp killed before its replace
     _assert_loadable(reg, reg.current(), N_ITEMS if phase == "published" else 50)
 
     retry = reg.staging("b-retry")  # the job run again
-    _stage(retry, tiny)
     _finalize(tiny, reg, retry, "b-retry")
     assert reg.current() == "b-retry"
     _assert_loadable(reg, "b-retry", N_ITEMS)
     assert reg.pointer().stack[-2] == ("b-new" if phase == "published" else "old-build")
 
 
-def test_finalize_reads_back_what_the_workers_wrote_and_gates_it(tiny, tmp_path):
-    """A worker that embedded with another checkpoint is caught in finalize, before anything is written."""
+def test_a_worker_that_embeds_with_another_checkpoint_fails_the_build_before_anything_is_written(
+    tiny, tmp_path
+):
+    """Two workers, one loaded with another checkpoint: its parts are refused where they are embedded."""
     reg = _live_registry(tmp_path, tiny)
     staging = reg.staging("b-mixed")
-    _stage(staging, tiny)
-    other = load_checkpoint(make_checkpoint(tmp_path / "other", seed=1))
-    stray = embedding_table(
-        np.array([999_999]), np.ones((1, CFG.embed_dim), np.float32), other.version, "item_id"
-    )
-    pq.write_table(stray, BuildDir(staging).item_parquet / part_name(9))
-    with pytest.raises(ValidationError, match=f"found .*'{other.version}'"):
-        _finalize(tiny, reg, staging, "b-mixed")
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    workers = [Worker(str(tiny["ck_path"]), threads=1), Worker(str(other), threads=1)]
+    with pytest.raises(ValidationError, match=f"found .*'{load_checkpoint(other).version}'"):
+        _finalize(tiny, reg, staging, "b-mixed", workers=workers)
     assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
     assert not BuildDir(staging).index_path.exists()

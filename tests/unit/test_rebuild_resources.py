@@ -9,10 +9,10 @@ def _cfg(*flags):
     return parse(["--checkpoint", "c", "--catalog", "d/catalog", "--registry", "r", "--no-users", *flags])
 
 
-def test_pool_that_leaves_no_cpu_for_reads_is_refused_naming_the_numbers():
+def test_a_pool_larger_than_the_cluster_is_refused_naming_the_numbers():
     with pytest.raises(RuntimeError, match=r"CPU: needs 3, cluster has 2"):
-        check_resources(_cfg("--num-workers", "2"), {"CPU": 2.0})
-    check_resources(_cfg("--num-workers", "1"), {"CPU": 2.0})  # 1 actor + 1 CPU for reads fits
+        check_resources(_cfg("--num-workers", "3"), {"CPU": 2.0})
+    check_resources(_cfg("--num-workers", "2"), {"CPU": 2.0})  # the workers read their own partitions
 
 
 def test_gpu_and_custom_resources_are_checked_and_the_check_can_be_skipped():

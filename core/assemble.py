@@ -1,0 +1,265 @@
+"""The rebuild's distributed middle, driven through a worker pool (core.worker): embed every partition,
+gate, write the id-sorted tables, train once, add shards, tune the search setting where the shards
+live, and write the index merged or as shards.
+
+The driver (this module) plans and aggregates: per-part and per-shard records, the queries, and top-k
+lists. It never holds the catalog's vectors, so its memory does not grow with the catalog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from core import index as ann
+from core import parts as partmod
+from core import shards as sh
+from core.build_dir import BuildDir
+from core.validate import ValidationError
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "merged", "sharded")
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    records: dict[str, dict]  # part key -> committed part record
+    reused: int
+    embedded: int
+
+    def of(self, tasks: list[partmod.PartTask], what: str) -> list[dict]:
+        return [self.records[t.key] for t in tasks if t.what == what]
+
+
+def embed_all(pool, tasks, parts: Path, settings, progress, phase) -> Embedded:
+    """Every partition of items AND users in one pass over one pool; committed parts that this build
+    would embed identically (a resumed build) are reused, not re-embedded."""
+    partmod.discard_partial(parts)
+    records = {t.key: r for t in tasks if (r := partmod.reusable(parts, t, settings)) is not None}
+    if records:
+        progress(f"resume: reusing {len(records)} of {len(tasks)} committed partitions")
+    todo = [t for t in tasks if t.key not in records]
+    for _, rec in pool.map("embed", [(t, str(parts), settings) for t in todo]):
+        records[rec["key"]] = rec
+        progress(
+            f"part {rec['key']}: {rec['rows']:,} rows in {rec['seconds']:.1f}s on node {rec['node'][:12]} "
+            f"({len(records)}/{len(tasks)})"
+        )
+        phase("part_committed")
+    return Embedded(records, reused=len(tasks) - len(todo), embedded=len(todo))
+
+
+def check_rows(records: list[dict], expected: int, what: str) -> None:
+    got = sum(r["rows"] for r in records)
+    if got != expected:
+        raise ValidationError(
+            f"{what}: expected {expected:,} embedded rows (the input's row count), got {got:,}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexPlan:
+    spec: ann.IndexSpec
+    layout: str  # "merged" | "sharded"
+    shards: int
+    small: bool  # the whole catalog in one worker, every candidate family measured (build_tuned)
+    index_bytes: int
+
+
+def plan_index(n: int, d: int, kind: str, layout: str, budget: int, shards: int, workers: int) -> IndexPlan:
+    """Family, size and layout from the catalog size and the per-process memory budget; no candidate
+    is built on the full catalog. Up to MEASURED_CHOICE_MAX_ITEMS the catalog fits one worker easily
+    and `auto` measures every family there, as before. Above, `auto` is the prior (ann.prior_spec) and
+    only its search setting is measured. `auto` layout merges when the merged index fits the budget
+    (one process writes it and every replica loads it whole); otherwise the build stays sharded."""
+    small = n <= ann.MEASURED_CHOICE_MAX_ITEMS
+    if small and layout != "sharded":
+        spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
+        return IndexPlan(spec, "merged", 1, True, ann.index_bytes(spec, n, d))
+    spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
+    total = ann.index_bytes(spec, n, d)
+    mergeable = spec.kind in ann.MERGEABLE
+    if layout == "auto":
+        layout = "merged" if mergeable and total <= budget else "sharded"
+    if layout == "merged" and total > budget:
+        raise ValidationError(
+            f"a merged {spec.factory} index of {n:,} vectors takes ~{total / 2**30:.1f} GiB, over the "
+            f"--memory-budget of {budget / 2**30:.1f} GiB per process; use --layout sharded or raise the budget"
+        )
+    if layout == "merged" and not mergeable:
+        if total > budget:
+            raise ValidationError(f"{spec.kind} shards cannot be merged; use --layout sharded")
+        shards = 1  # one worker adds everything: an HNSW graph is built whole
+    # shards are what one worker holds at a time: at most half the budget each (the gather copy and the
+    # index), and at least one per worker so every worker adds in parallel
+    n_shards = shards or max(workers, math.ceil(total / max(budget / 2, 1)))
+    per_worker = total / min(workers, n_shards)
+    if per_worker > budget:
+        raise ValidationError(
+            f"{n:,} vectors in {spec.factory} take ~{total / 2**30:.1f} GiB: {per_worker / 2**30:.1f} GiB per "
+            f"worker with {workers} workers, over the --memory-budget of {budget / 2**30:.1f} GiB; add workers "
+            "or raise the budget"
+        )
+    return IndexPlan(spec, layout, max(1, min(n_shards, n)), False, total)
+
+
+def plan_tables(pool, parts: Path, records: list[dict], n_shards: int) -> list[sh.ShardPlan]:
+    ranges = sh.plan_ranges(records, n_shards)
+    if not sh.disjoint(records):
+        # parts overlap in id: count each range's rows part by part, on the workers (ids only)
+        counts = np.zeros(len(ranges), np.int64)
+        for _, c in pool.map("count", [(str(parts / r["key"]), ranges) for r in records if r["rows"]]):
+            counts += np.asarray(c, np.int64)
+    else:
+        counts = [sum(r["rows"] for r in sh.overlapping(records, lo, hi)) for lo, hi in ranges]
+    return sh.plan_shards(parts, records, ranges, counts)
+
+
+def write_table(pool, out: BuildDir, what: str, plans, version: str, d: int, progress) -> list[dict]:
+    """The users table: each shard's worker writes its rows in place (no index)."""
+    ids_p, vec_p = out.table_files(what)
+    sh.create_table(ids_p, vec_p, sum(p.rows for p in plans), d)
+    calls = [
+        (p.shard % pool.size, "build_shard", (p, what, version, (str(ids_p), str(vec_p)), None, None, 0))
+        for p in plans
+    ]
+    recs = pool.on(calls)
+    progress(f"{what} table: {sum(p.rows for p in plans):,} rows in {len(plans)} ranges")
+    return recs
+
+
+class GlobalRows:
+    """Rows of the embedded parts by global position (parts in key order, rows in id order), read
+    through memory maps: what the driver samples query histories from without loading the catalog."""
+
+    def __init__(self, parts: Path, records: list[dict], column: str):
+        self.recs = [r for r in records if r["rows"]]
+        self.parts, self.column = parts, column
+        self.starts = np.cumsum([0] + [r["rows"] for r in self.recs])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def picks(self, positions: np.ndarray) -> list[tuple[str, list[int]]]:
+        """(part dir, local rows) for sorted global positions."""
+        part = np.searchsorted(self.starts, positions, side="right") - 1
+        out = []
+        for p in np.unique(part):
+            rows = positions[part == p] - self.starts[p]
+            out.append((str(self.parts / self.recs[p]["key"]), rows.tolist()))
+        return out
+
+    def __getitem__(self, positions) -> np.ndarray:
+        positions = np.asarray(positions, np.int64)
+        order = np.argsort(positions, kind="stable")
+        got = []
+        for d, rows in self.picks(positions[order]):
+            ids, x = partmod.open_part(Path(d))
+            got.append(np.array((ids if self.column == "ids" else x)[np.asarray(rows)]))
+        vals = np.concatenate(got)
+        out = np.empty_like(vals)
+        out[order] = vals
+        return out
+
+
+def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], shard_plans, version: str, xq_tune, xq_hold, opts,
+                share: Callable, progress, timings: dict) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Train once, add the shards on their workers (which also write the items table), tune the search
+    setting over every shard, write the index. Returns (quality, shard records)."""
+    ids_p, vec_p = out.table_files("items")
+    d = xq_tune.shape[1]
+    n = sum(p.rows for p in shard_plans)
+    sh.create_table(ids_p, vec_p, n, d)
+    table = (str(ids_p), str(vec_p))
+    k = opts.k
+    if plan.small:
+        t0 = time.perf_counter()
+        pool.on(
+            [
+                (p.shard % pool.size, "build_shard", (p, "items", version, table, None, None, 0))
+                for p in shard_plans
+            ]
+        )
+        timings["items_table_s"] = round(time.perf_counter() - t0, 3)
+        spec, quality, t_idx = pool.on(
+            [(0, "build_small", (table, xq_tune, xq_hold, opts, str(out.index_path)))]
+        )[0]
+        timings.update(t_idx)
+        recs = [{"shard": p.shard, "rows": p.rows, "id_lo": p.lo, "id_hi": p.hi, "row_offset": p.offset,
+                 "checkpoint_version": version} for p in shard_plans]  # fmt: skip
+        return {**quality, "spec": spec}, recs
+
+    spec = plan.spec
+    t0 = time.perf_counter()
+    empty = None
+    if spec.train_sample:
+        rng = np.random.default_rng(opts.seed)
+        rows = GlobalRows(out.parts_dir, item_records, "vectors")
+        picks = rows.picks(
+            np.sort(rng.choice(len(rows), size=min(spec.train_sample, len(rows)), replace=False))
+        )
+        empty, train_s = pool.on([(0, "train", (spec.factory, d, picks))])[0]
+    else:
+        empty, train_s = pool.on([(0, "train", (spec.factory, d, []))])[0]
+    timings["index_train_s"] = train_s
+    progress(f"trained {spec.factory} on {spec.train_sample:,} vectors in {train_s:.1f}s")
+    t1 = time.perf_counter()
+    xq_all = np.concatenate([xq_tune, xq_hold])
+    empty_ref, q_ref = share(empty), share(xq_all)
+    recs = []
+    calls = [
+        (p.shard % pool.size, "build_shard", (p, "items", version, table, empty_ref, q_ref, k))
+        for p in shard_plans
+    ]
+    for rec in pool.on(calls):
+        progress(f"shard {rec['shard']}: {rec['rows']:,} items [{rec['id_lo']}, {rec['id_hi']}) added in "
+                 f"{rec['add_s']:.1f}s on node {rec['node'][:12]}")  # fmt: skip
+        recs.append(rec)
+    timings["index_add_s"] = round(time.perf_counter() - t1, 3)
+    # the exact top-k over all shards, merged: its k-th score is what a found id must reach
+    D, _ = ann.merge_topk([r.pop("exact") for r in recs], k)
+    kth_tune, kth_hold = D[: len(xq_tune), k - 1], D[len(xq_tune) :, k - 1]
+    t2 = time.perf_counter()
+
+    def recall(xq, kth):
+        ref = share(xq)
+
+        def at(p: dict) -> float:
+            Dp, Ip = ann.merge_topk(pool.on([(w, "search", (spec, p, ref, k)) for w in range(pool.size)]), k)
+            return sh.recall_vs_exact(Ip, Dp, kth, k)
+
+        return at
+
+    quality = ann.tune_setting(spec, recall(xq_tune, kth_tune), recall(xq_hold, kth_hold), opts.target_recall)
+    timings["recall_s"] = round(time.perf_counter() - t2, 3)
+    t3 = time.perf_counter()
+    hold_ref = share(xq_hold)
+    ts = time.perf_counter()
+    pool.on([(w, "search", (spec, quality["params"], hold_ref, k)) for w in range(pool.size)])
+    search_s = time.perf_counter() - ts
+    quality.update(k=k, target=opts.target_recall, tuning_queries=len(xq_tune), holdout_queries=len(xq_hold),
+                   holdout_qps=round(len(xq_hold) / max(search_s, 1e-9), 1), selection="prior" if opts.kind == "auto" else "requested",
+                   candidates=[], spec=spec)  # fmt: skip
+    if quality["recall_at_k"] >= opts.target_recall:  # a refused build writes no index
+        paths = out.shard_paths(p.shard for p in shard_plans)
+        by_worker: dict[int, dict] = {}
+        for p in shard_plans:
+            by_worker.setdefault(p.shard % pool.size, {})[p.shard] = paths[p.shard]
+        pool.on([(w, "save_shards", (ps,)) for w, ps in by_worker.items()])
+        if plan.layout == "merged":
+            ntotal = pool.on([(0, "merge", ([paths[p.shard] for p in shard_plans], str(out.index_path)))])[0]
+            if ntotal != n:
+                raise ValidationError(f"merged index holds {ntotal:,} vectors, expected {n:,}")
+            for path in paths.values():
+                Path(path).unlink()
+            Path(next(iter(paths.values()))).parent.rmdir()
+        timings["index_write_s"] = round(time.perf_counter() - t3, 3)
+    pool.on([(w, "free", ()) for w in range(pool.size)])
+    return quality, recs

@@ -1,0 +1,160 @@
+"""What one rebuild worker does, and the pool the rebuild drives its workers through.
+
+A `Worker` holds ONE checkpoint (loaded once) and, after the add, the shard indexes it built, so the
+search-parameter tuning can query every shard where it lives. jobs.rebuild_index runs one Worker per
+Ray actor (`RayPool`); the unit tests run them in-process (`LocalPool`). Both pools hand out the same
+calls, so the rebuild's orchestration (core.rebuild) is the same code with or without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+
+from core import index as ann
+from core import parts as partmod
+from core import shards as sh
+from core.embed import Embedder
+
+
+class Worker:
+    def __init__(
+        self,
+        checkpoint: str,
+        threads: int,
+        precision: str = "fp32",
+        node: str = "local",
+        device: str = "cpu",
+        faiss_threads: int | None = None,
+    ):
+        self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
+        self.node = node
+        ann.configure(faiss_threads or threads)
+        self.shards: dict[int, faiss.Index] = {}
+
+    def ready(self) -> str:
+        return self.node
+
+    def embed(self, task: partmod.PartTask, parts: str, settings: partmod.EmbedSettings) -> dict:
+        return partmod.embed_part(self.embedder, task, Path(parts), settings, self.node)
+
+    def count(self, part: str, ranges: list[tuple[int, int]]) -> list[int]:
+        return sh.count_in_ranges(Path(part), ranges)
+
+    def read_rows(self, picks: list[tuple[str, list[int]]], column: str = "vectors") -> np.ndarray:
+        """Rows of committed parts, in the order given: (part dir, sorted local rows) pairs."""
+        out = []
+        for d, rows in picks:
+            ids, x = partmod.open_part(Path(d))
+            out.append(np.array((x if column == "vectors" else ids)[np.asarray(rows, np.int64)]))
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def train(self, factory: str, d: int, picks: list[tuple[str, list[int]]]) -> tuple[bytes, float]:
+        t0 = time.perf_counter()
+        sample = self.read_rows(picks) if picks else None
+        return sh.train_empty(factory, d, sample), round(time.perf_counter() - t0, 3)
+
+    def build_shard(
+        self,
+        plan: sh.ShardPlan,
+        what: str,
+        version: str,
+        table: tuple[str, str],
+        empty: bytes | None,
+        queries: np.ndarray | None,
+        k: int,
+    ) -> dict:
+        """Gather the shard's rows, write them into the global tables; for items also add them to a copy
+        of the trained empty index (kept here for tuning) and answer the exact top-k of `queries`."""
+        t0 = time.perf_counter()
+        ids, x = sh.gather(plan, what, version)
+        sh.write_rows(Path(table[0]), Path(table[1]), plan.offset, ids, x)
+        rec = {"shard": plan.shard, "rows": plan.rows, "id_lo": plan.lo, "id_hi": plan.hi,
+               "row_offset": plan.offset, "parts": len(plan.part_dirs), "checkpoint_version": version,
+               "node": self.node}  # fmt: skip
+        t1 = time.perf_counter()
+        rec["write_s"] = round(t1 - t0, 3)
+        if empty is not None:
+            self.shards[plan.shard] = sh.add_to_empty(empty, ids, x)
+            t2 = time.perf_counter()
+            rec["add_s"] = round(t2 - t1, 3)
+            rec["exact"] = sh.exact_topk(ids, x, queries, k)
+            rec["exact_s"] = round(time.perf_counter() - t2, 3)
+        return rec
+
+    def search(
+        self, spec: ann.IndexSpec, params: dict, xq: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the shards this worker holds (empty lists if none)."""
+        if not self.shards:
+            q = len(xq)
+            return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
+        index = ann.ShardedIndex([self.shards[s] for s in sorted(self.shards)])
+        return ann.search(index, spec, params, xq, k)
+
+    def save_shards(self, paths: dict[int, str]) -> None:
+        for s, p in paths.items():
+            ann.save(self.shards[s], p)
+
+    def merge(self, shard_paths: list[str], out: str) -> int:
+        """One index from shards of one trained index (IVF: inverted lists are appended list by list)."""
+        merged = ann.load(shard_paths[0])
+        for p in shard_paths[1:]:
+            merged.merge_from(ann.load(p), 0)
+        ann.save(merged, out)
+        return int(merged.ntotal)
+
+    def build_small(self, table: tuple[str, str], xq_tune, xq_hold, opts, out: str) -> tuple:
+        """The whole (small) catalog in this worker: every candidate family built and measured
+        (core.index.build_tuned), the winner written to `out`."""
+        ids, x = np.load(table[0], mmap_mode="r"), np.load(table[1], mmap_mode="r")
+        idx, spec, quality, timings = ann.build_tuned(
+            np.array(x),
+            np.array(ids),
+            xq_tune,
+            xq_hold,
+            opts.k,
+            opts.target_recall,
+            opts.kind,
+            seed=opts.seed,
+        )
+        ann.save(idx, out)
+        return spec, quality, timings
+
+    def free(self) -> None:
+        self.shards.clear()
+
+
+class Pool(Protocol):
+    size: int
+
+    def nodes(self) -> list[str]: ...
+
+    def map(self, method: str, calls: list[tuple]) -> Iterator[tuple[int, Any]]:
+        """Each call on whichever worker is free; yields (call number, result) as they finish."""
+
+    def on(self, calls: list[tuple[int, str, tuple]]) -> list:
+        """(worker, method, args) calls, run concurrently; their results in order."""
+
+
+class LocalPool:
+    """Workers in this process, one call at a time (unit tests, and what the pool protocol means)."""
+
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+        self.size = len(workers)
+
+    def nodes(self) -> list[str]:
+        return [w.node for w in self.workers]
+
+    def map(self, method: str, calls: list[tuple]) -> Iterator[tuple[int, Any]]:
+        for i, args in enumerate(calls):
+            yield i, getattr(self.workers[i % self.size], method)(*args)
+
+    def on(self, calls: list[tuple[int, str, tuple]]) -> list:
+        return [getattr(self.workers[w], m)(*a) for w, m, a in calls]
