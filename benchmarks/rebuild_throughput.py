@@ -1,41 +1,50 @@
-"""Item-embedding throughput: the rebuild job's Ray Data pipeline vs a plain single-process loop.
+"""Item-embedding throughput: the rebuild job's worker pool vs a plain single-process loop.
 
-Both read the SAME catalog parquet files (item feature columns only), embed with core.embed.Embedder.items
-and write the same embedding table (parquet, dictionary encoding only on checkpoint_version, as the job
-does) to a fresh temp directory, on the same CPU budget:
-  plain-bB[-P]   pyarrow iter_batches(B rows) -> Embedder.items -> ParquetWriter, torch threads = --cpus,
-                 in a fresh process per run (precision P: fp32, or bf16 autocast)
-  ray-bB[-P]     jobs.rebuild_index.embed_dataset itself (read_parquet -> map_batches(EmbedBatches,
-                 ActorPoolStrategy(1), num_cpus=1) -> write_parquet), 1 actor x --cpus torch threads
-  plain-bB-dictall  pyarrow's default dictionary attempt on every column (what the job did before)
-  plain-bB-noop, ray-bB-noop  the same pipelines with Embedder.items replaced by zero vectors of the
-                 same shape: read, the output table and write are kept, the column check, the
-                 Arrow -> tensor conversion (~0.1 s per 1M items, embed_roof) and the tower are
-                 skipped. Each pipeline's floor: ray-noop's total is Ray Data's own fixed cost per
-                 execution plus that I/O
-Ray is started once in-process (ray.init(address="local", num_cpus=--cpus)) and not timed.
+Both do the SAME per-partition work on the same catalog: core.parts.embed_part over every catalog
+partition (read the item feature columns in batches of B rows, core.embed.Embedder.items, the
+per-partition gates of core.validate.check_embedded, commit parts/<key>/ids.npy, vectors.npy,
+part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
+  ray-bB[-P]     the job's own path: jobs.worker_pool.RayPool(RebuildConfig) (one RebuildWorker per
+                 actor, each reserving 1 CPU), then core.assemble.embed_all(pool, plan("items", files),
+                 ...). 1 worker x --cpus torch threads
+  ray-bB-wN      the same with N = --cpus workers x 1 torch thread each
+  plain-bB[-P]   Embedder(checkpoint, threads=--cpus, precision=P), then embed_part(embedder, task, ...,
+                 "local") for each partition in turn, in a fresh process per run (spawned, with the
+                 OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed)
+  ray-bB-noop, plain-bB-noop  the same with Embedder.items replaced by zero vectors of the same shape
+                 (core.embed.embedding_table): read, output table, gates and commit are kept; the
+                 Arrow -> tensor conversion and the tower are skipped. ray-noop - plain-noop is the
+                 pool's own fixed cost (actor start, dispatch)
+P: fp32, or bf16 autocast. Ray is started once in-process (ray.init(address="local", num_cpus=--cpus))
+and not timed; the pool is closed after each run (not timed, and the next run waits, untimed, until
+the killed actors' CPUs are free again).
 
 What is timed, per run (wall clock, seconds):
-  total_s    plain: Embedder construction (checkpoint load) + loop.  ray: Dataset construction + execution,
-             INCLUDING actor-pool start and checkpoint load (a pool is created per execution).
-  steady_s   plain: the loop only.  ray: first batch entering the actor's __call__ -> execution end, i.e.
-             without actor start (per-batch timestamps written by the actor to a side directory).
-  busy_s     time inside the embedding call summed over batches: the compute part.
+  total_s    ray: RayPool construction (actor processes start, import, load and verify the checkpoint,
+             until every actor answers `ready`) + embed_all.  plain: Embedder construction (checkpoint
+             load and verify) + the loop.
+  start_s    the first part of total_s: RayPool construction / Embedder construction.
+  embed_s    the rest: embed_all / the loop, i.e. without the pool's or the model's start.
+  parts_s    the part records' `seconds` summed over partitions: the time inside embed_part as the
+             worker measures it (read, embed, gate; the commit after it is not in it). With N workers
+             it sums N workers' time; embed_s - parts_s / N is the commits plus what dispatching the
+             parts costs on top (plain: the commits alone). part_seconds keeps them
+             per partition: the first part of a fresh process also pays lazy imports (pyarrow's
+             to_numpy imports pandas) and the first calls' warm-up, in both variants alike.
+  steady_s   from the part records: the catalog's items at the rate inside embed_part of the parts
+             after each worker's first, with all N workers at that rate; without start, first-part
+             warm-up, commits and dispatch. Given when there are more partitions than workers.
+Each run also records the embedding process's nice value: Ray starts its workers at 15, the plain
+process runs at the launcher's; equal on an idle machine, not when other work wants the same cores.
 Every variant runs once untimed, then --repeats rounds visit all variants in turn (A B C A B C ...);
-ratios are of medians measured in this one run. The item MLP's compute roof (--roof-gflops, measured by
-benchmarks/embed_roof.py) turns busy time into a fraction of the roof.
+ratios are of medians measured in this one run. With --roof-gflops (the fp32 GEMM roof of --cpus
+threads, benchmarks/embed_roof.py), the embed phase's items/s is also given as a fraction of the item
+MLP's roof.
 
 python -m benchmarks.rebuild_throughput --checkpoint checkpoints/<v> --catalog data/synth-1m/catalog
 """
 
-# ruff: noqa: E402  (the heavy imports must come after _IMPORT_T0)
 from __future__ import annotations
-
-import time
-
-# In an actor's process this module is imported when the callable class arrives: the time before the
-# heavy imports splits the actor start into process start / imports / checkpoint load (see run_ray).
-_IMPORT_T0 = time.time()
 
 import argparse
 import dataclasses
@@ -45,20 +54,23 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from benchmarks.embed_plain import mlp_flops_per_item
+from core import parts as partmod
+from core.assemble import embed_all
+from core.checkpoint import load_checkpoint
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table
-from core.features import ITEM_FEATURE_COLUMNS
-from jobs.rebuild_index import EmbedBatches, RebuildConfig, embed_dataset
+from core.rebuild import embed_settings
+from jobs.worker_pool import RayPool, RebuildWorker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +79,8 @@ class Variant:
     kind: str  # "plain" | "ray"
     batch_size: int
     precision: str = "fp32"
-    dict_all: bool = False  # pyarrow's default: try a dictionary on every column
+    workers: int = 1  # ray: actors in the pool (each reserving 1 CPU)
+    threads: int = 0  # torch threads per actor / in the plain process; 0: --cpus
     noop: bool = False  # zero vectors instead of the tower: the pipeline's floor
 
 
@@ -78,7 +91,6 @@ class ThroughputConfig:
     batch_sizes: tuple[int, ...] = (8192, 65536)
     repeats: int = 5
     cpus: int = 2
-    read_cpus: float = 0.25
     only: tuple[str, ...] = ()  # variant names to run (default: all)
     roof_gflops: float | None = None
     tmp: Path = Path(tempfile.gettempdir())
@@ -89,8 +101,9 @@ class ThroughputConfig:
 def variants(cfg: ThroughputConfig) -> list[Variant]:
     b0 = cfg.batch_sizes[0]
     vs = [Variant(f"plain-b{b0}", "plain", b0), Variant(f"ray-b{b0}", "ray", b0)]
+    if cfg.cpus > 1:
+        vs.append(Variant(f"ray-b{b0}-w{cfg.cpus}", "ray", b0, workers=cfg.cpus, threads=1))
     vs += [Variant(f"plain-b{b0}-bf16", "plain", b0, "bf16"), Variant(f"ray-b{b0}-bf16", "ray", b0, "bf16")]
-    vs.append(Variant(f"plain-b{b0}-dictall", "plain", b0, dict_all=True))
     vs += [
         Variant(f"plain-b{b0}-noop", "plain", b0, noop=True),
         Variant(f"ray-b{b0}-noop", "ray", b0, noop=True),
@@ -100,130 +113,130 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
     return [v for v in vs if not cfg.only or v.name in cfg.only]
 
 
-def parquet_options(v: Variant) -> dict:
-    return {} if v.dict_all else {"use_dictionary": ["checkpoint_version"]}
+def plain_counterpart(v: Variant) -> str:
+    """The plain variant a ray variant is compared with: same batch size, precision and noop."""
+    name = v.name.replace("ray-", "plain-", 1)
+    return name.removesuffix(f"-w{v.workers}") if v.workers > 1 else name
 
 
-def zero_items(emb: Embedder, batch: pa.Table) -> pa.Table:
-    """The table Embedder.items would return, with zero vectors and no tower call (noop variants)."""
-    zeros = np.zeros((batch.num_rows, emb.model.cfg.embed_dim), np.float32)
-    return embedding_table(batch.column("item_id").to_numpy(), zeros, emb.ckpt.version, "item_id")
+class ZeroEmbedder:
+    """What embed_part needs of an Embedder (`items`), returning zero vectors and never calling the
+    tower (noop variants)."""
+
+    def __init__(self, emb: Embedder):
+        self.ckpt = emb.ckpt
+        self.dim = emb.model.cfg.embed_dim
+
+    def items(self, batch: pa.Table) -> pa.Table:
+        zeros = np.zeros((batch.num_rows, self.dim), np.float32)
+        return embedding_table(batch.column("item_id").to_numpy(), zeros, self.ckpt.version, "item_id")
 
 
-class TimedEmbedBatches(EmbedBatches):
-    """The job's callable class, plus one line per batch (start, end, rows) in a side file."""
+class NoopWorker(RebuildWorker):
+    """The job's actor with its embedder swapped for ZeroEmbedder after the checkpoint is loaded."""
 
-    def __init__(
-        self,
-        checkpoint: str,
-        what: str,
-        threads: int,
-        precision: str,
-        log_dir: str,
-        noop: bool,
-        nice: int = 0,
-    ):
-        t_init = time.time()
-        super().__init__(checkpoint, what, threads, precision, nice=nice)
-        if noop:
-            self.fn = lambda batch: zero_items(self.embedder, batch)
-        with open(os.path.join(log_dir, f"init-{os.getpid()}.json"), "w") as f:
-            json.dump({"import_t0": _IMPORT_T0, "init_t0": t_init, "init_t1": time.time()}, f)
-        self.log = open(os.path.join(log_dir, f"actor-{os.getpid()}.tsv"), "a", buffering=1)  # noqa: SIM115
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        t0 = time.time()
-        out = super().__call__(batch)
-        self.log.write(f"{t0}\t{time.time()}\t{out.num_rows}\n")
-        return out
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embedder = ZeroEmbedder(self.embedder)
 
 
-def run_ray(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path, log_dir: Path) -> dict:
+def wait_cpus_free(cpus: int, timeout_s: float = 60.0) -> None:
+    """After pool.close() (ray.kill returns before the actors are gone): wait until their CPUs are
+    back, so that the next run's pool is not timed waiting for them."""
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
+    # imported here: jobs.rebuild_index pulls pandas in (core.sidecar -> pyarrow.dataset), which the
+    # plain loop's process (it imports this module) would then get untimed while the job's actors
+    # import it inside their first part (pyarrow's to_numpy does, lazily)
+    from jobs.rebuild_index import RebuildConfig
+
+    threads = v.threads or cfg.cpus
     job = RebuildConfig(
-        checkpoint=cfg.checkpoint, catalog=cfg.catalog, users=None, registry=cfg.tmp, num_workers=1,
-        cpus_per_worker=1.0, read_cpus=cfg.read_cpus, batch_size=v.batch_size, torch_threads=cfg.cpus,
-        precision=v.precision,
+        checkpoint=cfg.checkpoint, catalog=cfg.catalog, registry=cfg.tmp, num_workers=v.workers,
+        cpus_per_worker=1.0, batch_size=v.batch_size, torch_threads=threads, faiss_threads=threads,
+        precision=v.precision, wait_for_min_actors_s=120,
     )  # fmt: skip
-    t0 = time.time()
-    embed_dataset(
-        job,
-        files,
-        ITEM_FEATURE_COLUMNS,
-        "items",
-        out,
-        TimedEmbedBatches,
-        {"log_dir": str(log_dir), "noop": v.noop},
-    )
-    t_end = time.time()
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in out.glob("*.parquet"))
-    batches = [
-        tuple(map(float, line.split())) for f in log_dir.glob("*.tsv") for line in f.read_text().splitlines()
-    ]
-    first = min(b[0] for b in batches)
-    init = json.loads(next(log_dir.glob("init-*.json")).read_text())
+    t0 = time.perf_counter()
+    pool = RayPool(job, NoopWorker if v.noop else RebuildWorker)
+    try:
+        t1 = time.perf_counter()
+        emb = embed_all(pool, tasks, parts, settings, lambda _m: None, lambda _n: None)
+        t2 = time.perf_counter()
+        # Ray starts its workers at nice 15 (the driver and the plain process run at the launcher's):
+        # equal on an idle machine, not when something else wants the same cores
+        nice = ray.get(pool.actors[0].__ray_call__.remote(lambda _self: os.getpriority(os.PRIO_PROCESS, 0)))
+    finally:
+        pool.close()
+        wait_cpus_free(cfg.cpus)
+    assert emb.embedded == len(tasks), f"{v.name}: {emb.reused} parts reused from a fresh directory"
+    recs = list(emb.records.values())
     return {
-        "rows": rows,
-        "total_s": t_end - t0,
-        "steady_s": t_end - first,
-        "busy_s": sum(b[1] - b[0] for b in batches),
-        "start_s": first - t0,
-        # where the start goes: Ray Data planning + actor scheduling + worker start (+ imports when the
-        # worker is fresh), Embedder construction (checkpoint load + verify), then the first block.
-        # Ray may place the actor in a worker that imported this module during an earlier execution;
-        # worker_reused says so, and then no import time is inside start_to_init_s.
-        "start_to_init_s": init["init_t0"] - t0,
-        "worker_reused": init["import_t0"] < t0,
-        "start_checkpoint_s": init["init_t1"] - init["init_t0"],
-        "start_first_block_s": first - init["init_t1"],
+        "rows": sum(r["rows"] for r in recs),
+        "total_s": t2 - t0,
+        "start_s": t1 - t0,
+        "embed_s": t2 - t1,
+        "parts_s": sum(r["seconds"] for r in recs),
+        "part_seconds": {r["key"]: r["seconds"] for r in recs},
+        "nice": nice,
     }
 
 
-def run_plain(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
+def run_plain(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
     t0 = time.perf_counter()
-    emb = Embedder(cfg.checkpoint, threads=cfg.cpus, precision=v.precision)
-    embed = (lambda batch: zero_items(emb, batch)) if v.noop else emb.items
+    emb = Embedder(cfg.checkpoint, threads=v.threads or cfg.cpus, precision=v.precision)
+    embedder = ZeroEmbedder(emb) if v.noop else emb
     t1 = time.perf_counter()
-    rows, busy = 0, 0.0
-    out.mkdir(parents=True)
-    for i, f in enumerate(files):
-        writer = None
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=v.batch_size, columns=list(ITEM_FEATURE_COLUMNS)):
-            tb = time.perf_counter()
-            table = embed(pa.Table.from_batches([rb]))
-            busy += time.perf_counter() - tb
-            writer = writer or pq.ParquetWriter(
-                out / f"part-{i:05d}.parquet", table.schema, **parquet_options(v)
-            )
-            writer.write_table(table)
-            rows += table.num_rows
-        if writer:
-            writer.close()
+    recs = [partmod.embed_part(embedder, t, parts, settings, "local") for t in tasks]
     t2 = time.perf_counter()
-    return {"rows": rows, "total_s": t2 - t0, "steady_s": t2 - t1, "busy_s": busy, "start_s": t1 - t0}
+    return {
+        "rows": sum(r["rows"] for r in recs),
+        "total_s": t2 - t0,
+        "start_s": t1 - t0,
+        "embed_s": t2 - t1,
+        "parts_s": sum(r["seconds"] for r in recs),
+        "part_seconds": {r["key"]: r["seconds"] for r in recs},
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+    }
 
 
-def run_plain_isolated(v: Variant, cfg: ThroughputConfig, files: list[Path], out: Path) -> dict:
+def run_plain_isolated(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
     """run_plain in a fresh process, away from the driver's Ray threads, with the same
     OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed."""
     env = dict(os.environ)
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(run_plain, v, cfg, files, out).result()
+            return pool.submit(run_plain, v, cfg, tasks, settings, parts).result()
     finally:
         os.environ.clear()
         os.environ.update(env)
 
 
-def run_once(v: Variant, cfg: ThroughputConfig, files: list[Path]) -> dict:
+def steady_seconds(part_seconds: dict[str, float], tasks, workers: int) -> float | None:
+    """The whole catalog at the rate inside embed_part of the parts after each worker's first, with
+    all `workers` at that rate. Each worker's first part is one of the first `workers` tasks (the pool
+    hands them out in order, one per idle worker): where lazy imports and first-call warm-up land."""
+    rest = tasks[workers:]
+    rows = sum(t.rows for t in rest)
+    if not rows:
+        return None
+    per_row = sum(part_seconds[t.key] for t in rest) / rows
+    return sum(t.rows for t in tasks) * per_row / workers
+
+
+def run_once(v: Variant, cfg: ThroughputConfig, tasks, settings) -> dict:
     work = Path(tempfile.mkdtemp(prefix="rbt-", dir=cfg.tmp))
     try:
-        if v.kind == "plain":
-            return run_plain_isolated(v, cfg, files, work / "out")
-        (work / "log").mkdir()
-        return run_ray(v, cfg, files, work / "out", work / "log")
+        run_fn = run_plain_isolated if v.kind == "plain" else run_ray
+        res = run_fn(v, cfg, tasks, settings, work / "parts")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    steady = steady_seconds(res["part_seconds"], tasks, v.workers)
+    return {**res, "steady_s": steady} if steady is not None else res
 
 
 def summarize(v: Variant, runs: list[dict], items: int) -> dict:
@@ -234,49 +247,60 @@ def summarize(v: Variant, runs: list[dict], items: int) -> dict:
         "runs": runs,
         **{f"median_{k}": round(x, 4) for k, x in med.items()},
         "items_per_s_total": round(items / med["total_s"]),
-        "items_per_s_steady": round(items / med["steady_s"]),
-        "items_per_s_busy": round(items / med["busy_s"]),
+        "items_per_s_embed": round(items / med["embed_s"]),
+        **({"items_per_s_steady": round(items / med["steady_s"])} if "steady_s" in med else {}),
+        # per worker: the rate of one worker inside embed_part (before the commit)
+        "items_per_s_part_per_worker": round(items / (med["parts_s"] / v.workers)),
     }
 
 
 def run(cfg: ThroughputConfig) -> dict:
     files = partition_files(cfg.catalog)
-    items = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    tasks = partmod.plan("items", files)
+    items = sum(t.rows for t in tasks)
     vs = variants(cfg)
+    if not vs:
+        raise SystemExit(f"no variant matches --only {' '.join(cfg.only)}")
+    ck = load_checkpoint(cfg.checkpoint)
+    settings = {(v.precision, v.batch_size): embed_settings(ck, v.precision, v.batch_size) for v in vs}
     ray.init(address="local", num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = 0
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     try:
-        for v in vs:  # untimed warm-up: page cache, worker imports
-            run_once(v, cfg, files)
+        for v in vs:  # untimed warm-up: page cache, imports' files
+            run_once(v, cfg, tasks, settings[v.precision, v.batch_size])
         runs: dict[str, list[dict]] = {v.name: [] for v in vs}
         for r in range(cfg.repeats):
             for v in vs:
-                res = run_once(v, cfg, files)
+                res = run_once(v, cfg, tasks, settings[v.precision, v.batch_size])
                 assert res["rows"] == items, f"{v.name}: {res['rows']} rows, expected {items}"
                 runs[v.name].append(res)
                 print(
-                    f"round {r + 1} {v.name}: total {res['total_s']:.2f}s steady {res['steady_s']:.2f}s",
+                    f"round {r + 1} {v.name}: total {res['total_s']:.2f}s (start {res['start_s']:.2f}s, "
+                    f"embed {res['embed_s']:.2f}s)",
                     flush=True,
                 )
     finally:
         ray.shutdown()
     rows = [summarize(v, runs[v.name], items) for v in vs]
     by = {r["name"]: r for r in rows}
-    ratios = {}
-    for r in rows:
-        base = by.get(r["name"].replace("ray-", "plain-", 1))
-        if r["kind"] == "ray" and base:
-            ratios[r["name"]] = {
-                k: round(base[f"median_{k}_s"] / r[f"median_{k}_s"], 3) for k in ("total", "steady", "busy")
+    ratios, compared = {}, {}
+    for v, r in zip(vs, rows, strict=True):
+        base = by.get(plain_counterpart(v))
+        if v.kind == "ray" and base:
+            key = f"{v.name} vs {base['name']}"
+            ratios[key] = {
+                k: round(base[f"median_{k}_s"] / r[f"median_{k}_s"], 3)
+                for k in ("total", "embed", "steady")
+                if f"median_{k}_s" in r and f"median_{k}_s" in base
             }
-    flops = mlp_flops_per_item(Embedder(cfg.checkpoint).model.item_tower)
+            compared[key] = v
+    # the best ray variant that does the real work, each against its own plain counterpart
+    best = max((k for k, v in compared.items() if not v.noop), key=lambda k: ratios[k]["total"], default=None)
+    b0 = cfg.batch_sizes[0]
+    flops = mlp_flops_per_item(ck.model.item_tower)
     if cfg.roof_gflops:
         roof_items_s = cfg.roof_gflops * 1e9 / flops
         for r in (r for r in rows if not r["noop"]):
-            r["busy_fraction_of_fp32_roof"] = round(r["items_per_s_busy"] / roof_items_s, 3)
+            r["embed_fraction_of_fp32_roof"] = round(r["items_per_s_embed"] / roof_items_s, 3)
     return {
         "benchmark": "rebuild_throughput",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
@@ -285,18 +309,23 @@ def run(cfg: ThroughputConfig) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
         "ray_version": ray.__version__,
-        "driver_torch_threads": torch.get_num_threads(),
         "mlp_flops_per_item": flops,
         "fp32_roof_gflops": cfg.roof_gflops,
-        "ray_vs_plain_speed": ratios,  # > 1: Ray faster; target >= 0.9
+        # throughput ratios (plain seconds / ray seconds, medians): > 1: Ray faster; target >= 0.9
+        "headline": {
+            "ray_vs_plain": ratios.get(f"ray-b{b0} vs plain-b{b0}"),
+            "best_ray": best,
+            "best_ray_vs_plain": ratios.get(best) if best else None,
+        },
+        "ray_vs_plain_speed": ratios,
         "variants": rows,
     }
 
 
 def plot(result: dict, path: Path) -> None:
-    """Median seconds per variant: the start (until the first batch is embedded) and the rest, with the
-    time inside the embedding call drawn within the rest. Seconds, not items/s: the no-tower variants'
-    call rates are 100x the others' and would flatten the chart."""
+    """Median seconds per variant: the start (pool or model) and the embedding of all partitions, with
+    the time inside embed_part per worker drawn within the latter. Seconds, not items/s: the no-tower
+    variants' rates are many times the others' and would flatten the chart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,17 +334,16 @@ def plot(result: dict, path: Path) -> None:
     rows = result["variants"]
     y = list(range(len(rows)))[::-1]
     start = [r["median_start_s"] for r in rows]
-    rest = [r["median_total_s"] - r["median_start_s"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    ax.barh(y, start, 0.6, color="tab:gray", label="start (actor or model) until the first batch")
-    ax.barh(y, rest, 0.6, left=start, color="tab:blue", label="rest of the run")
-    # the embedding calls' summed time, drawn inside the part after the start where it happened
-    ax.barh(y, [r["median_busy_s"] for r in rows], 0.18, left=start, color="tab:orange",
-            label="of which inside the embedding call")  # fmt: skip
+    ax.barh(y, start, 0.6, color="tab:gray", label="start: worker pool (actors + checkpoint) / Embedder")
+    ax.barh(y, [r["median_embed_s"] for r in rows], 0.6, left=start, color="tab:blue",
+            label="embed all partitions")  # fmt: skip
+    ax.barh(y, [r["median_parts_s"] / r["workers"] for r in rows], 0.18, left=start, color="tab:orange",
+            label="of which in embed_part before the commit, per worker")  # fmt: skip
     ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
     ax.set(
         xlabel="seconds (median)",
-        title=f"item embedding, {result['items']:,} items, {result['cpu_count']} CPUs",
+        title=f"item embedding, {result['items']:,} items, {result['config']['cpus']} CPUs",
     )
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     ax.grid(True, axis="x", alpha=0.3)
@@ -334,10 +362,9 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 65536], help="first = main one")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cpus", type=int, default=2, help="Ray num_cpus and the torch threads of both")
-    p.add_argument("--read-cpus", type=float, default=0.25, help="as the job's --read-cpus")
     p.add_argument("--only", nargs="*", default=[], help="run only these variants (names as printed)")
     p.add_argument(
-        "--roof-gflops", type=float, default=None, help="fp32 GEMM roof (benchmarks.embed_roof) for busy/roof"
+        "--roof-gflops", type=float, default=None, help="fp32 GEMM roof (benchmarks.embed_roof): embed/roof"
     )
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where outputs are written")
     p.add_argument("--out", type=Path, default=ThroughputConfig.out)
@@ -346,8 +373,8 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
     if not a.replot and (a.checkpoint is None or a.catalog is None):
         p.error("--checkpoint and --catalog are required (unless --replot)")
     return ThroughputConfig(
-        a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, a.read_cpus, tuple(a.only),
-        a.roof_gflops, a.tmp, a.out, a.replot,
+        a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, tuple(a.only), a.roof_gflops,
+        a.tmp, a.out, a.replot,
     )  # fmt: skip
 
 
@@ -362,10 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, cfg.out.with_suffix(".png"))
     for r in result["variants"]:
         print(
-            f"{r['name']:>22}: total {r['items_per_s_total']:>9,} steady {r['items_per_s_steady']:>9,} "
-            f"busy {r['items_per_s_busy']:>9,} items/s (actor/model start {r['median_start_s']:.2f}s)"
+            f"{r['name']:>18}: total {r['median_total_s']:7.2f}s {r['items_per_s_total']:>9,} items/s, "
+            f"embed {r['items_per_s_embed']:>9,} steady {r.get('items_per_s_steady', 0):>9,} items/s "
+            f"(start {r['median_start_s']:.2f}s)"
         )
     print("ray / plain speed (median):", json.dumps(result["ray_vs_plain_speed"]))
+    h = result["headline"]
+    print(f"headline: ray-b{cfg.batch_sizes[0]} vs plain: {h['ray_vs_plain']}; best ray {h['best_ray']}: "
+          f"{h['best_ray_vs_plain']}")  # fmt: skip
     return 0
 
 

@@ -126,7 +126,9 @@ def load_build(
             )
         stray = sorted({s["checkpoint_version"] for s in manifest.index.shards} - {version})
         if stray:
-            raise BuildRefused(f"build {manifest.build_id}: shards of checkpoint versions {stray}, index is {version}")
+            raise BuildRefused(
+                f"build {manifest.build_id}: shards of checkpoint versions {stray}, index is {version}"
+            )
         idx = bd.load_index(manifest)
         item_ids, item_emb = bd.open_items()
         user_ids, user_emb = bd.open_users(manifest)

@@ -106,7 +106,7 @@ def embed_part(embedder, task: PartTask, parts: Path, settings: EmbedSettings, n
     if tables:
         ids_a, x = check_embedded(
             pa.concat_tables(tables), id_name=id_name, expected_version=settings.checkpoint_version,
-            expected_rows=task.rows, what=f"{task.what} partition {task.source}",
+            expected_rows=task.rows, what=f"{'catalog' if task.what == 'items' else 'users'} partition {task.source}",
         )  # fmt: skip
     else:  # an empty partition file: nothing to gate (the dataset's total was checked by preflight)
         ids_a, x = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)

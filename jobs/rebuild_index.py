@@ -65,7 +65,7 @@ class RebuildConfig:
     resources_per_worker: tuple[tuple[str, float], ...] = ()
     batch_size: int = 8192
     torch_threads: int = 2
-    faiss_threads: int = 2
+    faiss_threads: int = 0  # 0: as many as --torch-threads (a worker's faiss and torch never run at once)
     index: IndexOptions = IndexOptions()
     timeout_s: float = 3600.0
     wait_for_min_actors_s: int = 300
@@ -141,7 +141,6 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         t0 = time.perf_counter()
         pool = RayPool(cfg)
         timings = {"pool_start_s": round(time.perf_counter() - t0, 3)}
-        print(f"{pool.size} workers on {len(set(pool.nodes()))} node(s)", flush=True)
         run_info = {
             "num_workers": cfg.num_workers,
             "cpus_per_worker": cfg.cpus_per_worker,
@@ -157,6 +156,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "skew_gate": gate,
         }
         try:
+            print(f"{pool.size} workers on {len(set(pool.nodes()))} node(s)", flush=True)
             manifest = build_and_publish(
                 inputs, pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings, run_info,
                 on_phase=phase, progress=lambda m: print(m, flush=True), share=pool.share,
@@ -300,8 +300,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         type=int,
         default=d.nice,
         metavar="N",
-        help="add N (0-19) to the nice value of the embedding actors and of the driver's index build, so "
-        "a rebuild that shares a node's cores with serving yields them to it",
+        help="add N (0-19) to the nice value of the rebuild's workers (embedding, index build) and of the "
+        "driver, so a rebuild that shares a node's cores with serving yields them to it",
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per embedding batch")
     p.add_argument(
@@ -315,7 +315,10 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "vectors that differ slightly from fp32 ones, see README)",
     )
     p.add_argument(
-        "--faiss-threads", type=int, default=d.faiss_threads, help="faiss OpenMP threads per worker"
+        "--faiss-threads",
+        type=int,
+        default=d.faiss_threads,
+        help="faiss OpenMP threads per worker (0: --torch-threads)",
     )
     p.add_argument(
         "--index",

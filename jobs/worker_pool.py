@@ -61,7 +61,13 @@ def actor_options(cfg) -> dict:
 
 
 def actor_args(cfg) -> tuple:
-    return str(cfg.checkpoint.resolve()), cfg.torch_threads, cfg.precision, cfg.nice, cfg.faiss_threads
+    return (
+        str(cfg.checkpoint.resolve()),
+        cfg.torch_threads,
+        cfg.precision,
+        cfg.nice,
+        cfg.faiss_threads or None,
+    )
 
 
 class RayPool:
@@ -77,6 +83,9 @@ class RayPool:
                 f"the rebuild's {self.size} workers did not start within --wait-for-min-actors-s "
                 f"{cfg.wait_for_min_actors_s}s (is the cluster short of the resources they reserve?)"
             ) from None
+        except BaseException:  # a worker failed to start (e.g. its checkpoint): none is left behind
+            self.close()
+            raise
 
     def nodes(self) -> list[str]:
         return list(self._nodes)

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 
 from core import index as ann
 from core.build_dir import BuildDir
 from core.checkpoint import read_manifest
-from core.embed import embeddings_to_numpy
 from core.registry import Registry
 
 
@@ -24,17 +22,14 @@ def check_build(registry: Path, build_id: str, *, checkpoint_version: str, catal
     m = reg.manifest(build_id)
     bdir = BuildDir(reg.build_dir(build_id))
     assert m.checkpoint_version == checkpoint_version
-    emb = pads.dataset(str(bdir.item_parquet), format="parquet").to_table()
-    assert set(emb.column("checkpoint_version").cast("string").to_pylist()) == {checkpoint_version}
-    ids = emb.column("item_id").to_numpy()
+    assert m.homogeneity["checkpoint_versions"] == [checkpoint_version]
+    assert {s["checkpoint_version"] for s in m.index.shards} == {checkpoint_version}
+    ids, xb = (np.array(a) for a in bdir.open_items())
     assert len(ids) == len(set(ids.tolist())) == len(catalog_ids) and set(ids.tolist()) == catalog_ids
-    if m.has_users:
-        users = pads.dataset(str(bdir.user_parquet), format="parquet").to_table()
-        assert set(users.column("checkpoint_version").cast("string").to_pylist()) == {checkpoint_version}
+    assert (np.diff(ids) > 0).all() and np.isfinite(xb).all()
     assert read_manifest(bdir.checkpoint_path)["version"] == checkpoint_version
 
-    xb = embeddings_to_numpy(emb)
-    index = bdir.load_index()
+    index = bdir.load_index(m)
     assert index.ntotal == len(ids)
     # Queries: the build's own user embeddings (else random unit vectors); oracle: brute force, tie-tolerant.
     if m.has_users:

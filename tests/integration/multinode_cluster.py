@@ -1,4 +1,4 @@
-"""Start a local multi-node Ray cluster, run the rebuild job on it, report where its actors ran.
+"""Start a local multi-node Ray cluster, run the rebuild job on it, report where its workers ran.
 
     python -m tests.integration.multinode_cluster -- <jobs.rebuild_index args without --address>
 
@@ -32,7 +32,7 @@ def main() -> None:
         actors = [
             {"class_name": a.class_name, "node_id": a.node_id}
             for a in list_actors(detail=True, limit=1000)
-            if "EmbedBatches" in (a.class_name or "")
+            if "RebuildWorker" in (a.class_name or "")
         ]
         result = {
             "returncode": job.returncode,
@@ -40,7 +40,7 @@ def main() -> None:
             "stderr": job.stderr[-4000:],
             "pool_node_ids": [n.node_id for n in pool],
             "head_node_id": cluster.head_node.node_id,
-            "embed_actors": actors,
+            "worker_actors": actors,
         }
         print("RESULT " + json.dumps(result), flush=True)
     finally:

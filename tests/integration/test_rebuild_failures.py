@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from core.build_dir import BuildDir
 from core.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from core.datasets import read_table, split_table, write_dataset
 from core.features import FeatureSchema
@@ -164,4 +165,53 @@ def test_nan_vectors_are_reported_with_example_ids(live, ray_head, ml_data, chec
         check=False,
     )
     assert p.returncode == 2
-    assert "9,742 vectors contain NaN" in p.stderr and "e.g. item_id [1, 2, 3" in p.stderr
+    # refused by the first worker whose partition it is, naming the partition, the count and example ids
+    assert "vectors contain NaN or infinity (e.g. item_id [" in p.stderr and "catalog partition" in p.stderr
+
+
+def _parts_committed(registry, build_id: str) -> dict[str, int]:
+    parts = registry / "builds" / f".tmp-{build_id}" / "parts"
+    return {d.name: (d / "part.json").stat().st_ino for d in parts.iterdir() if not d.name.startswith(".")}
+
+
+def test_a_killed_rebuild_resumes_reusing_its_committed_parts_bit_identically(
+    ray_head, ml_data, checkpoints, new_registry, tmp_path
+):
+    """SIGKILL after three committed partitions; resume: the committed ones are reused, not re-embedded,
+    and the published vectors equal an uninterrupted build's bit for bit. A resume with another
+    checkpoint or a changed catalog is refused naming what differs, and leaves the staged parts alone."""
+    users = ("--users", ml_data / "users")
+    ref_reg = new_registry("reg-resume-ref")
+    ref = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", ref_reg, *users))
+    registry = new_registry("reg-resume")
+    p = run_module(
+        "tests.integration.crash_rebuild", "part_committed#3", "--", "--checkpoint", checkpoints[0], "--catalog",
+        ml_data / "catalog", *users, "--registry", registry, "--address", ray_head["gcs"], env=ray_head["env"],
+        check=False,
+    )  # fmt: skip
+    assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
+    build_id = next(x for x in p.stdout.splitlines() if x.startswith("rebuild ")).split()[1].rstrip(":")
+    other = rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry, *users, "--resume", build_id,
+                    "--force-unchecked", check=False)  # fmt: skip
+    assert other.returncode == 2 and "checkpoint version: staged" in other.stderr, other.stderr[-2000:]
+    committed = _parts_committed(registry, build_id)  # (the killed driver's actors are gone by now)
+    assert len(committed) >= 3 and current_build(registry) is None
+    changed = _bad_catalog(ml_data, tmp_path, lambda t: t.slice(1))
+    moved = rebuild(ray_head, checkpoints[0], changed, registry, *users, "--resume", build_id, check=False)
+    assert moved.returncode == 2 and "catalog fingerprint: staged" in moved.stderr, moved.stderr[-2000:]
+    assert _parts_committed(registry, build_id) == committed  # refusals touch nothing
+
+    resumed = rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, *users, "--resume", build_id)
+    s = summary(resumed)
+    assert s["build_id"] == build_id == current_build(registry)
+    assert s["parts"]["reused"] == len(committed) and s["parts"]["embedded"] == 16 - len(committed)
+    redone = {x.split()[1].rstrip(":") for x in resumed.stdout.splitlines() if x.startswith("part ")}
+    assert redone and not redone & set(committed)  # no committed partition was embedded again
+    a = BuildDir(Registry(ref_reg).build_dir(ref["build_id"]))
+    b = BuildDir(Registry(registry).build_dir(build_id))
+    for x, y in zip(
+        a.open_items() + a.open_users(a.read_manifest()),
+        b.open_items() + b.open_users(b.read_manifest()),
+        strict=True,
+    ):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()

@@ -106,7 +106,7 @@ def test_a_build_without_users_is_tuned_on_sampled_histories_and_published(
     assert m.quality["recall_at_k"] >= m.quality["target"] == 0.95
     assert m.run["nice"] == 5
     b = BuildDir(Registry(registry).build_dir(build))
-    assert not b.table_path("user_ids").exists() and not b.user_parquet.exists()
+    assert not b.table_path("user_ids").exists() and not b.parts_dir.exists()
 
 
 def test_submit_without_the_token_is_refused(ray_head, ml_data, checkpoints, tmp_path):

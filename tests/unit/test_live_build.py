@@ -89,7 +89,8 @@ def test_a_build_of_another_format_or_kind_is_refused_naming_both(tmp_path, fiel
     m[field] = value
     build.manifest_path.write_text(json.dumps(m))
     with pytest.raises(
-        BuildRefused, match=rf"expected kind 'skewless.build' format version {FORMAT_VERSION}, got .*{value!r}"
+        BuildRefused,
+        match=rf"expected kind 'skewless.build' format version {FORMAT_VERSION}, got .*{value!r}",
     ):
         load_build(build.root)
     with pytest.raises(BuildFormatError, match="format version"):
