@@ -73,39 +73,49 @@ class IndexPlan:
     index_bytes: int
 
 
-def plan_index(n: int, d: int, kind: str, layout: str, budget: int, shards: int, workers: int) -> IndexPlan:
+def plan_index(
+    n: int, d: int, kind: str, layout: str, budget: int, shards: int, workers: int, nlist: int = 0
+) -> IndexPlan:
     """Family, size and layout from the catalog size and the per-process memory budget; no candidate
     is built on the full catalog. Up to MEASURED_CHOICE_MAX_ITEMS the catalog fits one worker easily
     and `auto` measures every family there, as before. Above, `auto` is the prior (ann.prior_spec) and
     only its search setting is measured. `auto` layout merges when the merged index fits the budget
     (one process writes it and every replica loads it whole); otherwise the build stays sharded."""
-    small = n <= ann.MEASURED_CHOICE_MAX_ITEMS
-    if small and layout != "sharded":
+    if n <= ann.MEASURED_CHOICE_MAX_ITEMS and layout != "sharded" and not nlist and not shards:
         spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
         return IndexPlan(spec, "merged", 1, True, ann.index_bytes(spec, n, d))
     spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
+    if nlist:
+        if spec.kind not in ("ivf", "ivfpq"):
+            raise ValidationError(f"--nlist sizes an IVF index; --index {kind} builds {spec.factory}")
+        spec = ann.ivf_spec(n, d, 0, pq=spec.kind == "ivfpq", nlist=nlist)
     total = ann.index_bytes(spec, n, d)
+    gib = 2**30
     mergeable = spec.kind in ann.MERGEABLE
     if layout == "auto":
         layout = "merged" if mergeable and total <= budget else "sharded"
     if layout == "merged" and total > budget:
         raise ValidationError(
-            f"a merged {spec.factory} index of {n:,} vectors takes ~{total / 2**30:.1f} GiB, over the "
-            f"--memory-budget of {budget / 2**30:.1f} GiB per process; use --layout sharded or raise the budget"
+            f"a merged {spec.factory} index of {n:,} vectors takes ~{total / gib:.1f} GiB, over the "
+            f"--memory-budget of {budget / gib:.1f} GiB per process; use --layout sharded or raise the budget"
         )
     if layout == "merged" and not mergeable:
-        if total > budget:
-            raise ValidationError(f"{spec.kind} shards cannot be merged; use --layout sharded")
         shards = 1  # one worker adds everything: an HNSW graph is built whole
-    # shards are what one worker holds at a time: at most half the budget each (the gather copy and the
-    # index), and at least one per worker so every worker adds in parallel
+
+    # A worker holds the shards it built (searched while the setting is tuned) and, while it adds one,
+    # that shard's gathered vectors too: at least one shard per worker, and as many more as it takes to
+    # keep that within the budget.
+    def peak(s: int) -> float:
+        return math.ceil(s / workers) * total / s + total / s
+
     n_shards = shards or max(workers, math.ceil(total / max(budget / 2, 1)))
-    per_worker = total / min(workers, n_shards)
-    if per_worker > budget:
+    while not shards and peak(n_shards) > budget and n_shards < 4096:
+        n_shards *= 2
+    if peak(n_shards) > budget:
         raise ValidationError(
-            f"{n:,} vectors in {spec.factory} take ~{total / 2**30:.1f} GiB: {per_worker / 2**30:.1f} GiB per "
-            f"worker with {workers} workers, over the --memory-budget of {budget / 2**30:.1f} GiB; add workers "
-            "or raise the budget"
+            f"{n:,} vectors in {spec.factory} take ~{total / gib:.1f} GiB: ~{peak(n_shards) / gib:.1f} GiB at "
+            f"peak per worker with {workers} workers and {n_shards} shards, over the --memory-budget of "
+            f"{budget / gib:.1f} GiB; add workers or raise the budget"
         )
     return IndexPlan(spec, layout, max(1, min(n_shards, n)), False, total)
 
@@ -181,7 +191,7 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
     k = opts.k
     if plan.small:
         t0 = time.perf_counter()
-        pool.on(
+        recs = pool.on(
             [
                 (p.shard % pool.size, "build_shard", (p, "items", version, table, None, None, 0))
                 for p in shard_plans
@@ -192,8 +202,8 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
             [(0, "build_small", (table, xq_tune, xq_hold, opts, str(out.index_path)))]
         )[0]
         timings.update(t_idx)
-        recs = [{"shard": p.shard, "rows": p.rows, "id_lo": p.lo, "id_hi": p.hi, "row_offset": p.offset,
-                 "checkpoint_version": version} for p in shard_plans]  # fmt: skip
+        for r in recs:
+            r["index_node"] = pool.nodes()[0]  # one index, built by worker 0 from the whole table
         return {**quality, "spec": spec}, recs
 
     spec = plan.spec
@@ -253,6 +263,7 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
         for p in shard_plans:
             by_worker.setdefault(p.shard % pool.size, {})[p.shard] = paths[p.shard]
         pool.on([(w, "save_shards", (ps,)) for w, ps in by_worker.items()])
+        pool.on([(w, "free", ()) for w in range(pool.size)])  # before a merge reads them all into one
         if plan.layout == "merged":
             ntotal = pool.on([(0, "merge", ([paths[p.shard] for p in shard_plans], str(out.index_path)))])[0]
             if ntotal != n:

@@ -69,8 +69,9 @@ def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
     return ivf_spec(n, d, 4.0) if kind == "ivf" else ivf_spec(n, d, 4.0, pq=True)
 
 
-def ivf_spec(n: int, d: int, lists_per_sqrt_n: float, pq: bool = False) -> IndexSpec:
-    nlist = max(16, min(65536, 2 ** round(math.log2(lists_per_sqrt_n * math.sqrt(max(n, 1))))))
+def ivf_spec(n: int, d: int, lists_per_sqrt_n: float, pq: bool = False, nlist: int = 0) -> IndexSpec:
+    """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2), or exactly `nlist` if given."""
+    nlist = nlist or max(16, min(65536, 2 ** round(math.log2(lists_per_sqrt_n * math.sqrt(max(n, 1))))))
     # 64 training points per list: within faiss' 39-256 guidance and 3-4x faster than training on all.
     sample = min(n, 64 * nlist)
     if not pq:

@@ -65,6 +65,7 @@ class IndexOptions:
     layout: str = "auto"  # core.assemble.LAYOUTS
     memory_budget: int = 4 << 30  # bytes one process may hold of the index (auto layout, shard size)
     shards: int = 0  # 0: from the budget and the number of workers
+    nlist: int = 0  # IVF lists; 0: from the catalog size (core.index.prior_spec / choose_spec)
 
 
 def _dataset(
@@ -229,7 +230,9 @@ def build_and_publish(
     n = inputs.catalog_manifest["row_count"]
 
     t1 = time.perf_counter()
-    plan = asm.plan_index(n, d, opts.kind, opts.layout, opts.memory_budget, opts.shards, pool.size)
+    plan = asm.plan_index(
+        n, d, opts.kind, opts.layout, opts.memory_budget, opts.shards, pool.size, opts.nlist
+    )
     item_plans = asm.plan_tables(pool, out.parts_dir, item_recs, plan.shards if not plan.small else pool.size)
     user_x = None
     if user_recs:

@@ -351,6 +351,12 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         help="number of id-range shards (0: from the budget and workers)",
     )
     p.add_argument(
+        "--nlist",
+        type=int,
+        default=ix.nlist,
+        help="IVF inverted lists (0: ~4*sqrt(n) up to 2M items, ~2*sqrt(n) above); the add costs n x nlist",
+    )
+    p.add_argument(
         "--resume",
         metavar="BUILD_ID",
         default=d.resume,
@@ -389,8 +395,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
-    if a.shards < 0 or a.memory_budget <= 0:
-        p.error(f"--shards must be >= 0 (got {a.shards}) and --memory-budget > 0")
+    if a.shards < 0 or a.memory_budget <= 0 or a.nlist < 0:
+        p.error(f"--shards and --nlist must be >= 0 (got {a.shards}, {a.nlist}) and --memory-budget > 0")
     if not 0 <= a.nice <= 19 or a.timeout_s <= 0:
         p.error(f"--nice must be in 0..19 (got {a.nice}) and --timeout-s > 0 (got {a.timeout_s:g})")
     users = None
@@ -403,7 +409,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, num_gpus_per_worker=a.num_gpus_per_worker,
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall, layout=a.layout,
-        memory_budget=a.memory_budget, shards=a.shards),
+        memory_budget=a.memory_budget, shards=a.shards, nlist=a.nlist),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
         skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume,
     )  # fmt: skip

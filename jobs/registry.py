@@ -2,6 +2,8 @@
 
 python -m jobs.registry [--registry registry] list
 python -m jobs.registry current
+python -m jobs.registry show [BUILD_ID]     # a build's layout, shards (id range, rows, node, version),
+                                            # partitions, per-phase timings (default: the live one)
 python -m jobs.registry rollback            # back to the build live before the current one
 python -m jobs.registry promote BUILD_ID    # make any complete build live
 python -m jobs.registry gc [--dry-run]      # never removes the live build or its rollback targets
@@ -35,7 +37,23 @@ def _describe(reg: Registry, build_id: str) -> dict:
         "index": m.index.factory,
         "search_params": m.index.search_params,
         "recall_at_10": m.quality.get("recall_at_k"),
+        "layout": m.index.layout,
         "created_at": m.created_at,
+    }
+
+
+def _show(reg: Registry, build_id: str) -> dict:
+    """Where a build came from: its shards and their provenance, its partitions, its phases."""
+    m = reg.manifest(build_id)
+    keys = ("shard", "rows", "id_lo", "id_hi", "row_offset", "node", "checkpoint_version", "add_s")
+    return {
+        **_describe(reg, build_id),
+        "checkpoint_versions": m.homogeneity["checkpoint_versions"],
+        "shards": [{k: s.get(k) for k in keys if k in s} for s in m.index.shards],
+        "parts": m.parts,
+        "timings": m.timings,
+        "selection": m.quality.get("selection"),
+        "queries": m.quality.get("queries"),
     }
 
 
@@ -49,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="all complete builds, the live one marked")
     sub.add_parser("current", help="the live build")
+    sh = sub.add_parser("show", help="a build's shards, their nodes and versions, partitions and timings")
+    sh.add_argument("build_id", nargs="?", help="default: the live build")
     sub.add_parser("rollback", help="make the previously live build live again")
     pr = sub.add_parser("promote", help="make BUILD_ID live")
     pr.add_argument("build_id")
@@ -83,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
         )
+    elif a.cmd == "show":
+        build = a.build_id or reg.current()
+        if build is None:
+            print(f"no live build in {a.registry}; name one (python -m jobs.registry list)")
+            return 1
+        print(json.dumps(_show(reg, build), indent=2))
     elif a.cmd == "rollback":
         before = reg.current()
         ptr = reg.rollback()
