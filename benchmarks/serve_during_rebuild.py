@@ -242,9 +242,9 @@ def classify(title: str) -> str:
         return "replica"
     if title.startswith("ray::ProxyActor"):
         return "proxy"
-    if "EmbedBatches" in title:
+    if "RebuildWorker" in title:
         return "embed_actors"
-    return "other_ray"  # Ray Data read/write tasks, Serve's controller, Ray Data's actors, idle workers
+    return "other_ray"  # Serve's controller, idle workers, other tasks
 
 
 class CpuSampler:
