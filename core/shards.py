@@ -98,10 +98,10 @@ def gather(plan: ShardPlan, what: str, expected_version: str) -> tuple[np.ndarra
             )
         pid, pvec = partmod.open_part(Path(d))
         a, b = np.searchsorted(pid, [plan.lo, plan.hi])
-        ids.append(np.array(pid[a:b]))
-        vecs.append(np.array(pvec[a:b]))
-    ids_a = np.concatenate(ids)
-    x = np.concatenate(vecs)
+        ids.append(pid[a:b])  # memory-mapped slices: the concatenation below is the one copy
+        vecs.append(pvec[a:b])
+    ids_a = np.asarray(np.concatenate(ids))
+    x = np.asarray(np.concatenate(vecs))
     if len(plan.part_dirs) > 1:
         order = np.argsort(ids_a, kind="stable")
         ids_a, x = ids_a[order], x[order]

@@ -148,3 +148,18 @@ def test_nice_and_resources_reach_the_actors(tmp_path):
     assert ids.tolist() == list(range(10, 15))
     want = embeddings_to_numpy(Embedder(ck).items(table.select(list(ITEM_FEATURE_COLUMNS))))
     np.testing.assert_allclose(x, want, atol=1e-6)
+
+
+def test_layout_budget_shards_nlist_and_resume_parse_and_bad_values_are_refused(capsys):
+    cfg = parse([*BASE, "--layout", "sharded", "--memory-budget", "1.5G", "--shards", "8", "--nlist", "4096",
+                 "--resume", "20261202T000000-abcd1234-ef01"])  # fmt: skip
+    assert (cfg.index.layout, cfg.index.memory_budget, cfg.index.shards, cfg.index.nlist) == (
+        "sharded", int(1.5 * 2**30), 8, 4096,
+    )  # fmt: skip
+    assert cfg.resume == "20261202T000000-abcd1234-ef01"
+    assert parse([*BASE, "--memory-budget", "512M"]).index.memory_budget == 512 * 2**20
+    for bad in (["--layout", "spread"], ["--memory-budget", "lots"], ["--shards", "-1"], ["--nlist", "-4"]):
+        with pytest.raises(SystemExit) as e:
+            parse([*BASE, *bad])
+        assert e.value.code == 2, bad
+    assert "expected a size such as 4G" in capsys.readouterr().err
