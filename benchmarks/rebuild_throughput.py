@@ -8,6 +8,9 @@ part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
                  actor, each reserving 1 CPU), then core.assemble.embed_all(pool, plan("items", files),
                  ...). 1 worker x --cpus torch threads
   ray-bB-wN      the same with N = --cpus workers x 1 torch thread each
+  ray-bB-wN-kept the same through a kept pool (the job's --pool NAME): started once in the untimed
+                 warm-up round, then each run looks the workers up by name and has them load the
+                 checkpoint (a no-op when they hold it), as a rebuild after the first one does
   plain-bB[-P]   Embedder(checkpoint, threads=--cpus, precision=P), then embed_part(embedder, task, ...,
                  "local") for each partition in turn, in a fresh process per run (spawned, with the
                  OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed)
@@ -70,7 +73,7 @@ from core.checkpoint import load_checkpoint
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table
 from core.rebuild import embed_settings
-from jobs.worker_pool import RayPool, RebuildWorker
+from jobs.worker_pool import RayPool, RebuildWorker, release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Variant:
     workers: int = 1  # ray: actors in the pool (each reserving 1 CPU)
     threads: int = 0  # torch threads per actor / in the plain process; 0: --cpus
     noop: bool = False  # zero vectors instead of the tower: the pipeline's floor
+    kept: bool = False  # ray: a kept pool (--pool), started in the untimed warm-up, reused by every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +107,7 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
     vs = [Variant(f"plain-b{b0}", "plain", b0), Variant(f"ray-b{b0}", "ray", b0)]
     if cfg.cpus > 1:
         vs.append(Variant(f"ray-b{b0}-w{cfg.cpus}", "ray", b0, workers=cfg.cpus, threads=1))
+        vs.append(Variant(f"ray-b{b0}-w{cfg.cpus}-kept", "ray", b0, workers=cfg.cpus, threads=1, kept=True))
     vs += [Variant(f"plain-b{b0}-bf16", "plain", b0, "bf16"), Variant(f"ray-b{b0}-bf16", "ray", b0, "bf16")]
     vs += [
         Variant(f"plain-b{b0}-noop", "plain", b0, noop=True),
@@ -115,7 +120,7 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
 
 def plain_counterpart(v: Variant) -> str:
     """The plain variant a ray variant is compared with: same batch size, precision and noop."""
-    name = v.name.replace("ray-", "plain-", 1)
+    name = v.name.replace("ray-", "plain-", 1).removesuffix("-kept")
     return name.removesuffix(f"-w{v.workers}") if v.workers > 1 else name
 
 
@@ -155,10 +160,12 @@ def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> 
     from jobs.rebuild_index import RebuildConfig
 
     threads = v.threads or cfg.cpus
+    # a kept pool reserves no CPU here: it stays up between its runs, and the other variants' pools
+    # must still be placeable on the same --cpus (it only uses CPU while it embeds)
     job = RebuildConfig(
         checkpoint=cfg.checkpoint, catalog=cfg.catalog, registry=cfg.tmp, num_workers=v.workers,
-        cpus_per_worker=1.0, batch_size=v.batch_size, torch_threads=threads, faiss_threads=threads,
-        precision=v.precision, wait_for_min_actors_s=120,
+        cpus_per_worker=0.0 if v.kept else 1.0, batch_size=v.batch_size, torch_threads=threads,
+        faiss_threads=threads, precision=v.precision, wait_for_min_actors_s=120, pool=kept_name(v),
     )  # fmt: skip
     t0 = time.perf_counter()
     pool = RayPool(job, NoopWorker if v.noop else RebuildWorker)
@@ -183,6 +190,10 @@ def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> 
         "part_seconds": {r["key"]: r["seconds"] for r in recs},
         "nice": nice,
     }
+
+
+def kept_name(v: Variant) -> str | None:
+    return f"bench-{os.getpid()}-{v.name}" if v.kept else None
 
 
 def run_plain(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
@@ -279,6 +290,9 @@ def run(cfg: ThroughputConfig) -> dict:
                     flush=True,
                 )
     finally:
+        for v in vs:
+            if v.kept:
+                release(kept_name(v))
         ray.shutdown()
     rows = [summarize(v, runs[v.name], items) for v in vs]
     by = {r["name"]: r for r in rows}

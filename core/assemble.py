@@ -228,10 +228,11 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
         (p.shard % pool.size, "build_shard", (p, "items", version, table, empty_ref, q_ref, k))
         for p in shard_plans
     ]
-    for rec in pool.on(calls):
+    for _, rec in pool.on_each(calls):  # a line per shard as it finishes
         progress(f"shard {rec['shard']}: {rec['rows']:,} items [{rec['id_lo']}, {rec['id_hi']}) added in "
                  f"{rec['add_s']:.1f}s on node {rec['node'][:12]}")  # fmt: skip
         recs.append(rec)
+    recs.sort(key=lambda r: r["shard"])
     timings["index_add_s"] = round(time.perf_counter() - t1, 3)
     # the exact top-k over all shards, merged: its k-th score is what a found id must reach
     D, _ = ann.merge_topk([r.pop("exact") for r in recs], k)

@@ -34,12 +34,25 @@ class Worker:
         faiss_threads: int | None = None,
     ):
         self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
+        self.device, self.threads, self.loaded = device, threads, (checkpoint, precision)
         self.node = node
         self.faiss_threads = faiss_threads or threads
         ann.configure(self.faiss_threads)
         self.shards: dict[int, faiss.Index] = {}
 
     def ready(self) -> str:
+        return self.node
+
+    def load(self, checkpoint: str, precision: str) -> str:
+        """A kept worker's next rebuild: load (and verify) its checkpoint unless it holds it already;
+        drop whatever shards a previous rebuild left. A wrong model cannot slip through: every row is
+        stamped with the loaded checkpoint's version and the gates compare it with the driver's."""
+        if (checkpoint, precision) != self.loaded:
+            self.embedder = Embedder(
+                checkpoint, device=self.device, threads=self.threads, precision=precision
+            )
+            self.loaded = (checkpoint, precision)
+        self.shards.clear()
         return self.node
 
     def embed(self, task: partmod.PartTask, parts: str, settings: partmod.EmbedSettings) -> dict:
@@ -149,6 +162,9 @@ class Pool(Protocol):
     def on(self, calls: list[tuple[int, str, tuple]]) -> list:
         """(worker, method, args) calls, run concurrently; their results in order."""
 
+    def on_each(self, calls: list[tuple[int, str, tuple]]) -> Iterator[tuple[int, Any]]:
+        """The same calls; yields (call number, result) as each finishes."""
+
 
 class LocalPool:
     """Workers in this process, one call at a time (unit tests, and what the pool protocol means)."""
@@ -166,3 +182,7 @@ class LocalPool:
 
     def on(self, calls: list[tuple[int, str, tuple]]) -> list:
         return [getattr(self.workers[w], m)(*a) for w, m, a in calls]
+
+    def on_each(self, calls: list[tuple[int, str, tuple]]) -> Iterator[tuple[int, Any]]:
+        for i, (w, m, a) in enumerate(calls):
+            yield i, getattr(self.workers[w], m)(*a)

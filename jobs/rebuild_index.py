@@ -77,6 +77,7 @@ class RebuildConfig:
     # alike) at nice 15, while a driver runs at its launcher's (0 under `ray job submit`).
     nice: int = 0
     resume: str | None = None  # a staged build id whose committed partitions are reused
+    pool: str | None = None  # keep the workers under this name for the next rebuild (jobs.worker_pool)
 
 
 def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
@@ -152,6 +153,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "faiss_threads": cfg.faiss_threads,
             "nice": cfg.nice,
             "resumed": cfg.resume is not None,
+            "kept_pool": cfg.pool,
             "ray_version": ray.__version__,
             "skew_gate": gate,
         }
@@ -357,6 +359,13 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         help="IVF inverted lists (0: ~4*sqrt(n) up to 2M items, ~2*sqrt(n) above); the add costs n x nlist",
     )
     p.add_argument(
+        "--pool",
+        metavar="NAME",
+        default=d.pool,
+        help="keep the workers alive under NAME after the rebuild; the next rebuild naming it reuses them "
+        "without a start (they hold their CPUs until `python -m jobs.worker_pool release NAME`)",
+    )
+    p.add_argument(
         "--resume",
         metavar="BUILD_ID",
         default=d.resume,
@@ -411,7 +420,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall, layout=a.layout,
         memory_budget=a.memory_budget, shards=a.shards, nlist=a.nlist),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
-        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume,
+        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume, pool=a.pool,
     )  # fmt: skip
 
 

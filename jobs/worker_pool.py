@@ -17,6 +17,9 @@ import ray
 from core.worker import Worker
 from jobs.common import lower_priority
 
+# the namespace of kept pools (--pool NAME): named, detached actors that outlive the job
+POOL_NAMESPACE = "skewless-rebuild"
+
 # calls queued per actor: the next partition is waiting when one finishes, and no more than that is
 # committed to an actor that might be slower than the others
 IN_FLIGHT_PER_ACTOR = 2
@@ -71,12 +74,26 @@ def actor_args(cfg) -> tuple:
 
 
 class RayPool:
+    """`cfg.pool` names a kept pool: its actors are looked up (or started, then kept) by name, so a
+    rebuild that names a running pool skips the start (2.3-2.7 s here: process, imports, checkpoint)
+    and only loads its checkpoint if the workers hold another one. A kept pool holds its CPUs (and
+    GPUs) between rebuilds, until `python -m jobs.worker_pool release NAME`."""
+
     def __init__(self, cfg, actor_class: type = RebuildWorker):
         remote = ray.remote(actor_class).options(**actor_options(cfg))
-        self.actors = [remote.remote(*actor_args(cfg)) for _ in range(cfg.num_workers)]
+        self.kept = getattr(cfg, "pool", None)
+        if self.kept:
+            named = lambda i: remote.options(  # noqa: E731
+                name=f"{self.kept}-{i}", namespace=POOL_NAMESPACE, lifetime="detached", get_if_exists=True
+            )
+            self.actors = [named(i).remote(*actor_args(cfg)) for i in range(cfg.num_workers)]
+            ready = [a.load.remote(str(cfg.checkpoint.resolve()), cfg.precision) for a in self.actors]
+        else:
+            self.actors = [remote.remote(*actor_args(cfg)) for _ in range(cfg.num_workers)]
+            ready = [a.ready.remote() for a in self.actors]
         self.size = len(self.actors)
         try:
-            self._nodes = ray.get([a.ready.remote() for a in self.actors], timeout=cfg.wait_for_min_actors_s)
+            self._nodes = ray.get(ready, timeout=cfg.wait_for_min_actors_s)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise RuntimeError(
@@ -116,10 +133,59 @@ class RayPool:
     def on(self, calls: list[tuple[int, str, tuple]]) -> list:
         return ray.get([getattr(self.actors[w], m).remote(*a) for w, m, a in calls])
 
+    def on_each(self, calls: list[tuple[int, str, tuple]]) -> Iterator[tuple[int, Any]]:
+        pending = {getattr(self.actors[w], m).remote(*a): i for i, (w, m, a) in enumerate(calls)}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(ref), ray.get(ref)
+
     @staticmethod
     def share(obj):
         return ray.put(obj)
 
     def close(self) -> None:
+        if self.kept:  # stays up for the next rebuild, without this one's shards
+            ray.get([a.free.remote() for a in self.actors])
+            return
         for a in self.actors:
             ray.kill(a)
+
+
+def release(name: str) -> list[str]:
+    """Stop the actors of a kept pool; returns their names."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == POOL_NAMESPACE and a["name"].rsplit("-", 1)[0] == name]  # fmt: skip
+    for n in names:
+        ray.kill(ray.get_actor(n, namespace=POOL_NAMESPACE))
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m jobs.worker_pool", description="Kept rebuild worker pools.")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or the local cluster)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="kept pools and their workers")
+    r = sub.add_parser("release", help="stop a kept pool's workers (frees their CPUs)")
+    r.add_argument("name")
+    a = p.parse_args(argv)
+    ray.init(address=a.address, log_to_driver=False)
+    if a.cmd == "list":
+        for x in ray.util.list_named_actors(all_namespaces=True):
+            if x["namespace"] == POOL_NAMESPACE:
+                print(x["name"])
+    else:
+        stopped = release(a.name)
+        print(
+            f"released {a.name}: {len(stopped)} worker(s) stopped"
+            if stopped
+            else f"no kept pool named {a.name}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.common import run_main
+
+    run_main(main)

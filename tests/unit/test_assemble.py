@@ -166,3 +166,14 @@ def test_a_build_killed_between_partition_commits_resumes_to_the_same_vectors(da
     a, b = BuildDir(ref_reg.build_dir("b-ref")), BuildDir(reg.build_dir("b-res"))
     for x, y in zip(a.open_items() + a.open_users(m), b.open_items() + b.open_users(m), strict=True):
         assert x.tobytes() == y.tobytes()
+
+
+def test_a_kept_worker_loads_the_next_rebuilds_checkpoint_and_drops_old_shards(data, tmp_path):
+    w = Worker(str(data["ck"]), threads=1)
+    first = w.embedder
+    w.shards[0] = faiss.IndexFlatIP(4)
+    w.load(str(data["ck"]), "fp32")
+    assert w.embedder is first and not w.shards  # the same checkpoint: nothing reloaded
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    w.load(str(other), "fp32")
+    assert w.embedder.ckpt.version != first.ckpt.version and w.loaded == (str(other), "fp32")
