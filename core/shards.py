@@ -84,18 +84,48 @@ def plan_shards(
     return out
 
 
+def chunks(plan: ShardPlan, what: str, expected_version: str):
+    """The shard's rows as id-sorted (ids, vectors) chunks. Parts whose slices of the range do not
+    overlap (a catalog partitioned by id) are streamed slice by slice from their memory maps, so a
+    worker never holds more of the shard than one part's slice besides the index it adds them to;
+    otherwise the range is gathered and sorted in one chunk (`gather`)."""
+    slices = []
+    for d in plan.part_dirs:
+        _check_part(Path(d), plan, what, expected_version)
+        pid, pvec = partmod.open_part(Path(d))
+        a, b = np.searchsorted(pid, [plan.lo, plan.hi])
+        if b > a:
+            slices.append((pid, pvec, int(a), int(b)))
+    slices.sort(key=lambda s: int(s[0][s[2]]))
+    if any(int(p[0][p[3] - 1]) >= int(q[0][q[2]]) for p, q in zip(slices, slices[1:], strict=False)):
+        yield gather(plan, what, expected_version)
+        return
+    held = 0
+    for pid, pvec, a, b in slices:
+        held += b - a
+        yield np.array(pid[a:b]), np.array(pvec[a:b])
+    if held != plan.rows:
+        raise ValidationError(
+            f"{what} shard {plan.shard}: planned {plan.rows:,} rows, its parts hold {held:,}"
+        )
+
+
+def _check_part(d: Path, plan: ShardPlan, what: str, expected_version: str) -> None:
+    rec = partmod.read_record(d)
+    if rec is None or rec.get("checkpoint_version") != expected_version:
+        found = None if rec is None else rec.get("checkpoint_version")
+        raise ValidationError(
+            f"{what} shard {plan.shard}: part {d.name} must carry checkpoint version "
+            f"{expected_version!r}; found {found!r}"
+        )
+
+
 def gather(plan: ShardPlan, what: str, expected_version: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of the shard's range, id-sorted, from its parts; refuses a part of another
     checkpoint version and an id held twice."""
     ids, vecs = [], []
     for d in plan.part_dirs:
-        rec = partmod.read_record(Path(d))
-        if rec is None or rec.get("checkpoint_version") != expected_version:
-            found = None if rec is None else rec.get("checkpoint_version")
-            raise ValidationError(
-                f"{what} shard {plan.shard}: part {Path(d).name} must carry checkpoint version "
-                f"{expected_version!r}; found {found!r}"
-            )
+        _check_part(Path(d), plan, what, expected_version)
         pid, pvec = partmod.open_part(Path(d))
         a, b = np.searchsorted(pid, [plan.lo, plan.hi])
         ids.append(pid[a:b])  # memory-mapped slices: the concatenation below is the one copy
@@ -143,10 +173,12 @@ def train_empty(factory: str, d: int, sample: np.ndarray | None) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def add_to_empty(empty: bytes, ids: np.ndarray, x: np.ndarray) -> faiss.Index:
-    index = faiss.deserialize_index(np.frombuffer(empty, dtype=np.uint8))
+def empty_index(empty: bytes) -> faiss.Index:
+    return faiss.deserialize_index(np.frombuffer(empty, dtype=np.uint8))
+
+
+def add(index: faiss.Index, ids: np.ndarray, x: np.ndarray) -> None:
     index.add_with_ids(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(ids, np.int64))
-    return index
 
 
 def exact_topk(ids: np.ndarray, x: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
