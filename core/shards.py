@@ -101,9 +101,12 @@ def chunks(plan: ShardPlan, what: str, expected_version: str):
         yield gather(plan, what, expected_version)
         return
     held = 0
-    for pid, pvec, a, b in slices:
+    while slices:
+        pid, pvec, a, b = slices.pop(0)  # dropped once copied: its mapped pages leave this process's RSS
         held += b - a
-        yield np.array(pid[a:b]), np.array(pvec[a:b])
+        chunk = np.array(pid[a:b]), np.array(pvec[a:b])
+        del pid, pvec
+        yield chunk
     if held != plan.rows:
         raise ValidationError(
             f"{what} shard {plan.shard}: planned {plan.rows:,} rows, its parts hold {held:,}"
