@@ -80,16 +80,17 @@ class RayPool:
     GPUs) between rebuilds, until `python -m jobs.worker_pool release NAME`."""
 
     def __init__(self, cfg, actor_class: type = RebuildWorker):
-        remote = ray.remote(actor_class).options(**actor_options(cfg))
+        actor, opts = ray.remote(actor_class), actor_options(cfg)
         self.kept = getattr(cfg, "pool", None)
         if self.kept:
-            named = lambda i: remote.options(  # noqa: E731
-                name=f"{self.kept}-{i}", namespace=POOL_NAMESPACE, lifetime="detached", get_if_exists=True
-            )
-            self.actors = [named(i).remote(*actor_args(cfg)) for i in range(cfg.num_workers)]
+            named = {"namespace": POOL_NAMESPACE, "lifetime": "detached", "get_if_exists": True}
+            self.actors = [
+                actor.options(**opts, **named, name=f"{self.kept}-{i}").remote(*actor_args(cfg))
+                for i in range(cfg.num_workers)
+            ]
             ready = [a.load.remote(str(cfg.checkpoint.resolve()), cfg.precision) for a in self.actors]
         else:
-            self.actors = [remote.remote(*actor_args(cfg)) for _ in range(cfg.num_workers)]
+            self.actors = [actor.options(**opts).remote(*actor_args(cfg)) for _ in range(cfg.num_workers)]
             ready = [a.ready.remote() for a in self.actors]
         self.size = len(self.actors)
         try:
