@@ -117,10 +117,10 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
             and got["build_id"] == app["build_a"]
         )
 
-    # every answer checked, in runs of 12 (the router may send a short run to one replica only; an
+    # every answer checked, in runs of 6 (the router may send a short run to one replica only; an
     # answer checked after the wait could come from the other, which had not ticked yet)
     wait_for(
-        lambda: all(from_sidecar(_retrieve(app, user)) for _ in range(12)),
+        lambda: all(from_sidecar(_retrieve(app, user)) for _ in range(6)),
         1.0,
         "the fresh item, from the sidecar, on every replica",
         interval_s=0.05,
