@@ -70,7 +70,6 @@ class IndexPlan:
     layout: str  # "merged" | "sharded"
     shards: int
     small: bool  # the whole catalog in one worker, every candidate family measured (build_tuned)
-    index_bytes: int
 
 
 def plan_index(
@@ -83,7 +82,7 @@ def plan_index(
     (one process writes it and every replica loads it whole); otherwise the build stays sharded."""
     if n <= ann.MEASURED_CHOICE_MAX_ITEMS and layout != "sharded" and not nlist and not shards:
         spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
-        return IndexPlan(spec, "merged", 1, True, ann.index_bytes(spec, n, d))
+        return IndexPlan(spec, "merged", 1, True)
     spec = ann.prior_spec(n, d) if kind == "auto" else ann.choose_spec(n, d, kind)
     if nlist:
         if spec.kind not in ("ivf", "ivfpq"):
@@ -117,7 +116,7 @@ def plan_index(
             f"peak per worker with {workers} workers and {n_shards} shards, over the --memory-budget of "
             f"{budget / gib:.1f} GiB; add workers or raise the budget"
         )
-    return IndexPlan(spec, layout, max(1, min(n_shards, n)), False, total)
+    return IndexPlan(spec, layout, max(1, min(n_shards, n)), False)
 
 
 def plan_tables(pool, parts: Path, records: list[dict], n_shards: int) -> list[sh.ShardPlan]:
@@ -133,7 +132,8 @@ def plan_tables(pool, parts: Path, records: list[dict], n_shards: int) -> list[s
 
 
 def write_table(pool, out: BuildDir, what: str, plans, version: str, d: int, progress) -> list[dict]:
-    """The users table: each shard's worker writes its rows in place (no index)."""
+    """A table without an index (users; the items of a small catalog, indexed whole afterwards): each
+    range's worker writes its rows in place."""
     ids_p, vec_p = out.table_files(what)
     sh.create_table(ids_p, vec_p, sum(p.rows for p in plans), d)
     calls = [
@@ -183,20 +183,13 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
                 share: Callable, progress, timings: dict) -> tuple[dict, list[dict]]:  # fmt: skip
     """Train once, add the shards on their workers (which also write the items table), tune the search
     setting over every shard, write the index. Returns (quality, shard records)."""
-    ids_p, vec_p = out.table_files("items")
     d = xq_tune.shape[1]
     n = sum(p.rows for p in shard_plans)
-    sh.create_table(ids_p, vec_p, n, d)
-    table = (str(ids_p), str(vec_p))
+    table = tuple(str(f) for f in out.table_files("items"))
     k = opts.k
     if plan.small:
         t0 = time.perf_counter()
-        recs = pool.on(
-            [
-                (p.shard % pool.size, "build_shard", (p, "items", version, table, None, None, 0))
-                for p in shard_plans
-            ]
-        )
+        recs = write_table(pool, out, "items", shard_plans, version, d, progress)
         timings["items_table_s"] = round(time.perf_counter() - t0, 3)
         spec, quality, t_idx = pool.on(
             [(0, "build_small", (table, xq_tune, xq_hold, opts, str(out.index_path)))]
@@ -206,18 +199,16 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
             r["index_node"] = pool.nodes()[0]  # one index, built by worker 0 from the whole table
         return {**quality, "spec": spec}, recs
 
+    sh.create_table(Path(table[0]), Path(table[1]), n, d)
     spec = plan.spec
-    t0 = time.perf_counter()
-    empty = None
+    picks = []  # the training sample's rows: none for families that need no training
     if spec.train_sample:
         rng = np.random.default_rng(opts.seed)
         rows = GlobalRows(out.parts_dir, item_records, "vectors")
         picks = rows.picks(
             np.sort(rng.choice(len(rows), size=min(spec.train_sample, len(rows)), replace=False))
         )
-        empty, train_s = pool.on([(0, "train", (spec.factory, d, picks))])[0]
-    else:
-        empty, train_s = pool.on([(0, "train", (spec.factory, d, []))])[0]
+    empty, train_s = pool.on([(0, "train", (spec.factory, d, picks))])[0]
     timings["index_train_s"] = train_s
     progress(f"trained {spec.factory} on {spec.train_sample:,} vectors in {train_s:.1f}s")
     t1 = time.perf_counter()
