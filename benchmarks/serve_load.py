@@ -48,7 +48,9 @@ import platform
 import signal
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -58,6 +60,7 @@ import aiohttp
 from benchmarks.openloop import APPS, HEADERS, LoadConfig, Runner, Workload
 from benchmarks.serve_plot import plot
 from core.registry import Registry
+from serve_app.ingress import MODES, haproxy_pattern, ingress_env
 
 # ---- Serve ----------------------------------------------------------------------------------------
 
@@ -81,7 +84,8 @@ def deploy(cfg: LoadConfig, port: int) -> dict:
         "max_candidates": max(2000, *cfg.ns),
         **dict(cfg.app_args),
     }
-    args = {"on": {**real, "broadcast": True}, "off": {**real, "broadcast": False}, "noop": {}}
+    args = {"on": {**real, "broadcast": True}, "off": {**real, "broadcast": False}, "noop": {},
+            "on_b": {**real, "broadcast": True}}  # fmt: skip
     for app in cfg.apps:
         target = build_noop_app(args[app]) if app == "noop" else build_app(args[app])
         serve.run(target, name=app, route_prefix=f"/{app}")
@@ -209,7 +213,10 @@ def summarize_rounds(cfg: LoadConfig, rounds: list[dict]) -> tuple[list[dict], d
                 "of_medians": round(s[("on", n)]["capacity_cps"] / off_med, 3) if off_med else None,
                 "rounds": per_round,
             }
+        if ("on", n) in s and ("on_b", n) in s:
+            headline.setdefault("aa_spread", {})[str(n)] = _aa_spread(by[("on", n)], by[("on_b", n)])
         if ("noop", n) in s:
+            headline.setdefault("cost_model", {})[str(n)] = _cost_model(s, n)
             noop = s[("noop", n)]["unloaded_p50_ms"]
             headline["noop_share_of_unloaded_p50"][str(n)] = {
                 app: round(noop / s[(app, n)]["unloaded_p50_ms"], 3)
@@ -217,6 +224,34 @@ def summarize_rounds(cfg: LoadConfig, rounds: list[dict]) -> tuple[list[dict], d
                 if (app, n) in s and noop and s[(app, n)]["unloaded_p50_ms"]
             }
     return summary, headline
+
+
+def _aa_spread(a: list[dict], b: list[dict]) -> dict:
+    """Two identical apps measured side by side: the capacity ratio on / on_b per round. Its spread is
+    the bias and noise any on/off ratio carries before broadcast does anything."""
+    rounds = [round(x["capacity_rps"] / y["capacity_rps"], 3) if y["capacity_rps"] else None
+              for x, y in zip(a, b, strict=True)]  # fmt: skip
+    ok = [r for r in rounds if r]
+    return {"median_of_rounds": _median(ok), "rounds": rounds,
+            "max_abs_dev": round(max(abs(r - 1) for r in ok), 3) if ok else None}  # fmt: skip
+
+
+def _cost_model(s: dict, n: int) -> dict:
+    """F = the no-op app's machine CPU ms per request (Serve's fixed cost), T = each app's machine CPU
+    per request minus F (its own work). On a CPU-bound machine capacity is cores / (F + T), so the model
+    gain of broadcast is (F + T_off) / (F + T_on), checked against the measured capacity ratio."""
+    cpu = {app: s[(app, n)]["cpu_ms_per_request_at_capacity"]["machine"] for app in ("noop", "on", "off", "on_b")
+           if (app, n) in s}  # fmt: skip
+    f = cpu.get("noop")
+    out: dict = {
+        "F_ms": f,
+        "T_ms": {a: round(c - f, 3) for a, c in cpu.items() if a != "noop" and None not in (c, f)},
+    }
+    if f is not None and cpu.get("on") and cpu.get("off"):
+        out["model_gain"] = round(cpu["off"] / cpu["on"], 3)
+        if s[("off", n)]["capacity_rps"]:
+            out["measured_gain"] = round(s[("on", n)]["capacity_rps"] / s[("off", n)]["capacity_rps"], 3)
+    return out
 
 
 def machine_facts() -> dict:
@@ -331,6 +366,11 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
     p.add_argument("--retries", type=int, default=d.retries, help="re-measure a failed point this often")
+    p.add_argument(
+        "--ingress", nargs="+", choices=MODES, default=[d.ingress],
+        help="Serve ingress mode(s) (serve_app/ingress.py); several run one after the other, each in its "
+        "own process and local Ray, and a comparison is written to serve_load_ingress.json",
+    )  # fmt: skip
     a = p.parse_args(argv)
     if a.step <= 1 or a.start_rate <= 0 or a.repeats < 1 or min(a.ns) < 1:
         p.error("need --step > 1, --start-rate > 0, --repeats >= 1 and every N >= 1")
@@ -341,18 +381,80 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
         a.back_steps, a.duration_s, a.warmup_s, a.settle_s, a.low_rate, a.low_duration_s, a.slo_p99_ms,
         a.min_achieved, a.max_fail_frac, a.timeout_s, d.idle_latency_ms, d.drain_timeout_s,
         tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir, a.retries,
+        ",".join(dict.fromkeys(a.ingress)),
     )  # fmt: skip
 
 
+def _without_ingress(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if x == "--ingress":
+            skip = True
+            continue
+        if skip and not x.startswith("--"):
+            continue
+        skip = False
+        out.append(x)
+    return out
+
+
+def run_modes(cfg: LoadConfig, argv: list[str]) -> int:
+    """Each ingress mode in its own child process (Serve reads the mode's variables once, when a Ray
+    process imports it), one after the other; then the comparison of their headlines."""
+    modes = cfg.ingress.split(",")
+    for mode in modes:
+        print(f"=== ingress {mode} ===", flush=True)
+        rc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.serve_load", *_without_ingress(argv), "--ingress", mode]
+        ).returncode
+        if rc != 0:
+            print(f"ingress {mode}: serve_load exited {rc}", file=sys.stderr)
+            return rc
+    results = {m: json.loads((cfg.out_dir / f"serve_load_{m}.json").read_text()) for m in modes}
+    both = {
+        m: {"headline": r["headline"], "summary": r["summary"], "wall_s": r["wall_s"]}
+        for m, r in results.items()
+    }
+    out = cfg.out_dir / "serve_load_ingress.json"
+    out.write_text(json.dumps({"benchmark": "serve_load", "modes": both}, indent=2) + "\n")
+    print(
+        f"\n{'ingress':<8} {'N':>5} {'F ms':>6} {'T_on':>6} {'T_off':>6} {'model':>6} {'measured':>8} {'A/A':>6}"
+    )
+    for m, r in both.items():
+        for n, c in r["headline"].get("cost_model", {}).items():
+            aa = r["headline"].get("aa_spread", {}).get(n, {}).get("median_of_rounds")
+            t = c.get("T_ms", {})
+            print(f"{m:<8} {n:>5} {c['F_ms'] or float('nan'):>6.2f} {t.get('on', float('nan')):>6.2f} "
+                  f"{t.get('off', float('nan')):>6.2f} {c.get('model_gain') or float('nan'):>6.2f} "
+                  f"{c.get('measured_gain') or float('nan'):>8.2f} {aa or float('nan'):>6.3f}")  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse(argv)
+    if "," in cfg.ingress:
+        return run_modes(cfg, argv)
+    want = ingress_env(cfg.ingress)
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        # the variables must be in place before this process (and the Ray it starts) imports Serve
+        private = Path(tempfile.mkdtemp(prefix="shp-", dir="/tmp"))
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.serve_load", *argv],
+                  {**os.environ, **ingress_env(cfg.ingress, private)})  # fmt: skip
     try:
         result = run(cfg)
     except KeyboardInterrupt:
         print("interrupted: Serve and Ray shut down, nothing written", file=sys.stderr)
         return 130
+    finally:
+        pattern = haproxy_pattern(dict(os.environ))
+        if pattern:  # Ray's shutdown leaves HAProxy running and holding the port
+            subprocess.run(["pkill", "-f", pattern], check=False)
+    result["ingress"] = cfg.ingress
+    result["ingress_env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cfg.out_dir / "serve_load"
+    stem = cfg.out_dir / f"serve_load_{cfg.ingress}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"))
     print(f"\n{'app':<5} {'N':>5} {'req/s':>9} {'cand/s':>10} {'p50@cap':>8} {'p99@cap':>8} {'p50@low':>8}")
@@ -384,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broadcast on/off capacity N={n}: {r['median_of_rounds']}x (rounds {r['rounds']})")
     for n, r in result["headline"]["noop_share_of_unloaded_p50"].items():
         print(f"no-op share of unloaded p50 N={n}: {r}")
+    for n, r in result["headline"].get("aa_spread", {}).items():
+        print(f"A/A (on / on_b) capacity N={n}: {r['median_of_rounds']}x (rounds {r['rounds']})")
+    for n, r in result["headline"].get("cost_model", {}).items():
+        print(
+            f"N={n}: F {r['F_ms']} ms, T {r['T_ms']}, model gain {r.get('model_gain')}, measured {r.get('measured_gain')}"
+        )
     print(f"wrote {stem}.json and {stem}.png in {result['wall_s']:.0f}s")
     return 0
 

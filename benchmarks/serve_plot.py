@@ -16,6 +16,7 @@ def plot(result: dict, path: Path) -> None:
         "on": ("C0", "broadcast on"),
         "off": ("C3", "broadcast off"),
         "noop": ("grey", "no-op app (Serve)"),
+        "on_b": ("C2", "broadcast on, copy B (A/A)"),
     }
     for app, (color, label) in style.items():
         rows = sorted((s for s in result["summary"] if s["app"] == app), key=lambda s: s["n"])
@@ -53,7 +54,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     b, m = result["build"], result["machine"]
     fig.suptitle(
-        f"POST /score, open loop, one replica each: build {b['build_id']} ({b['users']:,} users, "
+        f"POST /score, open loop, {result.get('ingress', 'default')} ingress, one replica each: build {b['build_id']} ({b['users']:,} users, "
         f"{b['items']:,} items), {m['cpu_count']} CPUs, ray {m['ray_version']}, torch {m['torch_version']}",
         fontsize=10,
     )

@@ -186,9 +186,16 @@ class RankingScorer(nn.Module):
     def user_side(self, u: torch.Tensor) -> torch.Tensor:  # (U, D) -> (U, H)
         return self.w_user(u)
 
-    def pair_side(self, u: torch.Tensor, u_pre: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        # u, i: (R, D) rows; u_pre: (R, H) broadcast user_side output -> (R,) scores
-        h = F.relu(u_pre + self.w_item(i) + self.w_cross(u * i))
+    def item_side(self, i: torch.Tensor) -> torch.Tensor:  # (I, D) -> (I, H): item-only, once per item
+        return self.w_item(i)
+
+    def pair_side(
+        self, u: torch.Tensor, u_pre: torch.Tensor, i: torch.Tensor, i_pre: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # u, i: (R, D) rows; u_pre: (R, H) broadcast user_side output; i_pre: (R, H) broadcast
+        # item_side output, computed here when not given -> (R,) scores
+        i_pre = self.item_side(i) if i_pre is None else i_pre
+        h = F.relu(u_pre + i_pre + self.w_cross(u * i))
         return (u * i).sum(1) * self.inv_temperature + self.v(h).squeeze(1)
 
     def forward(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,13 @@ def parse(argv: list[str] | None) -> JobConfig:
     p.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch intra-op threads")
     p.add_argument("--embed-dim", type=int, default=ModelConfig.embed_dim)
     p.add_argument(
+        "--ranker-user-hidden",
+        type=_sizes,
+        default=ModelConfig.ranker_user_hidden,
+        help="hidden sizes of the ranker's user-side MLP, comma-separated ('' = one linear layer): the "
+        "user-side cost that broadcast saves per row (benchmarks/serve_gain_curve.py)",
+    )
+    p.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -63,10 +70,22 @@ def parse(argv: list[str] | None) -> JobConfig:
         p.error("--epochs must be >= 1 and --batch-size >= 2")
     return JobConfig(
         a.data, a.out, a.family, a.eval_split,
-        ModelConfig(embed_dim=a.embed_dim),
+        ModelConfig(embed_dim=a.embed_dim, ranker_user_hidden=a.ranker_user_hidden),
         TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, threads=a.threads),
         a.init_from,
     )  # fmt: skip
+
+
+def _sizes(s: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes like 1024,1024; got {s!r}"
+        ) from None
+    if any(x < 1 for x in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1; got {s!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,3 +6,7 @@ source "$(dirname "$0")/env.sh"
 ruff check .
 ruff format --check .
 python -m pytest -m "not slow" "$@"
+# The HTTP tests again on Serve's throughput-optimized ingress (HAProxy in front of the replicas,
+# serve_app/ingress.py): the same requests, answers and errors in both modes.
+SKEWLESS_INGRESS=fast python -m pytest -m "not slow" -p no:cacheprovider \
+  tests/integration/test_serving.py tests/integration/test_compact_body.py "$@"

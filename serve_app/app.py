@@ -32,7 +32,7 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -41,9 +41,11 @@ from ray.serve import Application
 
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
+from core.compact_body import ARROW_STREAM, BodyError, decode_rows
 from core.serving_state import ReplicaState, RetrieveQuery, ServingState, retrieve
 from core.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
 from serve_app.auth import AdminAuth
+from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
 from serve_app.metrics import ReplicaMetrics
 from serve_app.schemas import (
     DEPLOYMENT_LIMITS,
@@ -210,8 +212,27 @@ class Recommender:
             **self.totals,
         }
 
-    @api.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
-    async def score(self, body: ScoreBody):
+    @api.post(
+        "/score", response_model=ScoreResponse, response_model_exclude_none=True, openapi_extra=SCORE_BODIES
+    )
+    async def score(self, request: Request):
+        """JSON (ScoreBody) or, by content-type, the compact Arrow rows (core/compact_body.py): both
+        become the same ScoreRequest and may share a batch."""
+        raw = await request.body()
+        kind = body_kind(request.headers.get("content-type"))
+        if kind is None:
+            self.metrics.error(415)
+            raise HTTPException(415, f"content-type {request.headers.get('content-type')!r}: expected "
+                                     f"application/json or {ARROW_STREAM}")  # fmt: skip
+        if kind == "arrow":
+            try:
+                users, items = decode_rows(raw, self.args.max_candidates)
+            except BodyError as e:
+                self.metrics.error(e.status)
+                raise HTTPException(e.status, str(e)) from None
+            state = self._state()
+            return await self._score(state, ScoreRequest(users, items), None)
+        body = parse_json_body(ScoreBody, raw)
         state = self._state()
         n = body.n_rows()
         if n > self.args.max_candidates:
@@ -227,6 +248,9 @@ class Recommender:
                 history, dropped = self._history(state, body.history)
             uid = 0 if body.user_id is None else body.user_id
             req = ScoreRequest(np.full(n, uid, np.int64), np.asarray(body.item_ids, np.int64), history)
+        return await self._score(state, req, dropped)
+
+    async def _score(self, state: ServingState, req: ScoreRequest, dropped: int | None) -> ScoreResponse:
         result, state = await self._score_batch((state, req))
         if result.error is not None:
             self.metrics.error(result.status)
@@ -262,7 +286,7 @@ class Recommender:
         self.metrics.batch(stats, score_ms)
         self.totals.update(
             batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups,
-            history_users=stats.history_users,
+            item_lookups=stats.item_lookups, history_users=stats.history_users,
         )  # fmt: skip
         # summed wall time of batch scoring (lookups + towers + scorer): benchmarks/serve_load.py sets it
         # against the request latency and the replica's CPU time to show where a request's time goes

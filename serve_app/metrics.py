@@ -25,6 +25,11 @@ class ReplicaMetrics:
         self.user_lookups = metrics.Counter(
             "skewless_user_table_lookups", "Rows gathered from the user-embedding table", tag_keys=tags
         )
+        self.item_lookups = metrics.Counter(
+            "skewless_item_table_lookups",
+            "Rows gathered from the item-embedding table (shared candidates once per batch)",
+            tag_keys=tags,
+        )
         self.batch_rows = metrics.Histogram(
             "skewless_batch_rows", "Rows per scoring batch", boundaries=_SIZES, tag_keys=tags
         )
@@ -90,6 +95,8 @@ class ReplicaMetrics:
             self.unique_users.inc(stats.unique_users, self._t())
         if stats.user_lookups:
             self.user_lookups.inc(stats.user_lookups, self._t())
+        if stats.item_lookups:
+            self.item_lookups.inc(stats.item_lookups, self._t())
         if stats.history_users:
             self.history_users.inc(stats.history_users, self._t())
         self.batch_rows.observe(stats.rows, self._t())

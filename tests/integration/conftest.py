@@ -13,12 +13,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from serve_app.ingress import MODES, haproxy_pattern, ingress_env
 from tests.conftest import REPO
+
+# SKEWLESS_INGRESS=fast runs the cluster on Serve's throughput-optimized path (serve_app/ingress.py);
+# scripts/test.sh runs the HTTP tests in both modes.
+INGRESS = os.environ.get("SKEWLESS_INGRESS", "default")
+if INGRESS not in MODES:
+    raise ValueError(f"SKEWLESS_INGRESS must be one of {MODES}, got {INGRESS!r}")
 
 
 def pytest_collection_modifyitems(items):
@@ -110,7 +118,15 @@ def ray_env() -> dict:
     env = os.environ.copy()
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
+    if INGRESS == "fast":
+        env.update(ingress_env(INGRESS, Path(tempfile.mkdtemp(prefix="shp-", dir="/tmp"))))
     return env
+
+
+def stop_haproxy(env: dict) -> None:
+    pattern = haproxy_pattern(env)
+    if pattern:
+        subprocess.run(["pkill", "-f", pattern], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -157,6 +173,7 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+        stop_haproxy(ray_env)
         log.close()
 
 

@@ -101,6 +101,51 @@ def test_batch_of_distinct_users_takes_the_per_row_path(build):
         np.testing.assert_array_equal(a.scores, b.scores)
 
 
+def _shared_items_batch(build, rng, n_requests=24):
+    """Requests over a few popular items, users many (rows form) or one per request."""
+    popular = rng.choice(build.item_ids, 5, replace=False)
+    reqs = []
+    for k in range(n_requests):
+        n = int(rng.integers(1, 40))
+        items = rng.choice(popular, n)
+        users = rng.choice(build.user_ids, n) if k % 2 else np.full(n, rng.choice(build.user_ids))
+        reqs.append(ScoreRequest(users, items))
+    return reqs, popular
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_sided_dedup_equals_the_per_row_path(build, seed):
+    reqs, popular = _shared_items_batch(build, np.random.default_rng(seed))
+    on, s_on = score_batch(build, reqs, BroadcastConfig(enabled=True, max_unique_users=64))  # split too
+    off, s_off = score_batch(build, reqs, BroadcastConfig(enabled=False))
+    for a, b in zip(on, off, strict=True):
+        assert a.status == b.status == 200
+        assert np.max(np.abs(a.scores - b.scores)) <= 1e-5
+    # each split chunk gathers its shared items once: at most 5 per chunk, far below one per row
+    chunks = -(-s_on.unique_users // 64)
+    assert s_on.item_lookups <= len(popular) * chunks < s_on.rows
+    assert s_off.item_lookups == s_off.rows
+
+
+def test_one_popular_item_for_many_distinct_users_is_gathered_once(build):
+    item = build.item_ids[3]
+    reqs = [ScoreRequest(np.array([u]), np.array([item])) for u in build.user_ids[:10]]
+    res, stats = score_batch(build, reqs, BroadcastConfig())
+    ref, _ = score_batch(build, reqs, BroadcastConfig(enabled=False))
+    assert stats.item_lookups == 1 and stats.user_lookups == 10
+    for a, b in zip(res, ref, strict=True):
+        assert np.max(np.abs(a.scores - b.scores)) <= 1e-5
+
+
+def test_items_not_shared_are_gathered_per_row(build):
+    # distinct candidates: the unique pass finds nothing to share and the rows are gathered as before
+    reqs = [ScoreRequest(np.full(20, build.user_ids[0]), build.item_ids[:20])]
+    res, stats = score_batch(build, reqs, BroadcastConfig())
+    assert stats.item_lookups == 20
+    off, _ = score_batch(build, reqs, BroadcastConfig(dedup_items=False))
+    np.testing.assert_array_equal(res[0].scores, off[0].scores)
+
+
 def test_unknown_policy_is_named():
     with pytest.raises(ValueError, match="cap policy must be one of"):
         BroadcastConfig(policy="drop")
