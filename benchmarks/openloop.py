@@ -19,10 +19,12 @@ import aiohttp
 import numpy as np
 
 from core.build_dir import BuildDir
+from core.compact_body import ARROW_STREAM, encode_rows
 
 # on_b is a second, identical copy of on: the A/A control (what two apps running the same code differ by)
 APPS = ("on", "off", "noop", "on_b")
 HEADERS = {"content-type": "application/json"}
+BODIES = ("json", "arrow")  # /score's two body formats (core/compact_body.py)
 TIMEOUT_STATUS, CLIENT_ERROR_STATUS = -1, -2  # recorded in place of an HTTP status
 
 
@@ -61,6 +63,7 @@ class LoadConfig:
     # (and, through --back-steps, lowers where its next round starts): at N=1, where the two apps run
     # the same code, one such run measured on/off 0.75x.
     retries: int = 1
+    body: str = "json"  # "json" or "arrow" (the compact body), for every app
     ingress: str = "default"  # serve_app/ingress.py: "default" (Serve's proxy actor) or "fast" (HAProxy)
 
     def rate(self, k: int) -> float:
@@ -73,7 +76,10 @@ class LoadConfig:
 class Workload:
     """Request bodies drawn from the live build's users and items."""
 
-    def __init__(self, build_dir: Path, seed: int):
+    def __init__(self, build_dir: Path, seed: int, body: str = "json"):
+        if body not in BODIES:
+            raise ValueError(f"body must be one of {BODIES}, got {body!r}")
+        self.body, self.headers = body, HEADERS if body == "json" else {"content-type": ARROW_STREAM}
         bd = BuildDir(build_dir)
         self.user_ids = bd.open_users(bd.read_manifest())[0]  # (U,) sorted int64
         self.item_ids = np.array(bd.open_items()[0])  # (I,)
@@ -85,6 +91,9 @@ class Workload:
         out = []
         for u in users.tolist():
             items = self.item_ids[self.rng.choice(len(self.item_ids), n_candidates, replace=replace)]
+            if self.body == "arrow":  # the compact body: the same rows as int64 columns
+                out.append(encode_rows(np.full(n_candidates, u, np.int64), items))
+                continue
             out.append(b'{"user_id":%d,"item_ids":[%s]}' % (u, ",".join(map(str, items.tolist())).encode()))
         return out
 
@@ -146,9 +155,9 @@ def cpu_ms_per_request(before: dict, after: dict, requests: int) -> dict[str, fl
     }
 
 
-async def _send(session: aiohttp.ClientSession, url: str, body: bytes, i: int, done, status) -> None:
+async def _send(session: aiohttp.ClientSession, url: str, body: bytes, i: int, done, status, headers) -> None:
     try:
-        async with session.post(url, data=body, headers=HEADERS) as r:
+        async with session.post(url, data=body, headers=headers) as r:
             await r.read()
             status[i] = r.status
     except asyncio.TimeoutError:
@@ -159,7 +168,7 @@ async def _send(session: aiohttp.ClientSession, url: str, body: bytes, i: int, d
 
 
 async def open_loop(
-    session: aiohttp.ClientSession, url: str, bodies: list[bytes], rate: float
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], rate: float, headers: dict = HEADERS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Send bodies[i] at t0 + i/rate; returns (scheduled, sent, done, status), perf_counter seconds."""
     n = len(bodies)
@@ -172,7 +181,7 @@ async def open_loop(
         now = time.perf_counter()
         while i < n and sched[i] <= now:  # catch up in one go if the loop woke late
             sent[i] = now
-            tasks.append(asyncio.create_task(_send(session, url, bodies[i], i, done, status)))
+            tasks.append(asyncio.create_task(_send(session, url, bodies[i], i, done, status, headers)))
             i += 1
         if i < n:
             await asyncio.sleep(max(0.0, sched[i] - time.perf_counter()))
@@ -234,7 +243,7 @@ class Runner:
         score0 = await self.score_ms(app)
         snap0 = cpu_snapshot(self.pids, app)
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        res = await open_loop(self.session, f"{self.base}/{app}/score", bodies, rate)
+        res = await open_loop(self.session, f"{self.base}/{app}/score", bodies, rate, self.workload.headers)
         cpu_frac = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         snap1 = cpu_snapshot(self.pids, app)
         score1 = await self.score_ms(app)

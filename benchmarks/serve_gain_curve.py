@@ -55,14 +55,19 @@ def point(hidden: str, a: argparse.Namespace) -> dict:
     print(f"[{name}] serve_load on/off/noop at N={a.n}, ingress {a.ingress}", flush=True)
     subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--registry", str(registry), "--ns", str(a.n),
                     "--apps", "on", "off", "noop", "--repeats", str(a.repeats), "--ingress", a.ingress,
-                    "--out-dir", str(out)], check=True)  # fmt: skip
-    r = json.loads((out / f"serve_load_{a.ingress}.json").read_text())
+                    "--step", str(a.step), "--start-rate", str(a.start_rate), "--back-steps", "2",
+                    "--duration-s", "1.5", "--low-duration-s", "2", "--out-dir", str(out)], check=True)  # fmt: skip
+    return summarize(hidden, json.loads((out / f"serve_load_{a.ingress}.json").read_text()), a.n)
+
+
+def summarize(hidden: str, r: dict, n: int) -> dict:
     sizes = tuple(int(x) for x in hidden.split(",") if x)
-    cm = r["headline"]["cost_model"][str(a.n)]
-    ratio = r["headline"]["broadcast_capacity_ratio"][str(a.n)]
+    cm = r["headline"]["cost_model"][str(n)]
+    ratio = r["headline"]["broadcast_capacity_ratio"][str(n)]
     return {"hidden": list(sizes), "user_side_mflop": round(user_side_mflop(sizes), 3),
             "measured_gain": ratio["median_of_rounds"], "measured_gain_rounds": ratio["rounds"],
-            "model_gain": cm.get("model_gain"), "F_ms": cm["F_ms"], "T_ms": cm["T_ms"]}  # fmt: skip
+            "model_gain": cm.get("model_gain"), "F_ms": cm["F_ms"], "T_ms": cm["T_ms"],
+            "build": r["build"]["build_id"], "repeats": r["config"]["repeats"]}  # fmt: skip
 
 
 def plot(points: list[dict], ingress: str, n: int, path: Path) -> None:
@@ -101,12 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="candidates per request")
     p.add_argument("--ingress", choices=("default", "fast"), default="fast")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--step", type=float, default=1.2, help="serve_load's rate grid factor")
+    p.add_argument("--start-rate", type=float, default=40.0, help="serve_load's first rate, req/s")
     p.add_argument(
         "--work-dir", type=Path, default=Path("/tmp/skewless-gain"), help="checkpoints, registries"
     )
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--reuse", action="append", default=[], metavar="HIDDEN=SERVE_LOAD_JSON",
+        help="take this point from an earlier serve_load result at the same N and ingress (e.g. the main "
+        "run's 1024,1024=benchmarks/results/serve_load_fast.json) instead of measuring it again",
+    )  # fmt: skip
     a = p.parse_args(argv)
     points = [point(h, a) for h in a.hidden]
+    for spec in a.reuse:
+        hidden, _, path = spec.partition("=")
+        r = json.loads(Path(path).read_text())
+        if r.get("ingress", "default") != a.ingress:
+            raise SystemExit(f"{path} was measured with the {r.get('ingress')} ingress, not {a.ingress}")
+        points.append({**summarize(hidden, r, a.n), "from": path})
     a.out_dir.mkdir(parents=True, exist_ok=True)
     out = a.out_dir / f"serve_gain_curve_{a.ingress}.json"
     out.write_text(

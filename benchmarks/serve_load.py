@@ -57,7 +57,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.openloop import APPS, HEADERS, LoadConfig, Runner, Workload
+from benchmarks.openloop import APPS, BODIES, LoadConfig, Runner, Workload
 from benchmarks.serve_plot import plot
 from core.registry import Registry
 from serve_app.ingress import MODES, haproxy_pattern, ingress_env
@@ -108,7 +108,9 @@ async def wait_ready(runner: Runner, apps: tuple[str, ...], ns: tuple[int, ...],
     for app in apps:
         for n in ns:
             body = runner.workload.bodies(1, n)[0]
-            async with runner.session.post(f"{runner.base}/{app}/score", data=body, headers=HEADERS) as r:
+            async with runner.session.post(
+                f"{runner.base}/{app}/score", data=body, headers=runner.workload.headers
+            ) as r:
                 text = await r.text()
                 if r.status != 200:
                     raise SystemExit(f"{app}: POST /score with N={n} answered {r.status}: {text[:300]}")
@@ -293,7 +295,7 @@ def run(cfg: LoadConfig) -> dict:
 
     build_dir, build = build_facts(cfg.registry)
     print(f"live build {build['build_id']}: {build['users']:,} users, {build['items']:,} items", flush=True)
-    workload = Workload(build_dir, cfg.seed)
+    workload = Workload(build_dir, cfg.seed, cfg.body)
     port = cfg.port or free_port()
     t_start, load_start = time.time(), os.getloadavg()
     ray.init(address="local", num_cpus=cfg.ray_cpus, include_dashboard=False, log_to_driver=False)
@@ -366,6 +368,7 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
     p.add_argument("--retries", type=int, default=d.retries, help="re-measure a failed point this often")
+    p.add_argument("--body", choices=BODIES, default=d.body, help="request body format for every app")
     p.add_argument(
         "--ingress", nargs="+", choices=MODES, default=[d.ingress],
         help="Serve ingress mode(s) (serve_app/ingress.py); several run one after the other, each in its "
@@ -380,7 +383,7 @@ def parse(argv: list[str] | None = None) -> LoadConfig:
         a.registry, tuple(a.ns), tuple(a.apps), a.repeats, a.start_rate, a.step, a.min_rate, a.max_rate,
         a.back_steps, a.duration_s, a.warmup_s, a.settle_s, a.low_rate, a.low_duration_s, a.slo_p99_ms,
         a.min_achieved, a.max_fail_frac, a.timeout_s, d.idle_latency_ms, d.drain_timeout_s,
-        tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir, a.retries,
+        tuple(a.app_arg), a.port, a.ray_cpus, d.ready_timeout_s, a.seed, a.out_dir, a.retries, a.body,
         ",".join(dict.fromkeys(a.ingress)),
     )  # fmt: skip
 
@@ -410,12 +413,13 @@ def run_modes(cfg: LoadConfig, argv: list[str]) -> int:
         if rc != 0:
             print(f"ingress {mode}: serve_load exited {rc}", file=sys.stderr)
             return rc
-    results = {m: json.loads((cfg.out_dir / f"serve_load_{m}.json").read_text()) for m in modes}
+    suffix = "" if cfg.body == "json" else f"_{cfg.body}"
+    results = {m: json.loads((cfg.out_dir / f"serve_load_{m}{suffix}.json").read_text()) for m in modes}
     both = {
         m: {"headline": r["headline"], "summary": r["summary"], "wall_s": r["wall_s"]}
         for m, r in results.items()
     }
-    out = cfg.out_dir / "serve_load_ingress.json"
+    out = cfg.out_dir / f"serve_load_ingress{suffix}.json"
     out.write_text(json.dumps({"benchmark": "serve_load", "modes": both}, indent=2) + "\n")
     print(
         f"\n{'ingress':<8} {'N':>5} {'F ms':>6} {'T_on':>6} {'T_off':>6} {'model':>6} {'measured':>8} {'A/A':>6}"
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     result["ingress"] = cfg.ingress
     result["ingress_env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cfg.out_dir / f"serve_load_{cfg.ingress}"
+    stem = cfg.out_dir / (f"serve_load_{cfg.ingress}" + ("" if cfg.body == "json" else f"_{cfg.body}"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, stem.with_suffix(".png"))
     print(f"\n{'app':<5} {'N':>5} {'req/s':>9} {'cand/s':>10} {'p50@cap':>8} {'p99@cap':>8} {'p50@low':>8}")

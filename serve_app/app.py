@@ -104,7 +104,10 @@ class Recommender:
         torch.set_num_threads(self.args.torch_threads)
         ann.configure(self.args.faiss_threads)
         self.bcfg = BroadcastConfig(
-            self.args.broadcast, self.args.max_unique_users_per_batch, self.args.cap_policy
+            self.args.broadcast,
+            self.args.max_unique_users_per_batch,
+            self.args.cap_policy,
+            self.args.dedup_items,
         )
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_tag

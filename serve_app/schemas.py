@@ -61,6 +61,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=-1)
     max_unique_users_per_batch: int = Field(1024, ge=1)
     cap_policy: Literal["split", "reject", "fallback"] = "split"
+    # Two-sided dedup: candidate items shared by a batch's rows are gathered and run through the
+    # scorer's item side once (core/broadcast.py); only with broadcast on. Off by default (measured).
+    dedup_items: bool = False
     max_candidates: int = Field(2000, ge=1)
     max_k: int = Field(1000, ge=1)
     poll_interval_s: float = Field(1.0, gt=0)  # registry + sidecar log: fresh items show up within this

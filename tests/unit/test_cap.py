@@ -60,3 +60,20 @@ def test_counter_sum_and_the_cli_on_a_saved_scrape(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["max_unique_users_per_batch"] == 4 and out["rows_per_unique_user"] == 100.0
     assert out["batches_observed"] == 4 and out["batches_over_cap"] == 1
+
+
+def test_ingress_modes_name_their_variables_and_keep_haproxy_private():
+    from pathlib import Path
+
+    from serve_app.ingress import haproxy_pattern, ingress_env
+
+    assert ingress_env("default") == {}
+    fast = ingress_env("fast", Path("/tmp/shp-x"))
+    assert fast["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == fast["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert fast["RAY_SERVE_HAPROXY_SOCKET_PATH"] == "/tmp/shp-x/admin.sock"
+    assert fast["RAY_SERVE_HAPROXY_STATS_PORT"] != fast["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert haproxy_pattern(fast) == "/tmp/shp-x" and haproxy_pattern({}) is None
+    with pytest.raises(ValueError, match="must be one of"):
+        ingress_env("turbo")
+    with pytest.raises(ValueError, match="<= 24 characters"):
+        ingress_env("fast", Path("/tmp/a-very-long-private-directory-name"))
