@@ -27,19 +27,23 @@ class Histogram:
         return self.cumulative[-1] if self.cumulative else 0.0
 
 
+def _series(text: str, name: str, match: dict[str, str] | None):
+    """(labels, value) of every `name` sample whose labels include `match`."""
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m and m["name"] == name:
+            labels = dict(_LABEL.findall(m["labels"] or ""))
+            if all(labels.get(k) == v for k, v in (match or {}).items()):
+                yield labels, float(m["value"])
+
+
 def parse_histogram(text: str, metric: str = METRIC, match: dict[str, str] | None = None) -> Histogram:
     """Sum the `metric` histogram's buckets over every series whose labels include `match` (e.g.
     {"application": "main"}: all its replicas)."""
     buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if not m or m["name"] != f"{metric}_bucket":
-            continue
-        labels = dict(_LABEL.findall(m["labels"] or ""))
-        if any(labels.get(k) != v for k, v in (match or {}).items()):
-            continue
+    for labels, value in _series(text, f"{metric}_bucket", match):
         le = float(labels["le"].replace("+Inf", "inf"))
-        buckets[le] = buckets.get(le, 0.0) + float(m["value"])
+        buckets[le] = buckets.get(le, 0.0) + value
     bounds = tuple(sorted(buckets))
     return Histogram(bounds, tuple(buckets[b] for b in bounds))
 
@@ -73,11 +77,4 @@ def recommend(h: Histogram, coverage: float = 0.999) -> Recommendation:
 
 def counter_sum(text: str, name: str, match: dict[str, str] | None = None) -> float:
     """Sum of a counter's series whose labels include `match` (e.g. rows scored by one application)."""
-    total = 0.0
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m and m["name"] == name:
-            labels = dict(_LABEL.findall(m["labels"] or ""))
-            if all(labels.get(k) == v for k, v in (match or {}).items()):
-                total += float(m["value"])
-    return total
+    return sum(value for _, value in _series(text, name, match))
