@@ -99,6 +99,9 @@ class BuildManifest:
     run: dict
     based_on_seq: int
     parts: dict = dataclasses.field(default_factory=dict)  # embedded partitions: counts, reused
+    # the cut-over comparison with the build live when this one was built (core.compare): health,
+    # overlap, held-out quality, verdict, forced; None when nothing was live or it was not run
+    comparison: dict | None = None
 
     @property
     def checkpoint_version(self) -> str:
@@ -139,6 +142,7 @@ class BuildManifest:
                 run=d["run"],
                 based_on_seq=d["based_on_seq"],
                 parts=d.get("parts", {}),
+                comparison=d.get("comparison"),
             )
         except (KeyError, TypeError) as e:
             raise BuildFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e

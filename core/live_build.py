@@ -101,11 +101,16 @@ class LiveBuild:
 
 
 def load_build(
-    build_dir: Path, query_checkpoint: Path | None = None, clock=time.time, pair_allowed=None
+    build_dir: Path,
+    query_checkpoint: Path | None = None,
+    clock=time.time,
+    pair_allowed=None,
+    mmap: bool = False,
 ) -> LiveBuild:
     """Load a complete build for serving. `query_checkpoint` (optional) names a query tower to use
     instead of the build's own copy; it must be the same version as the index unless
-    `pair_allowed(family, query_version, index_version)` says that pair passed a skew check."""
+    `pair_allowed(family, query_version, index_version)` says that pair passed a skew check. `mmap`:
+    the index memory-mapped (a comparison reads a few lists of it) instead of read into memory."""
     bd = BuildDir(build_dir)
     name = bd.root.name
     try:
@@ -129,7 +134,7 @@ def load_build(
             raise BuildRefused(
                 f"build {manifest.build_id}: shards of checkpoint versions {stray}, index is {version}"
             )
-        idx = bd.load_index(manifest)
+        idx = bd.load_index(manifest, mmap=mmap)
         item_ids, item_emb = bd.open_items()
         user_ids, user_emb = bd.open_users(manifest)
     except BuildRefused:
@@ -185,14 +190,18 @@ def _smoke(build: LiveBuild) -> None:
 
 
 class BuildWatcher:
-    """Follows the registry's CURRENT pointer. `poll()` loads a new live build when the pointer
-    moves, validates it, and swaps one reference; a refused build is remembered and not retried until
-    the pointer moves again. Readers take `watcher.live` once per batch and keep that reference."""
+    """Follows the registry's CURRENT pointer: the live build, and the canary build when one is being
+    ramped in. `poll()` loads a build when the pointer names a new one, validates it, and swaps one
+    reference; a refused build is remembered and not retried until the pointer moves again (a refused
+    canary leaves every user on the live build). A promoted canary is not loaded twice: the loaded
+    canary becomes the live build. Readers take the references once per batch and keep them."""
 
     def __init__(self, registry: Path, query_checkpoint: Path | None = None, on_event=None):
         self.registry = Registry(registry)
         self.query_checkpoint = query_checkpoint
         self.live: LiveBuild | None = None
+        self.canary: LiveBuild | None = None
+        self.percent = 0.0  # of users the canary serves
         self.last_refused: tuple[str, str] | None = None
         # on_event(outcome, old_build, new_build_or_None, detail) after each load attempt
         self._on_event = on_event or (lambda outcome, old, new, detail: None)
@@ -200,32 +209,59 @@ class BuildWatcher:
     def _pair_allowed(self, family: str, query_version: str, index_version: str) -> bool:
         return skew_gate.pair_allowed(self.registry.root, family, query_version, index_version)
 
-    def poll(self) -> str:
-        """Returns 'unchanged', 'swapped', 'refused' or 'empty'."""
-        target = self.registry.current()
-        if target is None:
-            return "empty"
-        if (self.live and self.live.build_id == target) or (
-            self.last_refused and self.last_refused[0] == target
-        ):
-            return "unchanged"
+    def _load(self, target: str, role: str, current: LiveBuild | None) -> LiveBuild | None:
+        """The build `target` loaded, or None (refused and reported) when it cannot serve."""
+        for have in (self.live, self.canary):
+            if have is not None and have.build_id == target:
+                return have
         try:
-            new = load_build(
+            return load_build(
                 self.registry.build_dir(target), self.query_checkpoint, pair_allowed=self._pair_allowed
             )
         except Exception as e:  # noqa: BLE001 - any failure to load must leave the old build serving
             self.last_refused = (target, str(e))
-            log.error("refusing build %s, still serving %s: %s", target, self.live and self.live.build_id, e)
-            self._on_event("refused", self.live, None, f"{target}: {e}")
-            return "refused"
-        old = self.live
-        self.live = new
-        self.last_refused = None
-        log.info(
-            "now serving build %s (checkpoint %s), was %s",
-            new.build_id,
-            new.checkpoint_version,
-            old and old.build_id,
-        )
-        self._on_event("swapped", old, new, "")
-        return "swapped"
+            log.error(
+                "refusing %s build %s, still serving %s: %s", role, target, current and current.build_id, e
+            )
+            self._on_event("refused", current, None, f"{target}: {e}")
+            return None
+
+    def poll(self) -> str:
+        """Returns 'unchanged', 'swapped', 'refused' or 'empty' (of the live build; the canary follows
+        alongside and reports through `on_event` as 'canary' / 'refused')."""
+        ptr = self.registry.pointer()
+        if ptr.build_id is None:
+            return "empty"
+        outcome = "unchanged"
+        stale = self.live is None or self.live.build_id != ptr.build_id
+        if stale and not (self.last_refused and self.last_refused[0] == ptr.build_id):
+            new = self._load(ptr.build_id, "live", self.live)
+            if new is None:
+                outcome = "refused"
+            else:
+                old, self.live, self.last_refused = self.live, new, None
+                log.info("now serving build %s (checkpoint %s), was %s", new.build_id, new.checkpoint_version,
+                         old and old.build_id)  # fmt: skip
+                self._on_event("swapped", old, new, "")
+                outcome = "swapped"
+        self._follow_canary(ptr.canary, ptr.percent)
+        return outcome
+
+    def _follow_canary(self, target: str | None, percent: float) -> None:
+        if target is None or self.live is None or target == self.live.build_id:
+            self.canary, self.percent = None, 0.0
+            return
+        if self.canary is None or self.canary.build_id != target:
+            if self.last_refused and self.last_refused[0] == target:
+                self.canary, self.percent = None, 0.0
+                return
+            new = self._load(target, "canary", self.live)
+            if new is None:
+                self.canary, self.percent = None, 0.0
+                return
+            self.canary = new
+            log.info(
+                "canary build %s (checkpoint %s) at %g%% of users", target, new.checkpoint_version, percent
+            )
+            self._on_event("canary", self.live, new, "")
+        self.percent = percent

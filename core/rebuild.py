@@ -4,7 +4,8 @@
     build_and_publish()  -> on a worker pool (core.worker; Ray actors in jobs.rebuild_index): embed
                             every partition (reusing committed ones on --resume), gate, assemble and
                             tune the index (core.assemble) on user-tower queries (the users', else
-                            sampled histories'), then commit and publish
+                            sampled histories'), compare with the live build (core.compare), then
+                            commit and publish
 
 `on_phase(name)` is called after each step; tests use it to crash the process at known points.
 """
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import assemble as asm
+from core import compare as cmp
 from core import parts
 from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.checkpoint import Checkpoint, load_checkpoint
@@ -37,6 +39,7 @@ from core.features import (
     schema_diff,
 )
 from core.fsutil import commit_dir
+from core.live_build import load_build
 from core.registry import Registry
 from core.validate import ValidationError
 
@@ -66,6 +69,25 @@ class IndexOptions:
     memory_budget: int = 4 << 30  # bytes one process may hold of the index (auto layout, shard size)
     shards: int = 0  # 0: from the budget and the number of workers
     nlist: int = 0  # IVF lists; 0: from the catalog size (core.index.prior_spec / choose_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareOptions:
+    """The cut-over gate against the live build (core.compare): on unless `enabled` is False."""
+
+    enabled: bool = True
+    limits: cmp.Limits = cmp.Limits()
+    holdout: Path | None = None  # held-out interactions (user_id, item_id) for the quality comparison
+    users: int = 2000  # users compared (sampled from the users dataset, else sampled histories)
+    force: bool = False  # publish even if the gate refuses (recorded in the manifest)
+
+
+class ComparisonRefused(ValidationError):
+    """The new build is committed but not published: its numbers broke the comparison gate."""
+
+    def __init__(self, message: str, build_id: str, comparison: dict):
+        super().__init__(message)
+        self.build_id, self.comparison = build_id, comparison
 
 
 def _dataset(
@@ -209,6 +231,7 @@ def build_and_publish(
     on_phase: Phase | None = None,
     progress: Callable[[str], None] = print,
     share: Callable = lambda obj: obj,
+    compare: CompareOptions = CompareOptions(),
 ) -> BuildManifest:
     """Embed (reusing committed parts), gate, assemble, tune, commit and publish; returns the manifest.
     Raises before anything is published if a gate fails. `pool`: core.worker.Pool; `share`: puts a large
@@ -324,10 +347,62 @@ def build_and_publish(
         },  # fmt: skip
     )
     out.write_manifest(manifest)
+    refusal = None
+    if compare.enabled and registry.current() is not None:
+        t3 = time.perf_counter()
+        manifest, refusal = _compare_with_live(registry, out, manifest, inputs, compare, opts, progress)
+        timings["compare_s"] = round(time.perf_counter() - t3, 3)
+        out.write_manifest(manifest)
+        phase("compared")
     final = registry.builds / build_id
     commit_dir(staging, final)
     phase("build_committed")
+    if refusal is not None:
+        raise ComparisonRefused(
+            f"build {build_id} is not published: against live build {manifest.comparison['base']['build_id']}, "
+            + "; ".join(refusal)
+            + f". It is committed (not live): `python -m jobs.registry canary {build_id} --percent 10` ramps "
+            "it in for a share of users, `jobs.registry diff` shows the numbers; or rebuild with --force.",
+            build_id,
+            manifest.comparison,
+        )
     registry.publish(build_id, expected_seq, before_replace=lambda _tmp: phase("pointer_temp_written"))
     timings["publish_s"] = round(time.perf_counter() - t2, 3)
     phase("published")
     return manifest  # publish_s is in `timings` (the job prints it); the committed manifest is immutable
+
+
+def comparison_users(inputs: Inputs, compare: CompareOptions, item_ids, seed: int) -> cmp.EvalUsers:
+    """Who both builds are asked about: users of the users dataset (with their held-out items when
+    given), else histories sampled from the catalog, the same ones for both builds."""
+    if inputs.user_files:
+        return cmp.eval_users(inputs.user_files[0].parent, compare.holdout, compare.users, seed)
+    h = sample_histories(item_ids, compare.users, inputs.checkpoint.schema.history_len, seed)
+    hist = [np.asarray(x, np.int64) for x in h.to_pylist()]
+    return cmp.EvalUsers(np.zeros(len(hist), np.int64), hist, None, {"users": "sampled_histories"})
+
+
+def _compare_with_live(registry: Registry, out: BuildDir, manifest: BuildManifest, inputs: Inputs,
+                       compare: CompareOptions, opts: IndexOptions, progress) -> tuple[BuildManifest, list | None]:  # fmt: skip
+    """The comparison gate; returns the manifest with its results and, if refused, the reasons."""
+    live_id = registry.current()
+    try:
+        base = load_build(registry.build_dir(live_id), mmap=True)
+    except Exception as e:  # noqa: BLE001 - serving refuses it too: nothing to compare with
+        progress(f"live build {live_id} cannot be loaded ({e}); not compared")
+        return dataclasses.replace(manifest, comparison={"skipped": f"live build {live_id}: {e}"}), None
+    new = load_build(out.root, mmap=True)  # its own manifest and checkpoint copy: what serving will load
+    users = comparison_users(inputs, compare, new.item_ids, opts.seed)
+    result = cmp.compare(base, new, users, opts.k)
+    why = cmp.judge(result, compare.limits)
+    result.update(limits=dataclasses.asdict(compare.limits), passed=not why, refused_for=why,
+                  forced=bool(why) and compare.force)  # fmt: skip
+    h, q = result["new"]["health"], result.get("quality")
+    progress(
+        f"compared with live build {live_id}: overlap@{opts.k} {result['overlap_at_k']}, mean pair cosine "
+        f"{h['mean_pair_cosine']}, near-duplicates {h['near_duplicate_share']:.1%}, effective rank "
+        f"{h['effective_rank']}"
+        + (f", held-out Recall@{opts.k} {q['recall_at_k_new']} vs {q['recall_at_k_base']}" if q else "")
+        + (" -> PASSED" if not why else (" -> REFUSED, published anyway (--force)" if compare.force else " -> REFUSED"))
+    )  # fmt: skip
+    return dataclasses.replace(manifest, comparison=result), (why if why and not compare.force else None)

@@ -2,7 +2,8 @@
 
     REGISTRY/builds/<build_id>/   a complete build (renamed into place only once complete)
     REGISTRY/builds/.tmp-*        a build being written (or left by a crash: `gc` removes it)
-    REGISTRY/CURRENT              JSON: live build, a sequence number, the rollback stack, an event log
+    REGISTRY/CURRENT              JSON: live build, canary build and its percentage (when one is being
+                                  ramped in), a sequence number, the rollback stack, an event log
     REGISTRY/.lock                serialises pointer updates (flock)
 
 The pointer is the only mutable thing and is replaced atomically (temp file, fsync, os.replace), so a
@@ -46,9 +47,13 @@ class Pointer:
     seq: int
     stack: tuple[str, ...]  # live builds, oldest first; stack[-1] == build_id
     log: tuple[dict, ...]
+    canary: str | None = None  # a build serving `percent` % of users (core.canary routes them)
+    percent: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"build_id": self.build_id, "seq": self.seq, "stack": list(self.stack), "log": list(self.log)}
+        canary = None if self.canary is None else {"build_id": self.canary, "percent": self.percent}
+        return {"build_id": self.build_id, "seq": self.seq, "stack": list(self.stack), "log": list(self.log),
+                "canary": canary}  # fmt: skip
 
 
 EMPTY = Pointer(None, 0, (), ())
@@ -70,7 +75,15 @@ class Registry:
         if not path.exists():
             return EMPTY
         d = json.loads(path.read_text())
-        return Pointer(d["build_id"], d["seq"], tuple(d["stack"]), tuple(d["log"]))
+        c = d.get("canary") or {}
+        return Pointer(
+            d["build_id"],
+            d["seq"],
+            tuple(d["stack"]),
+            tuple(d["log"]),
+            c.get("build_id"),
+            c.get("percent", 0.0),
+        )
 
     def current(self) -> str | None:
         return self.pointer().build_id
@@ -145,22 +158,79 @@ class Registry:
         return (*cur.log, entry)[-MAX_LOG:]
 
     def publish(self, build_id: str, expected_seq: int | None, before_replace=None) -> Pointer:
-        """Make `build_id` live. With `expected_seq`, refuse (PublishConflict) if the pointer moved."""
+        """Make `build_id` live. With `expected_seq`, refuse (PublishConflict) if the pointer moved.
+        Refused while a canary is being ramped in: that decision (promote or abort) comes first."""
         self.build_dir(build_id)  # must be complete before it can go live
 
         def make(cur: Pointer) -> Pointer:
+            if cur.canary is not None:
+                raise PublishConflict(
+                    f"canary {cur.canary} serves {cur.percent:g}% of users; not publishing {build_id} over it. "
+                    "`jobs.registry promote` or `abort` the canary first, then promote this build."
+                )
             stack = (*cur.stack, build_id)[-MAX_STACK:]
             return Pointer(build_id, cur.seq + 1, stack, self._event(cur, "publish", build_id))
 
         return self._swap(expected_seq, make, before_replace)
 
-    def promote(self, build_id: str) -> Pointer:
-        return self.publish(build_id, expected_seq=None)
-
-    def rollback(self) -> Pointer:
-        """Return to the build that was live before the current one (one step)."""
+    def canary(self, build_id: str, percent: float, before_replace=None) -> Pointer:
+        """Serve `build_id` to `percent` % of users (by a stable hash of the user id) beside the live
+        build; called again with the same build, it ramps the percentage (users already in stay in)."""
+        if not 0 < percent <= 100:
+            raise RegistryError(f"canary percent must be in (0, 100], got {percent:g}")
+        self.build_dir(build_id)
 
         def make(cur: Pointer) -> Pointer:
+            if cur.build_id is None:
+                raise RegistryError(f"no live build to canary {build_id} against; promote it instead")
+            if build_id == cur.build_id:
+                raise RegistryError(f"{build_id} is the live build already")
+            if cur.canary not in (None, build_id):
+                raise RegistryError(
+                    f"canary {cur.canary} is in progress at {cur.percent:g}%; promote or abort it first"
+                )
+            event = self._event(cur, "canary", build_id, percent=percent)
+            return dataclasses.replace(
+                cur, seq=cur.seq + 1, log=event, canary=build_id, percent=float(percent)
+            )
+
+        return self._swap(None, make, before_replace)
+
+    def promote(self, build_id: str | None = None, before_replace=None) -> Pointer:
+        """Make `build_id` live for every user; without one, the canary. Promoting another build while
+        a canary runs is refused: abort the canary first."""
+
+        def make(cur: Pointer) -> Pointer:
+            target = build_id or cur.canary
+            if target is None:
+                raise RegistryError("no canary in progress; name the build to promote")
+            if cur.canary not in (None, target):
+                raise RegistryError(f"canary {cur.canary} is in progress; abort it before promoting {target}")
+            self.build_dir(target)
+            stack = (*cur.stack, target)[-MAX_STACK:]
+            return Pointer(target, cur.seq + 1, stack, self._event(cur, "promote", target))
+
+        return self._swap(None, make, before_replace)
+
+    def abort(self, before_replace=None) -> Pointer:
+        """End the canary: every user back on the live build."""
+
+        def make(cur: Pointer) -> Pointer:
+            if cur.canary is None:
+                raise RegistryError(f"no canary in progress (live build {cur.build_id})")
+            event = self._event(cur, "abort", cur.canary, percent=cur.percent)
+            return dataclasses.replace(cur, seq=cur.seq + 1, log=event, canary=None, percent=0.0)
+
+        return self._swap(None, make, before_replace)
+
+    def rollback(self) -> Pointer:
+        """One step back: during a canary, end it (as `abort`); else return to the build that was live
+        before the current one."""
+
+        def make(cur: Pointer) -> Pointer:
+            if cur.canary is not None:
+                event = self._event(cur, "rollback", cur.build_id, aborted_canary=cur.canary)
+                return dataclasses.replace(cur, seq=cur.seq + 1, log=event, canary=None, percent=0.0)
             if len(cur.stack) < 2:
                 raise RegistryError(
                     f"nothing to roll back to: live build {cur.build_id}, no earlier live build"
@@ -173,9 +243,10 @@ class Registry:
 
     # ---- retention -----------------------------------------------------------------------------
     def protected(self, rollback_window: int = 2) -> set[str]:
-        """The live build and the last `rollback_window` builds it could roll back to."""
+        """The live build, the canary, and the last `rollback_window` builds the live one could roll
+        back to."""
         cur = self.pointer()
-        return set(cur.stack[-(rollback_window + 1) :])
+        return set(cur.stack[-(rollback_window + 1) :]) | ({cur.canary} - {None})
 
     def gc(
         self,

@@ -2,9 +2,10 @@
 
 `ReplicaState.tick()` runs on one thread (the replica's follower). It moves to a new live build when
 CURRENT moves (validated by `BuildWatcher`), then catches the sidecar up for that build, and publishes
-both as ONE immutable `ServingState` reference. Every request reads `current` once and uses that
-reference from start to end, so a request never mixes a build with another build's sidecar vectors or
-query tower. A sidecar failure never holds back a build swap: the new build goes live with the sidecar
+both as ONE immutable `ServingState` reference; with a canary in progress, the canary build gets its
+own `ServingState` and both go out as one `Routing`. Every request reads `routing` once, takes the
+state its user is routed to (`Routing.route`), and uses that reference from start to end, so a
+request never mixes a build with another build's sidecar vectors or query tower. A sidecar failure never holds back a build swap: the new build goes live with the sidecar
 view it could build (empty at worst) and the sidecar is replayed at the next tick.
 
 No Ray here: unit tests drive `tick()` directly; serve_app/ wires it to a thread and to metrics.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core import canary as canary_mod
 from core import skew_gate
 from core.live_build import BuildWatcher, LiveBuild
 from core.sidecar import Sidecar, SidecarSnapshot, merge_topk
@@ -46,6 +48,25 @@ class ServingState:
         return known
 
 
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The live state, and the canary state with the percentage of users it serves (or None)."""
+
+    live: ServingState
+    canary: ServingState | None = None
+    percent: float = 0.0
+
+    def route(self, user_id: int) -> ServingState:
+        """The ONE state that serves this user: the same on every replica and every request."""
+        c = self.canary
+        if c is not None and canary_mod.in_canary(user_id, c.build.build_id, self.percent):
+            return c
+        return self.live
+
+    def states(self) -> tuple[ServingState, ...]:
+        return (self.live,) if self.canary is None else (self.live, self.canary)
+
+
 class ReplicaState:
     def __init__(
         self,
@@ -58,62 +79,85 @@ class ReplicaState:
         self.registry = Path(registry)
         self.watcher = BuildWatcher(self.registry, query_checkpoint, on_event=on_build_event)
         self.sidecar = Sidecar(SidecarLog(self.registry), on_bad_entry=on_bad_entry)
+        self.canary_sidecar = Sidecar(SidecarLog(self.registry), on_bad_entry=on_bad_entry)
         self.sidecar_errors = 0
-        self.current: ServingState | None = None
+        self.current: ServingState | None = None  # the live build's state
+        self.canary: ServingState | None = None
+        self.routing: Routing | None = None
         self._clock = clock
-        self._skew_key, self._skew_value = None, False  # the verdict, cached per (build, skew dir mtime)
+        self._skew_cache: dict[str, tuple] = {}  # build -> ((build, skew dir mtime), verdict)
 
     def tick(self) -> ServingState | None:
-        """Follow CURRENT, then the sidecar log; returns the state requests now see."""
+        """Follow CURRENT, then the sidecar log; returns the live state (`routing` holds both)."""
         self.watcher.poll()
         live = self.watcher.live
         if live is None:
             return None
-        cur = self.current
-        same_build = cur is not None and cur.build is live
+        if (
+            self.canary is not None and self.canary.build is live
+        ):  # promoted: its state and sidecar carry over
+            self.current, self.canary = self.canary, self.current
+            self.sidecar, self.canary_sidecar = self.canary_sidecar, self.sidecar
+        self.current = self._follow(live, self.current, self.sidecar)
+        c = self.watcher.canary
+        self.canary = None if c is None else self._follow(c, self.canary, self.canary_sidecar)
+        r = self.routing
+        percent = self.watcher.percent if self.canary is not None else 0.0
+        if r is None or r.live is not self.current or r.canary is not self.canary or r.percent != percent:
+            self.routing = Routing(self.current, self.canary, percent)
+        return self.current
+
+    def _follow(self, build: LiveBuild, cur: ServingState | None, sidecar: Sidecar) -> ServingState:
+        """`build`'s state with its sidecar caught up: `cur` itself when nothing changed."""
+        same_build = cur is not None and cur.build is build
         try:
-            snap = self.sidecar.snapshot(live, cur.sidecar if same_build else None)
+            snap = sidecar.snapshot(build, cur.sidecar if same_build else None)
         except Exception:  # noqa: BLE001 - the sidecar must never hold back the build
             self.sidecar_errors += 1
             log.exception(
-                "sidecar catch-up failed on build %s; replaying the log at the next tick", live.build_id
+                "sidecar catch-up failed on build %s; replaying the log at the next tick", build.build_id
             )
-            self.sidecar.reset()
+            sidecar.reset()
             if same_build:
                 return cur  # keep the view this build already had
-            snap = SidecarSnapshot.empty(live)
-        passed = self._skew_passed(live)
+            snap = SidecarSnapshot.empty(build)
+        passed = self._skew_passed(build)
         if not same_build:
-            self.current = ServingState(live, snap, skew_check_passed=passed)
-        elif snap is not cur.sidecar or passed != cur.skew_check_passed:
-            self.current = dataclasses.replace(cur, sidecar=snap, skew_check_passed=passed)
-        return self.current
+            return ServingState(build, snap, skew_check_passed=passed)
+        if snap is not cur.sidecar or passed != cur.skew_check_passed:
+            return dataclasses.replace(cur, sidecar=snap, skew_check_passed=passed)
+        return cur
 
     def _skew_passed(self, live: LiveBuild) -> bool:
-        """Whether the live version has a passed skew check on record, re-read whenever the skew
+        """Whether the build's version has a passed skew check on record, re-read whenever the skew
         directory changes (a check can pass after the build went live). An unreadable record counts as
         no check, reported once per change; it never stops a swap."""
         family = live.manifest.checkpoint.family
         d = self.registry / "skew" / family
         key = (live.build_id, d.stat().st_mtime_ns if d.is_dir() else None)  # a new check changes it
-        if key != self._skew_key:
-            try:
-                passed = (
-                    skew_gate.passed_check_for(self.registry, family, live.checkpoint_version) is not None
-                )
-            except Exception:  # noqa: BLE001 - a hand-edited or older record must not hold serving back
-                log.warning("skew check records of %s are unreadable; reporting no passed check", family)
-                passed = False
-            self._skew_key, self._skew_value = key, passed
-        return self._skew_value
+        cached = self._skew_cache.get(live.build_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            passed = skew_gate.passed_check_for(self.registry, family, live.checkpoint_version) is not None
+        except Exception:  # noqa: BLE001 - a hand-edited or older record must not hold serving back
+            log.warning("skew check records of %s are unreadable; reporting no passed check", family)
+            passed = False
+        # one entry per build served (live, canary); older builds' entries go
+        self._skew_cache = {b: v for b, v in self._skew_cache.items() if b in self._serving()}
+        self._skew_cache[live.build_id] = (key, passed)
+        return passed
+
+    def _serving(self) -> set[str]:
+        return {b.build_id for b in (self.watcher.live, self.watcher.canary) if b is not None}
 
     async def until_applied(self, pos: Position, timeout_s: float, poll_s: float = 0.01) -> bool:
         """Read-your-writes: wait until the published state's sidecar view includes `pos`. False when
         it did not within `timeout_s` (the write is durable; this replica has not applied it yet)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            state = self.current
-            if state is not None and state.sidecar.position.covers(pos):
+            r = self.routing
+            if r is not None and all(s.sidecar.position.covers(pos) for s in r.states()):
                 return True
             if time.monotonic() >= deadline:
                 return False

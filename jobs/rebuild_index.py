@@ -7,7 +7,9 @@
       python -m jobs.rebuild_index --checkpoint $PWD/checkpoints/... --catalog $PWD/data/movielens/catalog ...
 
 Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
-the inputs', unique ids, finite vectors, and held-out recall@k >= the target. Exit code 0 = published,
+the inputs', unique ids, finite vectors, held-out recall@k >= the target, and (when a build is live)
+the comparison with the live build: embedding health, top-k overlap, held-out quality (core.compare).
+A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
 2 = refused (bad input, failed gate, --timeout-s passed), 1 = unexpected error. CURRENT is untouched on
 any failure.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 import ray
 
 from core import assemble as asm
+from core import compare as cmp
 from core import index as ann
 from core import skew_gate
 from core.build_dir import BuildDir
@@ -33,6 +36,8 @@ from core.datasets import DATASET_MANIFEST, DatasetError
 from core.embed import PRECISIONS
 from core.fsutil import write_json_atomic
 from core.rebuild import (
+    CompareOptions,
+    ComparisonRefused,
     IndexOptions,
     Inputs,
     ResumeRefused,
@@ -78,6 +83,7 @@ class RebuildConfig:
     nice: int = 0
     resume: str | None = None  # a staged build id whose committed partitions are reused
     pool: str | None = None  # keep the workers under this name for the next rebuild (jobs.worker_pool)
+    compare: CompareOptions = CompareOptions()
 
 
 def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
@@ -161,10 +167,15 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             print(f"{pool.size} workers on {len(set(pool.nodes()))} node(s)", flush=True)
             manifest = build_and_publish(
                 inputs, pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings, run_info,
-                on_phase=phase, progress=lambda m: print(m, flush=True), share=pool.share,
+                on_phase=phase, progress=lambda m: print(m, flush=True), share=pool.share, compare=cfg.compare,
             )  # fmt: skip
         finally:
             pool.close()
+    except ComparisonRefused as e:  # committed, not live: the operator may canary it
+        summary = {"build_id": e.build_id, "checkpoint_version": ck.version, "published": False,
+                   "committed": True, "comparison": e.comparison}  # fmt: skip
+        print("SUMMARY " + json.dumps(summary), flush=True)
+        raise
     except (ValidationError, DatasetError):
         # a refused build: resuming cannot change the verdict, so nothing of it is kept
         shutil.rmtree(staging, ignore_errors=True)
@@ -202,6 +213,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         "parts": manifest.parts,
         "published": True,
         "sidecar": folded,
+        "comparison": _brief(manifest.comparison),
     }
     print(
         f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} rows/s embedding), "
@@ -210,6 +222,17 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     )
     print("SUMMARY " + json.dumps(summary), flush=True)
     return summary
+
+
+def _brief(c: dict | None) -> dict | None:
+    """The comparison's headline numbers for the summary line (the manifest has all of it)."""
+    if not c or "skipped" in c:
+        return c
+    h, q = c["new"]["health"], c.get("quality") or {}
+    return {"against": c["base"]["build_id"], "overlap_at_k": c["overlap_at_k"], "passed": c["passed"],
+            "forced": c["forced"], "mean_pair_cosine": h["mean_pair_cosine"], "effective_rank": h["effective_rank"],
+            "near_duplicate_share": h["near_duplicate_share"], "recall_new": q.get("recall_at_k_new"),
+            "recall_live": q.get("recall_at_k_base"), "relative_drop": q.get("relative_drop")}  # fmt: skip
 
 
 def _bytes(s: str) -> int:
@@ -401,6 +424,23 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         action="store_true",
         help="start even if the cluster lacks the pool's resources now (autoscaling clusters)",
     )
+    lim = cmp.Limits()
+    g = p.add_argument_group("comparison with the live build (before publishing)")
+    g.add_argument("--no-compare", action="store_true", help="skip the comparison gate")
+    g.add_argument("--force", action="store_true", help="publish even if the comparison refuses (recorded)")
+    g.add_argument("--holdout", type=Path, help="held-out interactions (user_id, item_id) for the quality "
+                   "comparison (default: USERS/../interactions/test when it exists)")  # fmt: skip
+    g.add_argument("--compare-users", type=int, default=CompareOptions.users, help="users compared")
+    g.add_argument("--min-overlap", type=float, default=lim.min_overlap,
+                   help="lowest mean top-k overlap with the live build's retrieval")  # fmt: skip
+    g.add_argument("--max-quality-drop", type=float, default=lim.max_quality_drop,
+                   help="largest relative held-out Recall@k drop vs the live build")  # fmt: skip
+    g.add_argument("--max-pair-cosine", type=float, default=lim.max_pair_cosine,
+                   help="largest mean cosine of random item pairs (collapse)")  # fmt: skip
+    g.add_argument("--max-near-duplicates", type=float, default=lim.max_near_duplicates,
+                   help=f"largest share of items with a near-duplicate (cosine >= {cmp.NEAR_DUP_COSINE})")  # fmt: skip
+    g.add_argument("--min-effective-rank", type=float, default=lim.min_effective_rank,
+                   help="smallest effective rank of the item vectors")  # fmt: skip
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
@@ -413,7 +453,19 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         users = a.users or (
             a.catalog.parent / "users" if (a.catalog.parent / "users" / DATASET_MANIFEST).exists() else None
         )
+    holdout = a.holdout
+    if (
+        holdout is None
+        and users is not None
+        and (users.parent / "interactions" / "test" / DATASET_MANIFEST).exists()
+    ):
+        holdout = users.parent / "interactions" / "test"
+    compare = CompareOptions(
+        enabled=not a.no_compare, holdout=holdout, users=a.compare_users, force=a.force,
+        limits=cmp.Limits(a.max_pair_cosine, a.max_near_duplicates, a.min_effective_rank, a.min_overlap, a.max_quality_drop),
+    )  # fmt: skip
     return RebuildConfig(
+        compare=compare,
         checkpoint=a.checkpoint, catalog=a.catalog, users=users, registry=a.registry, address=a.address,
         num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, num_gpus_per_worker=a.num_gpus_per_worker,
         resources_per_worker=tuple(a.resources_per_worker), batch_size=a.batch_size, torch_threads=a.torch_threads,

@@ -4,8 +4,11 @@ python -m jobs.registry [--registry registry] list
 python -m jobs.registry current
 python -m jobs.registry show [BUILD_ID]     # a build's layout, shards (id range, rows, node, version),
                                             # partitions, per-phase timings (default: the live one)
-python -m jobs.registry rollback            # back to the build live before the current one
-python -m jobs.registry promote BUILD_ID    # make any complete build live
+python -m jobs.registry rollback            # one step back: end the canary, else the previously live build
+python -m jobs.registry promote [BUILD_ID]  # make any complete build live (default: the canary)
+python -m jobs.registry canary BUILD_ID --percent P   # serve BUILD_ID to P % of users (stable by user id)
+python -m jobs.registry abort               # end the canary: every user back on the live build
+python -m jobs.registry diff A B [--json]   # the cut-over comparison of two builds (health, overlap, quality)
 python -m jobs.registry gc [--dry-run]      # never removes the live build or its rollback targets
 python -m jobs.registry sidecar             # the fresh-item log: generation, entries, size
 python -m jobs.registry sidecar-fold        # drop entries the live build's catalog serves (archived)
@@ -20,7 +23,9 @@ import argparse
 import json
 from pathlib import Path
 
-from core.datasets import partition_files
+from core import compare as cmp
+from core.datasets import DATASET_MANIFEST, partition_files
+from core.live_build import load_build
 from core.registry import Registry
 from core.sidecar import fold_into_base
 from core.sidecar_log import Position, SidecarLog, entry_problem
@@ -57,6 +62,52 @@ def _show(reg: Registry, build_id: str) -> dict:
     }
 
 
+def default_holdout(users: Path) -> Path | None:
+    """Held-out interactions beside a users dataset, as jobs.prepare_data lays them out."""
+    test = Path(users).parent / "interactions" / "test"
+    return test if (test / DATASET_MANIFEST).exists() else None
+
+
+def _diff(reg: Registry, a) -> int:
+    base = load_build(reg.build_dir(a.base), mmap=True)
+    new = load_build(reg.build_dir(a.new), mmap=True)
+    users = a.users or (Path(new.manifest.users.path) if new.manifest.users else None)
+    if users is None:
+        print(f"build {a.new} has no users dataset on record; name one with --users")
+        return 2
+    holdout = a.holdout or default_holdout(users)
+    result = cmp.compare(
+        base, new, cmp.eval_users(users, holdout, a.sample_users), base.manifest.quality.get("k", 10)
+    )
+    result["refused_for"] = cmp.judge(result, cmp.Limits())
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_diff(result))
+    return 0
+
+
+def format_diff(r: dict) -> str:
+    """The comparison as a table: one row per figure, the base and the new build side by side."""
+    b, n, k = r["base"], r["new"], r["k"]
+    rows = [
+        ("build", b["build_id"], n["build_id"]),
+        ("checkpoint", b["checkpoint_version"], n["checkpoint_version"]),
+    ]
+    for key in ("norm_mean", "mean_pair_cosine", "near_duplicate_share", "effective_rank"):
+        rows.append((key.replace("_", " "), b["health"][key], n["health"][key]))
+    q = r.get("quality")
+    if q:
+        rows.append((f"held-out Recall@{k}", q["recall_at_k_base"], q["recall_at_k_new"]))
+    w = max(len(str(x)) for row in rows for x in row)
+    lines = [f"{str(x):<24}{str(y):>{w}}  {str(z):>{w}}" for x, y, z in rows]
+    lines.append(f"top-{k} overlap {r['overlap_at_k']} over {r['users']['compared']} users"
+                 + (f"; relative Recall@{k} drop {q['relative_drop']:.1%} over {q['users']} users" if q else ""))  # fmt: skip
+    why = r.get("refused_for") or []
+    lines.append("gate (default limits): " + ("PASS" if not why else "REFUSE: " + "; ".join(why)))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jobs.registry",
@@ -70,8 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     sh = sub.add_parser("show", help="a build's shards, their nodes and versions, partitions and timings")
     sh.add_argument("build_id", nargs="?", help="default: the live build")
     sub.add_parser("rollback", help="make the previously live build live again")
-    pr = sub.add_parser("promote", help="make BUILD_ID live")
-    pr.add_argument("build_id")
+    pr = sub.add_parser("promote", help="make BUILD_ID live for every user (default: the canary)")
+    pr.add_argument("build_id", nargs="?")
+    ca = sub.add_parser("canary", help="serve BUILD_ID to PERCENT %% of users beside the live build")
+    ca.add_argument("build_id")
+    ca.add_argument("--percent", type=float, required=True, help="share of users, by a stable hash of the id")
+    sub.add_parser("abort", help="end the canary; every user back on the live build")
+    df = sub.add_parser("diff", help="compare two builds: health of each, top-k overlap, held-out quality")
+    df.add_argument("base", help="the reference build (e.g. the live one)")
+    df.add_argument("new", help="the build compared with it")
+    df.add_argument("--users", type=Path, help="users dataset (default: the one NEW was built with)")
+    df.add_argument(
+        "--holdout", type=Path, help="held-out interactions (default: USERS/../interactions/test)"
+    )
+    df.add_argument("--sample-users", type=int, default=2000)
+    df.add_argument("--json", action="store_true", help="print the comparison as JSON")
     gc = sub.add_parser("gc", help="delete old builds and crashed staging directories")
     gc.add_argument("--rollback-window", type=int, default=2, help="earlier live builds kept for rollback")
     gc.add_argument("--keep-extra", type=int, default=2, help="newest other builds kept")
@@ -110,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(_show(reg, build), indent=2))
     elif a.cmd == "rollback":
-        before = reg.current()
+        before, canary = reg.current(), reg.pointer().canary
         ptr = reg.rollback()
+        if canary is not None:
+            print(f"rolled back: canary {canary} ended, every user on {ptr.build_id} (seq {ptr.seq})")
+            return 0
         # the sidecar entries folded into the build we left come back: the live build never served them
         restored = SidecarLog(a.registry).restore_folded(before)
         print(
@@ -120,7 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "promote":
         before = reg.current()
         ptr = reg.promote(a.build_id)
-        print(f"promoted: {before} -> {ptr.build_id} (seq {ptr.seq})")
+        print(f"promoted: {before} -> {ptr.build_id} (seq {ptr.seq}); every user is served by it")
+    elif a.cmd == "canary":
+        ptr = reg.canary(a.build_id, a.percent)
+        print(
+            f"canary: {ptr.canary} serves {ptr.percent:g}% of users, live {ptr.build_id} the rest (seq {ptr.seq})"
+        )
+    elif a.cmd == "abort":
+        before = reg.pointer().canary
+        ptr = reg.abort()
+        print(f"aborted canary {before}: every user on {ptr.build_id} (seq {ptr.seq})")
+    elif a.cmd == "diff":
+        return _diff(reg, a)
     elif a.cmd == "gc":
         removed = reg.gc(a.rollback_window, a.keep_extra, a.stale_staging_s, a.dry_run)
         print(("would remove: " if a.dry_run else "removed: ") + (", ".join(removed) or "nothing"))

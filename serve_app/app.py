@@ -3,7 +3,8 @@
     POST   /score        scores of candidates for one user (by id or recent history), or of (user, item) rows
     POST   /retrieve     top-k items for one user (by id or recent history): base index + fresh-item sidecar
     GET    /healthz      200 once this replica serves a build, else 503
-    GET    /version      the build this replica serves, its age, its sidecar, the last refused build
+    GET    /version      the build this replica serves, its age, its sidecar, the canary (build, percent),
+                         the last refused build
     GET    /stats        this replica's scoring counters
     GET    /items/{id}   where an item is served from and which checkpoint version embedded it
     POST   /items        upsert fresh items into the sidecar     (Authorization: Bearer <admin token>)
@@ -13,8 +14,10 @@
     serve deploy serve_app/config.yaml        # or: serve run serve_app/config.yaml
 
 Each replica follows the registry's CURRENT pointer and the sidecar log in a background thread
-(`core.serving_state.ReplicaState`), and publishes ONE state reference (build + its sidecar view);
-every request reads it once and is served by that build from start to end. The routes validate the
+(`core.serving_state.ReplicaState`), and publishes ONE routing reference (the live build + its sidecar
+view, and the canary build + its own while one is ramped in); every request reads it once, is routed
+by a stable hash of its user id (`core.canary`: one user sees one build on every replica), and is
+served by that build from start to end; the answer names it (`build_id`, header x-skewless-build). The routes validate the
 body and await `@serve.batch` methods with plain data; inside a scoring batch each unique user is
 looked up (or embedded from its history) once and broadcast to its rows.
 """
@@ -42,7 +45,7 @@ from ray.serve import Application
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.compact_body import ARROW_STREAM, BodyError, decode_rows
-from core.serving_state import ReplicaState, RetrieveQuery, ServingState, retrieve
+from core.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
 from core.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
 from serve_app.auth import AdminAuth
 from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
@@ -145,29 +148,41 @@ class Recommender:
                 log.exception("registry/sidecar poll failed; will retry")
 
     def _tick(self) -> None:
-        state = self.rs.tick()
-        self.metrics.state(state, self.rs.age_s())  # re-set each tick: Ray drops gauges left unset
+        self.rs.tick()
+        self.metrics.state(self.rs.routing, self.rs.age_s())  # re-set each tick: Ray drops gauges left unset
 
     def _on_build_event(self, outcome: str, old, new, detail: str) -> None:
         self.metrics.swap(outcome, old, new)
+        if outcome == "canary":
+            log.info("replica %s: canary %s beside %s", self.replica, new.build_id, old and old.build_id)
         if outcome == "refused":
             log.error("replica %s keeps serving %s; refused %s", self.replica, old and old.build_id, detail)
 
-    def _state(self) -> ServingState:
-        """The one state reference a request uses from start to end."""
-        state = self.rs.current
-        if state is None:
+    def _routing(self) -> Routing:
+        routing = self.rs.routing
+        if routing is None:
             raise HTTPException(
                 503, f"no build is live in registry {self.args.registry}", headers={"Retry-After": "1"}
             )
-        return state
+        return routing
+
+    def _state(self, user_id: int | None = None) -> ServingState:
+        """The one state reference a request uses from start to end: the build its user is routed to
+        (a request of several users goes by its first), the live build when it names no user."""
+        routing = self._routing()
+        return routing.live if user_id is None else routing.route(user_id)
+
+    def _answered(self, response: Response, state: ServingState, t0: float, top: float | None) -> None:
+        response.headers["x-skewless-build"] = state.build.build_id
+        response.headers["x-skewless-replica"] = self.replica
+        self.metrics.answered(state.build.build_id, (time.perf_counter() - t0) * 1000, top)
 
     def _history(self, state: ServingState, history: list[int]) -> tuple[np.ndarray, int]:
         """The history's ids the build knows, and how many were dropped; 422 if none is known."""
         ids = np.asarray(history, dtype=np.int64)
         known = state.history_known(ids)
         if not known.any():
-            self.metrics.error(422)
+            self.metrics.error(422, state.build.build_id)
             raise HTTPException(
                 422, f"none of the {len(ids)} history item ids is in build {state.build.build_id}"
             )
@@ -185,9 +200,17 @@ class Recommender:
 
     @api.get("/version")
     def version(self):
-        state = self._state()
+        routing = self._routing()
+        state = routing.live
         b, snap = state.build, state.sidecar
         refused = self.rs.watcher.last_refused
+        c = routing.canary
+        canary = None if c is None else {
+            "build_id": c.build.build_id, "checkpoint_version": c.build.checkpoint_version,
+            "percent": routing.percent, "skew_check_passed": c.skew_check_passed,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.build.loaded_at)),
+            "sidecar_items": len(c.sidecar.ids),
+        }  # fmt: skip
         return {
             "build_id": b.build_id,
             "checkpoint_version": b.checkpoint_version,
@@ -200,6 +223,7 @@ class Recommender:
             "sidecar_items": len(snap.ids),
             "sidecar_skipped_entries": snap.skipped,
             "sidecar_writes": "token" if self.auth.enabled else "off",
+            "canary": canary,
             "last_refused": None
             if refused is None
             else dict(zip(("build_id", "reason"), refused, strict=True)),
@@ -218,9 +242,10 @@ class Recommender:
     @api.post(
         "/score", response_model=ScoreResponse, response_model_exclude_none=True, openapi_extra=SCORE_BODIES
     )
-    async def score(self, request: Request):
+    async def score(self, request: Request, response: Response):
         """JSON (ScoreBody) or, by content-type, the compact Arrow rows (core/compact_body.py): both
         become the same ScoreRequest and may share a batch."""
+        t0 = time.perf_counter()
         raw = await request.body()
         kind = body_kind(request.headers.get("content-type"))
         if kind is None:
@@ -233,13 +258,13 @@ class Recommender:
             except BodyError as e:
                 self.metrics.error(e.status)
                 raise HTTPException(e.status, str(e)) from None
-            state = self._state()
-            return await self._score(state, ScoreRequest(users, items), None)
+            state = self._state(int(users[0]) if len(users) else 0)
+            return await self._score(state, ScoreRequest(users, items), None, response, t0)
         body = parse_json_body(ScoreBody, raw)
-        state = self._state()
+        state = self._state(body.rows[0][0] if body.rows else (body.user_id or 0))
         n = body.n_rows()
         if n > self.args.max_candidates:
-            self.metrics.error(413)
+            self.metrics.error(413, state.build.build_id)
             raise HTTPException(413, f"{n} rows exceed the limit of {self.args.max_candidates} per request")
         dropped = None
         if body.rows is not None:
@@ -251,15 +276,18 @@ class Recommender:
                 history, dropped = self._history(state, body.history)
             uid = 0 if body.user_id is None else body.user_id
             req = ScoreRequest(np.full(n, uid, np.int64), np.asarray(body.item_ids, np.int64), history)
-        return await self._score(state, req, dropped)
+        return await self._score(state, req, dropped, response, t0)
 
-    async def _score(self, state: ServingState, req: ScoreRequest, dropped: int | None) -> ScoreResponse:
+    async def _score(
+        self, state: ServingState, req: ScoreRequest, dropped: int | None, response: Response, t0: float
+    ) -> ScoreResponse:
         result, state = await self._score_batch((state, req))
         if result.error is not None:
-            self.metrics.error(result.status)
+            self.metrics.error(result.status, state.build.build_id)
             headers = {"Retry-After": "1"} if result.status in (429, 503) else None
             raise HTTPException(result.status, result.error, headers=headers)
         b = state.build
+        self._answered(response, state, t0, float(result.scores.max()) if len(result.scores) else None)
         return ScoreResponse(scores=result.scores.tolist(), build_id=b.build_id,
                              checkpoint_version=b.checkpoint_version, history_items_dropped=dropped)  # fmt: skip
 
@@ -286,7 +314,7 @@ class Recommender:
             log.exception("batch scoring failed; retrying requests one by one")
             return [await asyncio.to_thread(self._score_one, live, r) for r in requests]
         score_ms = (time.perf_counter() - t0) * 1000
-        self.metrics.batch(stats, score_ms)
+        self.metrics.batch(stats, score_ms, live.build_id)
         self.totals.update(
             batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups,
             item_lookups=stats.item_lookups, history_users=stats.history_users,
@@ -311,10 +339,11 @@ class Recommender:
         return self._user_buf
 
     @api.post("/retrieve", response_model=RetrieveResponse, response_model_exclude_none=True)
-    async def retrieve(self, body: RetrieveBody):
+    async def retrieve(self, body: RetrieveBody, response: Response):
+        t0 = time.perf_counter()
         if body.k > self.args.max_k:
             raise HTTPException(422, f"k={body.k} exceeds the limit of {self.args.max_k}")
-        state = self._state()
+        state = self._state(body.user_id or 0)
         b, dropped = state.build, None
         if body.history is not None:
             history, dropped = self._history(state, body.history)
@@ -322,7 +351,7 @@ class Recommender:
         else:
             rows, unknown = b.user_rows(np.array([body.user_id], dtype=np.int64))
             if unknown[0]:
-                self.metrics.error(404)
+                self.metrics.error(404, b.build_id)
                 raise HTTPException(
                     404,
                     f"unknown user_id {body.user_id} in build {b.build_id}: send the user's recent history to serve it",
@@ -330,8 +359,9 @@ class Recommender:
             query = RetrieveQuery(body.k, user_row=int(rows[0]))
         res = await self._retrieve_batch((state, query))
         if isinstance(res, Exception):
-            self.metrics.error(500)
+            self.metrics.error(500, b.build_id)
             raise HTTPException(500, f"retrieval failed: {type(res).__name__}")
+        self._answered(response, state, t0, res.scores[0] if res.scores else None)
         return RetrieveResponse(
             item_ids=res.item_ids, scores=res.scores, sources=res.sources, build_id=b.build_id,
             checkpoint_version=b.checkpoint_version, user_source="table" if body.history is None else "history",

@@ -1,0 +1,215 @@
+"""Compare a build with another (a new build with the live one, or any two): is it safe to cut over?
+
+    health(vectors)            embedding health of one build's item vectors, on a sample: norms, mean
+                               cosine of random pairs, share of near-duplicates, effective rank
+    compare(base, new, users)  top-k overlap of the two builds' retrieval for the same users (each build
+                               with its own query side) and, given held-out interactions, Recall@k of
+                               each on them
+    judge(result, limits)      the verdict: which limits the numbers break, in words that name them
+
+Both builds are `LiveBuild`s loaded with memory-mapped tables and index, so what this holds grows with
+the samples (users, vectors), not with the catalog. No Ray here: the rebuild gate, `jobs.registry diff`
+and unit tests call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from core.datasets import partition_files
+from core.live_build import LiveBuild
+
+# Two vectors at cosine >= this are the same point for retrieval: their scores against any unit
+# query differ by at most sqrt(2 * (1 - 0.99)) ~= 0.14 of the score range.
+NEAR_DUP_COSINE = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What a new build must meet to replace the live one (defaults measured on MovieLens: README)."""
+
+    max_pair_cosine: float = 0.8  # mean cosine of random item pairs
+    max_near_duplicates: float = 0.05  # share of sampled items with a near-duplicate among the others
+    min_effective_rank: float = 8.0  # exp(entropy of the normalised singular values)
+    min_overlap: float = 0.3  # mean top-k overlap with the live build, each with its own query side
+    max_quality_drop: float = 0.15  # relative Recall@k drop on held-out interactions vs the live build
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalUsers:
+    """The users both builds are asked about: ids, train histories (masked from the top-k), and
+    held-out relevant items (None when no held-out interactions were given)."""
+
+    user_ids: np.ndarray  # (U,) int64
+    histories: list[np.ndarray]
+    relevant: list[set[int]] | None
+    source: dict
+
+
+def health(emb: np.ndarray, sample: int = 2000, seed: int = 0) -> dict:
+    """Health of (N, D) item vectors (memory-mapped is fine: only `sample` rows are read)."""
+    n, d = emb.shape
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+    x = np.asarray(emb[rows], np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    x = x[finite]
+    norms = np.linalg.norm(x, axis=1)
+    u = x / np.maximum(norms, 1e-12)[:, None]
+    m = len(u)
+    i, j = rng.integers(0, m, size=(2, 4 * m))
+    keep = i != j
+    pair_cos = np.einsum("ij,ij->i", u[i[keep]], u[j[keep]])
+    g = (u @ u.T).astype(np.float32)
+    np.fill_diagonal(g, -np.inf)
+    near_dup = g.max(axis=1) >= NEAR_DUP_COSINE if m > 1 else np.zeros(m, bool)
+    s = np.linalg.svd(u, compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return {
+        "sample": int(len(rows)),
+        "dim": int(d),
+        "non_finite_rows": int((~finite).sum()),
+        "norm_mean": round(float(norms.mean()), 4),
+        "norm_min": round(float(norms.min()), 4),
+        "norm_max": round(float(norms.max()), 4),
+        "mean_pair_cosine": round(float(pair_cos.mean()), 4),
+        "near_duplicate_share": round(float(near_dup.mean()), 4),
+        "effective_rank": round(float(np.exp(-(p * np.log(p)).sum())), 2),
+    }
+
+
+def _sample_rows(files: list[Path], columns: list[str], n: int, seed: int) -> pa.Table:
+    """About `n` rows from the partitions in a seeded random order, reading only as many partitions
+    as it takes (a 10^8-user dataset is not read whole)."""
+    order = np.random.default_rng(seed).permutation(len(files))
+    got, rows = [], 0
+    for f in order:
+        t = pq.read_table(files[f], columns=columns)
+        got.append(t)
+        rows += t.num_rows
+        if rows >= n:
+            break
+    t = pa.concat_tables(got)
+    if t.num_rows > n:
+        t = t.take(np.sort(np.random.default_rng(seed).choice(t.num_rows, n, replace=False)))
+    return t
+
+
+def eval_users(users: Path, holdout: Path | None, n: int = 2000, seed: int = 0) -> EvalUsers:
+    """Up to `n` users of a users dataset (user_id, history), with their held-out items if given."""
+    t = _sample_rows(partition_files(users), ["user_id", "history"], n, seed)
+    ids = t["user_id"].to_numpy()
+    hist = [np.asarray(h, np.int64) for h in t["history"].to_pylist()]
+    relevant = None
+    if holdout is not None:
+        want = pa.array(ids)
+        rel: dict[int, set[int]] = {}
+        for f in partition_files(holdout):
+            part = pq.read_table(f, columns=["user_id", "item_id"])
+            part = part.filter(pc.is_in(part["user_id"], value_set=want))
+            for u, i in zip(part["user_id"].to_numpy(), part["item_id"].to_numpy(), strict=True):
+                rel.setdefault(int(u), set()).add(int(i))
+        relevant = [rel.get(int(u), set()) for u in ids]
+    source = {"users": str(users), "holdout": None if holdout is None else str(holdout), "sampled": len(ids)}
+    return EvalUsers(ids, hist, relevant, source)
+
+
+def query_vectors(build: LiveBuild, users: EvalUsers) -> np.ndarray:
+    """Each user as this build serves them: its user-table row, else its own user tower over the
+    history (known items only), as serving does."""
+    xq = np.zeros((len(users.user_ids), build.dim), np.float32)
+    rows, unknown = build.user_rows(users.user_ids)
+    xq[~unknown] = build.user_emb[rows[~unknown]]
+    by_hist = np.flatnonzero(unknown)
+    if len(by_hist):
+        hists = []
+        for q in by_hist:
+            h = users.histories[q]
+            hists.append(h[~build.item_rows(h)[1]] if len(h) else h)
+        xq[by_hist] = build.history_vectors(users.user_ids[by_hist], hists)
+    return xq
+
+
+def top_k(build: LiveBuild, users: EvalUsers, k: int) -> np.ndarray:
+    """(U, k) item ids each user is served by this build, items of their history left out (-1 pad)."""
+    xq = query_vectors(build, users)
+    depth = min(build.index.ntotal, k + max((len(h) for h in users.histories), default=0))
+    ids, _ = build.search(xq, depth)
+    out = np.full((len(xq), k), -1, np.int64)
+    for q, row in enumerate(ids):
+        seen = users.histories[q]
+        kept = row[(row >= 0) & ~np.isin(row, seen)][:k]
+        out[q, : len(kept)] = kept
+    return out
+
+
+def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean share of the top-k two builds have in common, over users."""
+    return float(np.mean([len(set(x[x >= 0]) & set(y[y >= 0])) / k for x, y in zip(a, b, strict=True)]))
+
+
+def recall(top: np.ndarray, users: EvalUsers) -> tuple[float, int]:
+    """Recall@k on held-out items unseen in train, over users with a history and such items."""
+    vals = []
+    for q, rel in enumerate(users.relevant or []):
+        rel = rel - set(users.histories[q].tolist())
+        if len(users.histories[q]) and rel:
+            vals.append(len(set(top[q].tolist()) & rel) / len(rel))
+    return (float(np.mean(vals)) if vals else float("nan")), len(vals)
+
+
+def compare(base: LiveBuild, new: LiveBuild, users: EvalUsers, k: int = 10, sample: int = 2000) -> dict:
+    """Every number of the cut-over comparison between `base` (the live build) and `new`."""
+    top_base, top_new = top_k(base, users, k), top_k(new, users, k)
+    out = {
+        "base": {"build_id": base.build_id, "checkpoint_version": base.checkpoint_version,
+                 "health": health(base.item_emb, sample)},
+        "new": {"build_id": new.build_id, "checkpoint_version": new.checkpoint_version,
+                "health": health(new.item_emb, sample)},
+        "k": k,
+        "users": {**users.source, "compared": len(users.user_ids)},
+        "overlap_at_k": round(overlap(top_base, top_new, k), 4),
+    }  # fmt: skip
+    if users.relevant is not None:
+        (rb, n_eval), (rn, _) = recall(top_base, users), recall(top_new, users)
+        drop = (rb - rn) / rb if rb > 0 else 0.0
+        out["quality"] = {
+            "recall_at_k_base": round(rb, 4),
+            "recall_at_k_new": round(rn, 4),
+            "relative_drop": round(drop, 4),
+            "users": n_eval,
+        }
+    return out
+
+
+def judge(result: dict, limits: Limits) -> list[str]:
+    """The limits the new build breaks, each naming the measured number and the limit (empty: passes)."""
+    h, lim, why = result["new"]["health"], limits, []
+    if h["non_finite_rows"]:
+        why.append(f"{h['non_finite_rows']} of {h['sample']} sampled item vectors are not finite")
+    if h["mean_pair_cosine"] > lim.max_pair_cosine:
+        why.append(
+            f"mean cosine of random item pairs {h['mean_pair_cosine']} > {lim.max_pair_cosine} (collapsed)"
+        )
+    if h["near_duplicate_share"] > lim.max_near_duplicates:
+        why.append(f"near-duplicate items (cosine >= {NEAR_DUP_COSINE}) {h['near_duplicate_share']:.1%} of "
+                   f"the sample > {lim.max_near_duplicates:.1%}")  # fmt: skip
+    if h["effective_rank"] < lim.min_effective_rank:
+        why.append(
+            f"effective rank {h['effective_rank']} of {h['dim']} dimensions < {lim.min_effective_rank}"
+        )
+    if result["overlap_at_k"] < lim.min_overlap:
+        why.append(f"top-{result['k']} overlap with live build {result['base']['build_id']} "
+                   f"{result['overlap_at_k']} < {lim.min_overlap}")  # fmt: skip
+    q = result.get("quality")
+    if q and q["relative_drop"] > lim.max_quality_drop:
+        why.append(f"held-out Recall@{result['k']} {q['recall_at_k_new']} vs live {q['recall_at_k_base']}: "
+                   f"relative drop {q['relative_drop']:.1%} > {lim.max_quality_drop:.1%}")  # fmt: skip
+    return why
