@@ -24,7 +24,8 @@ def test_health_tells_a_collapsed_or_rank_one_embedding_from_a_healthy_one():
     flat = cmp.health(line)
     assert abs(flat["mean_pair_cosine"]) < 0.1 and flat["effective_rank"] < 1.1  # rank catches it
     why = cmp.judge(
-        {"new": {"health": collapsed}, "base": {"build_id": "live"}, "k": 10, "overlap_at_k": 1.0}, cmp.Limits()
+        {"new": {"health": collapsed}, "base": {"build_id": "live"}, "k": 10, "overlap_at_k": 1.0},
+        cmp.Limits(),
     )
     assert any("mean cosine of random item pairs" in w and "> 0.8" in w for w in why)
     assert any("effective rank" in w for w in why)

@@ -22,6 +22,8 @@ from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dat
 from core.embed import Embedder, embedding_table, embeddings_to_numpy, item_vectors, user_vectors
 from core.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
 from core.rebuild import (
+    CompareOptions,
+    ComparisonRefused,
     IndexOptions,
     build_and_publish,
     embed_settings,
@@ -42,6 +44,7 @@ PHASES = (
     "embedded",
     "validated",
     "index_written",
+    "compared",
     "build_committed",
     "pointer_temp_written",
     "published",
@@ -118,14 +121,20 @@ def _live_registry(tmp_path, tiny) -> Registry:
     return reg
 
 
-def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, workers=None):
+# The live build of these tests is random vectors over other ids: the comparison gate runs, records,
+# and (forced) lets the build through; test_the_comparison_gate_* runs it unforced.
+FORCED = CompareOptions(force=True)
+
+
+def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, workers=None,
+              compare=FORCED):  # fmt: skip
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
     seq = reg.pointer().seq
     pool = LocalPool(workers or [Worker(str(tiny["ck_path"]), threads=1)])
     settings = embed_settings(inputs.checkpoint, "fp32", 64)
     return build_and_publish(
         inputs, pool, reg, staging, build_id, seq, opts, settings, {}, {"nice": 0}, on_phase=on_phase,
-        progress=lambda _m: None,
+        progress=lambda _m: None, compare=compare,
     )  # fmt: skip
 
 
@@ -433,3 +442,19 @@ def test_a_worker_that_embeds_with_another_checkpoint_fails_the_build_before_any
         _finalize(tiny, reg, staging, "b-mixed", workers=workers)
     assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
     assert not BuildDir(staging).index_path.exists()
+
+
+def test_the_comparison_gate_refuses_an_unrelated_build_commits_it_unpublished_and_names_the_numbers(
+    tiny, tmp_path
+):
+    reg = _live_registry(tmp_path, tiny)
+    before = (reg.root / POINTER).read_bytes()
+    staging = reg.staging("b-unrelated")
+    with pytest.raises(ComparisonRefused, match=r"top-10 overlap with live build old-build 0\.0 < 0\.3") as e:
+        _finalize(tiny, reg, staging, "b-unrelated", compare=CompareOptions())
+    assert (reg.root / POINTER).read_bytes() == before  # CURRENT untouched
+    m = reg.manifest("b-unrelated")  # committed, not live: it can be canaried
+    assert m.comparison == e.value.comparison and m.comparison["passed"] is False
+    assert m.comparison["base"]["build_id"] == "old-build" and not m.comparison["forced"]
+    forced = _finalize(tiny, reg, reg.staging("b-forced"), "b-forced")
+    assert reg.current() == "b-forced" and forced.comparison["forced"] and not forced.comparison["passed"]
