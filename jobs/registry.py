@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--registry", type=Path, default=Path("registry"))
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="all complete builds, the live one marked")
+    sub.add_parser("list", help="all complete builds, the live one marked *, the canary ~")
     sub.add_parser("current", help="the live build")
     sh = sub.add_parser("show", help="a build's shards, their nodes and versions, partitions and timings")
     sh.add_argument("build_id", nargs="?", help="default: the live build")
@@ -146,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     reg = Registry(a.registry)
     if a.cmd == "list":
-        live = reg.current()
+        ptr = reg.pointer()
+        live = ptr.build_id
         for b in reg.list_builds():
             d = _describe(reg, b)
+            mark = "*" if b == live else "~" if b == ptr.canary else " "
             print(
-                f"{'*' if b == live else ' '} {b}  {d['checkpoint_version']}  {d['items']:>10,} items  {d['index']} {d['search_params']}  recall@10 {d['recall_at_10']}"
+                f"{mark} {b}  {d['checkpoint_version']}  {d['items']:>10,} items  {d['index']} {d['search_params']}  recall@10 {d['recall_at_10']}"
             )
     elif a.cmd == "current":
         ptr = reg.pointer()
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **_describe(reg, ptr.build_id),
                     "seq": ptr.seq,
+                    "canary": None if ptr.canary is None else {"build_id": ptr.canary, "percent": ptr.percent},
                     "since": ptr.log[-1]["at"] if ptr.log else None,
                 },
                 indent=2,

@@ -483,3 +483,100 @@ def test_fuzzed_requests_from_the_apps_own_openapi_never_get_a_5xx(serving):
             fuzz(result.ok(), mode)
     assert failures == [], failures[:5]
     assert len(calls) >= 100 and any(400 <= c < 500 for c in calls)  # it really sent requests, bad ones too
+
+
+def _replicas_report(serving, want) -> bool:
+    """True once every replica of the main app answers /version with `want(version)`."""
+    seen = {}
+    for _ in range(40):
+        v = requests.get(url(serving, "main", "/version"), timeout=10).json()
+        seen[v["replica"]] = want(v)
+        if len(seen) == APPS["main"]["replicas"]:
+            break
+    return len(seen) == APPS["main"]["replicas"] and all(seen.values())
+
+
+def test_canary_routes_a_stable_share_of_users_under_load_then_abort_and_promote(
+    ray_head, serving, ml_data, checkpoints
+):
+    from core import canary
+    from core.live_build import load_build
+    from core.registry import Registry
+
+    registry, build_a = serving["registry"], serving["build_a"]
+    build_b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry))["build_id"]
+    run_module("jobs.registry", "--registry", registry, "rollback")  # B committed, A live
+    users = [int(u) for u in serving["users"]]
+    log, failures, stop = [], [], threading.Event()  # log: (t, user, build, replica, item_ids)
+
+    def client(seed: int):
+        rng = np.random.default_rng(seed)
+        s = requests.Session()
+        while not stop.is_set():
+            u = users[rng.integers(len(users))]
+            try:
+                r = s.post(url(serving, "main", "/retrieve"), json={"user_id": u, "k": 10}, timeout=30)
+            except requests.RequestException as e:
+                failures.append(repr(e))
+                continue
+            if r.status_code != 200:
+                failures.append((r.status_code, r.text[:200]))
+                continue
+            b = r.json()
+            assert b["build_id"] == r.headers["x-skewless-build"]
+            log.append((time.monotonic(), u, b["build_id"], r.headers["x-skewless-replica"], b["item_ids"]))
+
+    def window(seconds: float) -> list:
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        return [x for x in log if x[0] >= t0]
+
+    def registry_cmd(*args):
+        print(run_module("jobs.registry", "--registry", registry, *args).stdout.strip())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        registry_cmd("canary", build_b, "--percent", "10")
+        wait_for(lambda: _replicas_report(serving, lambda v: (v["canary"] or {}).get("percent") == 10.0), 60,
+                 "both replicas to serve the canary")  # fmt: skip
+        during = window(12)
+        registry_cmd("abort")
+        wait_for(lambda: _replicas_report(serving, lambda v: v["canary"] is None), 60, "the canary to end")
+        aborted = window(4)
+        registry_cmd("canary", build_b, "--percent", "10")
+        wait_for(lambda: _replicas_report(serving, lambda v: v["canary"] is not None), 60, "the canary again")
+        registry_cmd("promote")
+        wait_for(lambda: _replicas_report(serving, lambda v: v["build_id"] == build_b and v["canary"] is None),
+                 60, "the promoted build on every replica")  # fmt: skip
+        promoted = window(4)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        registry_cmd("rollback")  # A live again for the tests that follow
+    assert failures == []
+    by_user: dict[int, set] = {}
+    for _, u, b, _, _ in during:
+        by_user.setdefault(u, set()).add(b)
+    assert all(len(b) == 1 for b in by_user.values()), "a user was served by both builds"
+    in_canary = {u for u, b in by_user.items() if b == {build_b}}
+    assert in_canary == {u for u in by_user if canary.in_canary(u, build_b, 10)}  # the stable hash decides
+    share = len(in_canary) / len(by_user)
+    assert len(by_user) > 400 and 0.07 <= share <= 0.13, (len(by_user), share)
+    assert len({x[3] for x in during}) == 2  # both replicas answered, with the same routing
+    reg = Registry(registry)
+    builds = {b: load_build(reg.build_dir(b)) for b in (build_a, build_b)}
+    for _, u, b, _, ids in during[:: max(1, len(during) // 40)]:  # each answer wholly from the build it names
+        rows, _ = builds[b].user_rows(np.array([u]))
+        assert ids == builds[b].retrieve(rows, 10)[0][0].tolist()
+    assert aborted and {x[2] for x in aborted} == {build_a}
+    assert promoted and {x[2] for x in promoted} == {build_b}
+
+    def by_build():  # the request metrics carry the build that served them (exported every few seconds)
+        text = requests.get(ray_head["metrics"], timeout=10).text
+        return any(x.startswith("ray_skewless_request_latency_ms") and f'build_id="{build_b}"' in x
+                   for x in text.splitlines())  # fmt: skip
+
+    wait_for(by_build, 60, "request latency labelled by the canary build")

@@ -1,0 +1,59 @@
+"""The comparison gate through the real rebuild job, against a live MovieLens build: a collapsed
+checkpoint and an unrelated one are refused (CURRENT untouched, the numbers named), the warm-started
+next version passes, --force publishes on record."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.registry import Registry
+from tests.degraded import collapsed_checkpoint
+from tests.integration.conftest import rebuild, summary
+
+
+@pytest.fixture(scope="module")
+def live(ray_head, ml_data, checkpoints, new_registry):
+    registry = new_registry("reg-cutover")
+    build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+    return registry, build_a
+
+
+def _refused(p, registry, build_a):
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert Registry(registry).current() == build_a  # CURRENT untouched
+    s = summary(p)
+    assert s["published"] is False and s["committed"] is True
+    assert Registry(registry).manifest(s["build_id"]).comparison["passed"] is False  # committed, not live
+    return s["comparison"]
+
+
+def test_a_collapsed_checkpoint_is_refused_by_the_health_gate(ray_head, ml_data, checkpoints, live, tmp_path):
+    registry, build_a = live
+    bad = collapsed_checkpoint(checkpoints[0], tmp_path)
+    p = rebuild(ray_head, bad, ml_data / "catalog", registry, "--force-unchecked", check=False)
+    c = _refused(p, registry, build_a)
+    h = c["new"]["health"]
+    assert h["mean_pair_cosine"] > 0.95 and h["effective_rank"] < 2
+    assert f"mean cosine of random item pairs {h['mean_pair_cosine']}" in p.stderr
+    assert f"effective rank {h['effective_rank']}" in p.stderr
+
+
+def test_an_unrelated_checkpoint_is_refused_unless_forced_and_the_next_version_passes(
+    ray_head, ml_data, checkpoints, scratch_checkpoint, live
+):
+    registry, build_a = live
+    p = rebuild(ray_head, scratch_checkpoint, ml_data / "catalog", registry, "--force-unchecked", check=False)
+    c = _refused(p, registry, build_a)
+    assert f"top-10 overlap with live build {build_a} {c['overlap_at_k']} < 0.3" in p.stderr
+    assert c["quality"]["users"] > 500 and c["users"]["holdout"].endswith("interactions/test")
+
+    nxt = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry))
+    assert nxt["published"] and nxt["comparison"]["passed"] and nxt["comparison"]["overlap_at_k"] >= 0.3
+    assert Registry(registry).current() == nxt["build_id"]
+
+    forced = summary(
+        rebuild(ray_head, scratch_checkpoint, ml_data / "catalog", registry, "--force-unchecked", "--force")
+    )
+    m = Registry(registry).manifest(forced["build_id"])
+    assert Registry(registry).current() == forced["build_id"]
+    assert m.comparison["forced"] and not m.comparison["passed"] and m.comparison["refused_for"]
