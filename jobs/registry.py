@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     **_describe(reg, ptr.build_id),
                     "seq": ptr.seq,
-                    "canary": None if ptr.canary is None else {"build_id": ptr.canary, "percent": ptr.percent},
+                    "canary": None
+                    if ptr.canary is None
+                    else {"build_id": ptr.canary, "percent": ptr.percent},
                     "since": ptr.log[-1]["at"] if ptr.log else None,
                 },
                 indent=2,

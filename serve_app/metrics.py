@@ -76,7 +76,7 @@ class ReplicaMetrics:
         self.top_score = metrics.Histogram(
             "skewless_top_score",
             "Highest score of each answered request, by build (a shifted distribution shows a drift)",
-            boundaries=[-1, -0.5, -0.2, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 5, 10],
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 5, 10],  # Ray: positive only
             tag_keys=by_build,
         )
         self.sidecar_items = metrics.Gauge(
