@@ -60,13 +60,37 @@ def run_module(
     return p
 
 
+# scripts/test.sh runs pytest twice (once per ingress mode); both sessions read the data,
+# checkpoints and skew check the first one made from $SKEWLESS_TEST_ARTIFACTS (the same seeds would
+# make the same files again). Tests only read them: every test writes into its own registry.
+ARTIFACTS = os.environ.get("SKEWLESS_TEST_ARTIFACTS")
+
+
+def made_once(tmp_path_factory, name: str, make) -> list[Path]:
+    """make(root) -> paths, run once per test command when $SKEWLESS_TEST_ARTIFACTS is set."""
+    if not ARTIFACTS:
+        return make(tmp_path_factory.mktemp(name))
+    root = Path(ARTIFACTS) / name
+    done = root / "done.json"  # written last: a session killed mid-way leaves nothing to reuse
+    if done.exists():
+        return [Path(x) for x in json.loads(done.read_text())]
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    paths = make(root)
+    done.write_text(json.dumps([str(x) for x in paths]))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def ml_data(tmp_path_factory, movielens_dir) -> Path:
-    out = tmp_path_factory.mktemp("data") / "movielens"
-    run_module(
-        "jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8"
-    )
-    return out
+    def make(root: Path) -> list[Path]:
+        out = root / "movielens"
+        run_module(
+            "jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8"
+        )
+        return [out]
+
+    return made_once(tmp_path_factory, "data", make)[0]
 
 
 def _train(ml_data: Path, root: Path, *args: str) -> Path:
@@ -78,9 +102,13 @@ def _train(ml_data: Path, root: Path, *args: str) -> Path:
 def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
     """Two versions of one family as it evolves: A from scratch, B warm-started from A (so the pair
     passes the skew check)."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    a = _train(ml_data, root, "--epochs", "3", "--seed", "0")
-    b = _train(ml_data, root, "--epochs", "1", "--seed", "1", "--lr", "5e-4", "--init-from", str(a))
+
+    def make(root: Path) -> list[Path]:
+        a = _train(ml_data, root, "--epochs", "3", "--seed", "0")
+        b = _train(ml_data, root, "--epochs", "1", "--seed", "1", "--lr", "5e-4", "--init-from", str(a))
+        return [a, b]
+
+    a, b = made_once(tmp_path_factory, "checkpoints", make)
     assert a != b
     return a, b
 
@@ -88,15 +116,22 @@ def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def scratch_checkpoint(tmp_path_factory, ml_data) -> Path:
     """Same family, trained from scratch with another seed: an unrelated embedding space."""
-    return _train(ml_data, tmp_path_factory.mktemp("scratch"), "--epochs", "3", "--seed", "7")
+    return made_once(
+        tmp_path_factory, "scratch", lambda root: [_train(ml_data, root, "--epochs", "3", "--seed", "7")]
+    )[0]
 
 
 @pytest.fixture(scope="session")
 def skew_results(tmp_path_factory, ml_data, checkpoints) -> Path:
     """A passed skew check of (A, B), stored the way jobs.skew_check stores it."""
-    registry = tmp_path_factory.mktemp("skew-registry")
-    run_module("jobs.skew_check", "--checkpoints", *checkpoints, "--data", ml_data, "--registry", registry)
-    return registry / "skew"
+
+    def make(registry: Path) -> list[Path]:
+        run_module(
+            "jobs.skew_check", "--checkpoints", *checkpoints, "--data", ml_data, "--registry", registry
+        )
+        return [registry / "skew"]
+
+    return made_once(tmp_path_factory, "skew-registry", make)[0]
 
 
 @pytest.fixture(scope="session")
