@@ -8,7 +8,8 @@ of searching them `--batch` at a time; each batch timing loops over the query se
 call with --single-threads faiss threads (default 1: with 2 OpenMP threads on a loaded 2-core machine each
 call waits for a descheduled thread at the barrier, p50 1-5 ms instead of 0.15 ms on a 10k Flat), and
 single_qps = 1 / p50 latency. Medians over repeats.
-The build's own automatic choice (manifest "index" + "quality") is re-measured on the same queries.
+The build's own index (loaded from the build, at its published setting) is measured beside them as
+the point "build": the job's automatic choice, with the training it had.
 
 python -m benchmarks.ann_sweep --build /tmp/bench/reg-1m/builds/<id> --name synth-1m --ivf-nlists 1024 2048 8192
 """
@@ -113,13 +114,15 @@ def run(cfg: SweepConfig) -> dict:
             pt = Point(fam, spec, p)
             pt.recall = ann.recall_at_k(xb, ids, xq, ann.search(index, spec, p, xq, cfg.k)[1], cfg.k, exact)
             points.append(pt)
-    auto_factory, auto_params = manifest.index.factory, manifest.index.search_params
-    auto = next((p for p in points if p.spec.factory == auto_factory and p.params == auto_params), None)
-    if auto is None:
-        raise SystemExit(
-            f"the build's index {auto_factory} {auto_params} is not among the swept families "
-            f"{sorted({p.spec.factory for p in points})}: add its family with --families/--ivf-nlists"
-        )
+    # the build's own index as published (its training and refit, its search setting), not a rebuild
+    # of its factory string
+    mi = manifest.index
+    indexes["build"] = bd.load_index(manifest)
+    auto = Point("build", ann.IndexSpec(mi.type, mi.factory, mi.train_sample, mi.kmeans_iters, mi.refit),
+                 mi.search_params)  # fmt: skip
+    found = ann.search(indexes["build"], auto.spec, auto.params, xq, cfg.k)[1]
+    auto.recall = ann.recall_at_k(xb, ids, xq, found, cfg.k, exact)
+    points.append(auto)
 
     for r in range(cfg.repeats):  # interleaved: every point once per repeat
         for pt in points:
@@ -183,6 +186,8 @@ def plot(result: dict, path: Path, target: float) -> None:
     ):
         for fam in dict.fromkeys(r["family"] for r in result["points"]):
             pts = sorted((r for r in result["points"] if r["family"] == fam), key=lambda r: r["recall_at_10"])
+            if fam == "build":
+                continue  # the star below
             label = pts[0]["factory"] if fam != "ivfpq" else f"{pts[0]['factory']} (best k_factor)"
             if fam == "ivfpq":  # upper envelope over k_factor, else the line zig-zags
                 pts = [

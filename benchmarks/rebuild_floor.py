@@ -23,9 +23,10 @@ floor, ... for --repeats rounds; medians reported, ratios taken within this one 
            the job's --num-workers x --torch-threads; torch.set_num_threads and faiss via
            core.index.configure): (1) embed_s: load the checkpoint (core.embed.Embedder) and embed every
            catalog and users partition in a plain pyarrow iter_batches loop (the job's --batch-size and
-           --precision), collecting ids and vectors in memory; (2) train_s: faiss.index_factory of the
-           factory the rebuild chose, trained on its manifest's train_sample rows (seeded; skipped when
-           0); (3) add_s: add_with_ids of every item vector; (4) recall_s: up to 4000 user vectors
+           --precision), collecting ids and vectors in memory; (2) train_s: core.index.build of the
+           index the rebuild chose, trained on its manifest's train_sample rows for its kmeans_iters
+           (seeded; skipped when 0); (3) add_s: add_with_ids of every item vector (and the centroid
+           refit when the manifest says refit); (4) recall_s: up to 4000 user vectors
            (seeded) split into tuning / held-out halves, exact top-10 (faiss.knn) of both, ONE search of
            each at the rebuild's chosen search setting, recall@10 (core.index.recall_at_k).
            floor_s = embed_s + train_s + add_s + recall_s. The floor does not search for a setting: it
@@ -338,6 +339,8 @@ def run_rebuild(cfg: FloorConfig) -> dict:
                 "type": m.index.type,
                 "factory": m.index.factory,
                 "train_sample": m.index.train_sample,
+                "kmeans_iters": m.index.kmeans_iters,
+                "refit": m.index.refit,
                 "search_params": m.index.search_params,
                 "layout": m.index.layout,
                 "shards": len(m.index.shards),
@@ -439,13 +442,11 @@ def run_floor(cfg: FloorConfig, index: dict, threads: int, batch_size: int, prec
     t1 = time.perf_counter()
 
     n, d = xb.shape
-    spec = ann.IndexSpec(index["type"], index["factory"], index["train_sample"])
-    idx = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    if spec.train_sample:
-        rng = np.random.default_rng(seed)
-        idx.train(xb[np.sort(rng.choice(n, size=min(spec.train_sample, n), replace=False))])
-    t2 = time.perf_counter()
-    idx.add_with_ids(xb, item_ids)
+    spec = ann.IndexSpec(
+        index["type"], index["factory"], index["train_sample"], index["kmeans_iters"], index["refit"]
+    )
+    idx, t = ann.build(spec, xb, item_ids, seed=seed)  # the same training, add (and refit) as the job's
+    t2 = t1 + t["index_train_s"]
     t3 = time.perf_counter()
 
     if len(xu) < MIN_USER_QUERIES:

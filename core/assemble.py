@@ -208,7 +208,7 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
         picks = rows.picks(
             np.sort(rng.choice(len(rows), size=min(spec.train_sample, len(rows)), replace=False))
         )
-    empty, train_s = pool.on([(0, "train", (spec.factory, d, picks))])[0]
+    empty, train_s = pool.on([(0, "train", (spec, d, picks))])[0]
     timings["index_train_s"] = train_s
     progress(f"trained {spec.factory} on {spec.train_sample:,} vectors in {train_s:.1f}s")
     t1 = time.perf_counter()
@@ -224,6 +224,12 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
                  f"{rec['add_s']:.1f}s on node {rec['node'][:12]}")  # fmt: skip
         recs.append(rec)
     recs.sort(key=lambda r: r["shard"])
+    if spec.refit:  # every list's vectors, summed over the workers: the same centroids in every shard
+        holders = sorted({p.shard % pool.size for p in shard_plans})
+        got = pool.on([(w, "list_sums", ()) for w in holders])
+        sums, counts = sum(g[0] for g in got), sum(g[1] for g in got)
+        pool.on([(w, "refit", (sums, counts)) for w in holders])
+        progress(f"refit {int((counts > 0).sum()):,} centroids to their lists' means")
     timings["index_add_s"] = round(time.perf_counter() - t1, 3)
     # the exact top-k over all shards, merged: its k-th score is what a found id must reach
     D, _ = ann.merge_topk([r.pop("exact") for r in recs], k)

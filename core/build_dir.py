@@ -82,6 +82,8 @@ class IndexInfo:
     search_params: dict
     layout: str = "merged"  # "merged": index.faiss | "sharded": shards/NNNNN.faiss, one per entry below
     shards: tuple = ()  # per id range: shard, rows, id_lo, id_hi, row_offset, node, checkpoint_version
+    kmeans_iters: int = 10  # the coarse quantizer's training (IVF)
+    refit: bool = False  # centroids moved to their lists' means after the add (core.index.refit_centroids)
 
 
 @dataclasses.dataclass(frozen=True)

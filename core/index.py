@@ -21,12 +21,10 @@ log = logging.getLogger(__name__)
 # Up to this many items `auto` builds Flat, HNSW32 and IVF-Flat at 3 list counts, and keeps the one
 # with the highest measured query throughput at the recall target (each build takes seconds here).
 MEASURED_CHOICE_MAX_ITEMS = 200_000
-# ...up to this many it measures HNSW32 against IVF-Flat at 2 and 4*sqrt(n) lists: which one is fastest
-# at the target depends on the machine (1M synthetic items: HNSW32 won on one 2-core VM, IVF8192/4096
-# by 1.3x on another, README, Benchmarks); 8*sqrt(n) lists is left out because its k-means costs 4x
-# that of 4*sqrt(n). Above it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a
-# 2,782 s rebuild on 2 cores), so `auto` is IVF-Flat alone, whose k-means on a sample and list
-# assignment grow far slower with n.
+# ...up to this many `build_tuned` measures HNSW32 against IVF-Flat at 2 and 4*sqrt(n) lists (which one
+# is fastest at the target depends on the machine), and the distributed rebuild takes prior_spec. Above
+# it HNSW32's graph build dominates the rebuild (10M items: 2,659 s of a 2,782 s rebuild on 2 cores), so
+# `auto` is IVF-Flat alone, whose k-means on a sample and list assignment grow far slower with n.
 HNSW_MAX_ITEMS = 2_000_000
 # faiss 1.15 switches flat distance computation to BLAS only when n_queries * d >= 128000; below that a
 # batch of 1000 queries on 1M x 64 ran 10x slower. 20 queries is where BLAS starts to pay.
@@ -50,6 +48,8 @@ class IndexSpec:
     kind: str  # "flat" | "ivf" | "hnsw" | "ivfpq"
     factory: str
     train_sample: int  # 0 = no training
+    kmeans_iters: int = 10  # of the coarse quantizer (faiss' default)
+    refit: bool = False  # IVF-Flat: centroids moved to their lists' means after the add (refit_centroids)
 
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -69,13 +69,17 @@ def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
     return ivf_spec(n, d, 4.0) if kind == "ivf" else ivf_spec(n, d, 4.0, pq=True)
 
 
-def ivf_spec(n: int, d: int, lists_per_sqrt_n: float, pq: bool = False, nlist: int = 0) -> IndexSpec:
-    """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2), or exactly `nlist` if given."""
+def ivf_spec(
+    n: int, d: int, lists_per_sqrt_n: float, pq: bool = False, nlist: int = 0, per_list: int = 64,
+    iters: int = 10, refit: bool = False,
+) -> IndexSpec:  # fmt: skip
+    """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2), or exactly `nlist` if given, its
+    k-means run `iters` times over `per_list` points per list."""
     nlist = nlist or max(16, min(65536, 2 ** round(math.log2(lists_per_sqrt_n * math.sqrt(max(n, 1))))))
     # 64 training points per list: within faiss' 39-256 guidance and 3-4x faster than training on all.
-    sample = min(n, 64 * nlist)
+    sample = min(n, per_list * nlist)
     if not pq:
-        return IndexSpec("ivf", f"IVF{nlist},Flat", sample)
+        return IndexSpec("ivf", f"IVF{nlist},Flat", sample, iters, refit)
     m = d // 2 if d % 2 == 0 else d
     return IndexSpec("ivfpq", f"IDMap2,IVF{nlist},PQ{m}x4fs,RFlat", sample)
 
@@ -97,11 +101,16 @@ def auto_specs(n: int, d: int) -> list[IndexSpec]:
 
 
 def prior_spec(n: int, d: int) -> IndexSpec:
-    """`auto` above MEASURED_CHOICE_MAX_ITEMS, without building candidates: IVF-Flat at 4*sqrt(n) lists
-    up to HNSW_MAX_ITEMS (the best batch QPS at recall@10 0.95 in the 1M sweep, README: IVF4096 26.7k,
-    IVF8192 24.8k, HNSW32 20.8k, IVF2048 17.7k), 2*sqrt(n) above (k-means costs 64 * lists^2 * d per
-    iteration: 16384 lists at 10M would train 16x longer than 4096 at 1M)."""
-    return ivf_spec(n, d, 4.0 if n <= HNSW_MAX_ITEMS else 2.0)
+    """`auto` above MEASURED_CHOICE_MAX_ITEMS, without building candidates. Up to HNSW_MAX_ITEMS:
+    IVF-Flat at 8*sqrt(n) lists, trained for the k-means cost of 4*sqrt(n) lists (points x lists x
+    iterations: 40 per list x 4 iterations at twice the lists = 64 x 10 at 4*sqrt(n)), then refit.
+    More lists scan fewer vectors per query, which wins where the coarse search is cheap (BLAS), and
+    the refit gives back what the short k-means loses: 1M items scan 3,476 vectors per query at the
+    target against 3,375 fully trained and 3,875 without the refit (README, ANN). Above: 2*sqrt(n)
+    lists fully trained (k-means costs 64 * lists^2 * d per iteration)."""
+    if n <= HNSW_MAX_ITEMS:
+        return ivf_spec(n, d, 8.0, per_list=40, iters=4, refit=True)
+    return ivf_spec(n, d, 2.0)
 
 
 MERGEABLE = ("flat", "ivf")  # families whose shards faiss merges (IVF: list by list); HNSW graphs do not
@@ -117,11 +126,48 @@ def index_bytes(spec: IndexSpec, n: int, d: int) -> int:
     return n * per
 
 
+def new_index(spec: IndexSpec, d: int) -> faiss.Index:
+    """The untrained index of `spec`, its k-means iterations set."""
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if spec.kind in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(index).cp.niter = spec.kmeans_iters
+    return index
+
+
+def list_sums(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """Per inverted list of an IVF-Flat index: the sum of its vectors (float64) and their count."""
+    ivf = faiss.extract_index_ivf(index)
+    sums, counts = np.zeros((ivf.nlist, ivf.d)), np.zeros(ivf.nlist, np.int64)
+    for lst in range(ivf.nlist):
+        size = ivf.invlists.list_size(lst)
+        if size:
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), size * ivf.code_size)
+            sums[lst] = codes.view(np.float32).reshape(size, ivf.d).sum(0, dtype=np.float64)
+            counts[lst] = size
+    return sums, counts
+
+
+def refit_centroids(indexes: list[faiss.Index], sums: np.ndarray, counts: np.ndarray) -> None:
+    """Move every list's centroid to the (unit-norm) mean of the vectors the add put in it, in each of
+    `indexes` (shards of one trained index). The vectors stay where they are: only which lists a query
+    probes changes, never the scores it gets, and the recall gate measures the result. One full-data
+    centroid step gives back what a k-means cut short on a sample loses (prior_spec)."""
+    q = faiss.downcast_index(faiss.extract_index_ivf(indexes[0]).quantizer)
+    cents = q.reconstruct_n(0, q.ntotal)
+    norms = np.linalg.norm(sums, axis=1)
+    full = (counts > 0) & (norms > 0)
+    cents[full] = (sums[full] / norms[full, None]).astype(np.float32)  # spherical, as faiss trains IP
+    for index in indexes:
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        quantizer.reset()
+        quantizer.add(cents)
+
+
 def build(spec: IndexSpec, xb: np.ndarray, ids: np.ndarray, seed: int = 0) -> tuple[faiss.Index, dict]:
     """xb: (N, D) float32 unit rows; ids: (N,) int64. Returns the index and train/add seconds."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    index = faiss.index_factory(xb.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    index = new_index(spec, xb.shape[1])
     t0 = time.perf_counter()
     if spec.train_sample:
         rng = np.random.default_rng(seed)
@@ -129,6 +175,8 @@ def build(spec: IndexSpec, xb: np.ndarray, ids: np.ndarray, seed: int = 0) -> tu
         index.train(sample)
     t1 = time.perf_counter()
     index.add_with_ids(xb, ids)
+    if spec.refit:
+        refit_centroids([index], *list_sums(index))
     t2 = time.perf_counter()
     return index, {"index_train_s": round(t1 - t0, 3), "index_add_s": round(t2 - t1, 3)}
 

@@ -329,6 +329,8 @@ def build_and_publish(
             dim=int(d),
             ntotal=int(n),
             train_sample=spec.train_sample,
+            kmeans_iters=spec.kmeans_iters,
+            refit=spec.refit,
             search_params=quality["params"],
             layout=plan.layout,
             shards=tuple(shard_recs),

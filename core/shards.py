@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from core import index as ann
 from core import parts as partmod
 from core.validate import ValidationError
 
@@ -168,9 +169,9 @@ def write_rows(ids_path: Path, vec_path: Path, offset: int, ids: np.ndarray, x: 
 
 
 # ---- indexes -------------------------------------------------------------------------------------
-def train_empty(factory: str, d: int, sample: np.ndarray | None) -> bytes:
+def train_empty(spec: ann.IndexSpec, d: int, sample: np.ndarray | None) -> bytes:
     """The trained, empty index every shard starts from (one coarse quantizer for all shards)."""
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    index = ann.new_index(spec, d)
     if sample is not None and len(sample):
         index.train(np.ascontiguousarray(sample, np.float32))
     return faiss.serialize_index(index).tobytes()

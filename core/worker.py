@@ -69,14 +69,14 @@ class Worker:
             out.append(np.array((x if column == "vectors" else ids)[np.asarray(rows, np.int64)]))
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
-    def train(self, factory: str, d: int, picks: list[tuple[str, list[int]]]) -> tuple[bytes, float]:
+    def train(self, spec: ann.IndexSpec, d: int, picks: list[tuple[str, list[int]]]) -> tuple[bytes, float]:
         """The one training of the build. Every other worker waits for it, so its k-means takes every
         core this process may run on (1M items: 14.9 s on 1 thread, ~10 s on 2), then gives them back."""
         t0 = time.perf_counter()
         sample = self.read_rows(picks) if picks else None
         faiss.omp_set_num_threads(max(self.faiss_threads, len(os.sched_getaffinity(0))))
         try:
-            return sh.train_empty(factory, d, sample), round(time.perf_counter() - t0, 3)
+            return sh.train_empty(spec, d, sample), round(time.perf_counter() - t0, 3)
         finally:
             faiss.omp_set_num_threads(self.faiss_threads)
 
@@ -125,6 +125,15 @@ class Worker:
             return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
         index = ann.ShardedIndex([self.shards[s] for s in sorted(self.shards)])
         return ann.search(index, spec, params, xq, k)
+
+    def list_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-list vector sums and counts over the IVF-Flat shards this worker holds (for the refit)."""
+        got = [ann.list_sums(self.shards[s]) for s in sorted(self.shards)]
+        return sum(g[0] for g in got), sum(g[1] for g in got)
+
+    def refit(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        if self.shards:
+            ann.refit_centroids(list(self.shards.values()), sums, counts)
 
     def save_shards(self, paths: dict[int, str]) -> None:
         for s, p in paths.items():

@@ -58,6 +58,11 @@ def _show(reg: Registry, build_id: str) -> dict:
         "parts": m.parts,
         "timings": m.timings,
         "selection": m.quality.get("selection"),
+        "training": {
+            "sample": m.index.train_sample,
+            "kmeans_iters": m.index.kmeans_iters,
+            "refit": m.index.refit,
+        },
         "queries": m.quality.get("queries"),
     }
 

@@ -114,6 +114,26 @@ def test_a_merged_build_from_shards_equals_the_sharded_one(data, tmp_path):
                                   b.load_index(merged).search(xq, 10, params=p)[1])  # fmt: skip
 
 
+def test_the_refit_gives_every_shard_the_same_centroids_the_means_of_their_lists_over_all_shards(
+    data, tmp_path
+):
+    opts = dataclasses.replace(SHARDED, kind="auto")  # above 200k items `auto` is the refit prior
+    reg, m = _build(data, tmp_path, "b-refit", opts)
+    assert m.index.refit and m.index.kmeans_iters == 4 and m.index.layout == "sharded"
+    b = BuildDir(reg.build_dir("b-refit"))
+    shards = [ann.load(b.shard_index_path(s["shard"])) for s in m.index.shards]
+    cents = [faiss.downcast_index(faiss.extract_index_ivf(x).quantizer).reconstruct_n(0, m.index.ntotal and
+             faiss.extract_index_ivf(x).nlist) for x in shards]  # fmt: skip
+    for c in cents[1:]:
+        np.testing.assert_array_equal(c, cents[0])  # one quantizer for all shards, as trained
+    sums = sum(ann.list_sums(x)[0] for x in shards)
+    full = np.linalg.norm(sums, axis=1) > 0
+    assert full.sum() > 10  # lists hold rows from several shards: the means are over all of them
+    np.testing.assert_allclose(cents[0][full], sums[full] / np.linalg.norm(sums[full], axis=1, keepdims=True),
+                               atol=1e-6)  # fmt: skip
+    assert m.quality["recall_at_k"] >= 0.95
+
+
 def test_an_id_in_two_partitions_is_refused_before_anything_is_published(data, tmp_path):
     root = tmp_path / "dup"
     items = _items(N)
@@ -131,7 +151,12 @@ def test_an_id_in_two_partitions_is_refused_before_anything_is_published(data, t
 def test_the_memory_plan_merges_what_fits_and_shards_what_does_not():
     gib = 2**30
     small = asm.plan_index(1_000_000, 64, "auto", "auto", 4 * gib, 0, 2)
-    assert (small.layout, small.spec.factory, small.shards) == ("merged", "IVF4096,Flat", 2)
+    assert (small.layout, small.spec.factory, small.shards, small.spec.refit) == (
+        "merged",
+        "IVF8192,Flat",
+        2,
+        True,
+    )
     big = asm.plan_index(50_000_000, 64, "auto", "auto", 7 * gib, 0, 4)
     assert big.layout == "sharded" and big.shards >= 4 and big.spec.factory == "IVF16384,Flat"
     with pytest.raises(ValidationError, match="over the --memory-budget"):

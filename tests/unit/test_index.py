@@ -1,3 +1,6 @@
+import dataclasses
+
+import faiss
 import numpy as np
 import pytest
 
@@ -27,6 +30,16 @@ def test_auto_candidates_by_catalog_size_and_ivf_lists_scale_with_sqrt_n():
     assert big.factory == "IVF8192,Flat" and big.train_sample == 64 * 8192
     ivf = ann.choose_spec(1_000_000, 64, "ivf")
     assert ivf.factory == "IVF4096,Flat" and ivf.train_sample == 64 * 4096
+    # the prior up to 2M: twice the lists for the same k-means cost (points x lists x iterations), refit
+    prior = ann.prior_spec(1_000_000, 64)
+    assert (prior.factory, prior.train_sample, prior.kmeans_iters, prior.refit) == (
+        "IVF8192,Flat",
+        40 * 8192,
+        4,
+        True,
+    )
+    assert prior.train_sample * 8192 * 4 == ivf.train_sample * 4096 * ivf.kmeans_iters
+    assert ann.prior_spec(10_000_000, 64) == big
     with pytest.raises(ValueError, match="auto_specs"):
         ann.choose_spec(1_000_000, 64, "auto")
 
@@ -131,3 +144,43 @@ def test_recall_counts_misses_and_invalid_ids():
 def test_unknown_kind_is_named():
     with pytest.raises(ValueError, match="unknown index kind 'annoy'"):
         ann.choose_spec(10, 8, "annoy")
+
+
+def _list_rows(index, ids):
+    """Row numbers (into the build's arrays) of each inverted list's vectors."""
+    ivf = faiss.extract_index_ivf(index)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    out = []
+    for lst in range(ivf.nlist):
+        n = ivf.invlists.list_size(lst)
+        got = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), n).copy() if n else np.zeros(0, np.int64)
+        out.append(np.array([row_of[int(i)] for i in got], np.int64))
+    return out
+
+
+def test_the_refit_moves_each_centroid_to_its_lists_mean_without_moving_a_vector():
+    ann.configure(2)
+    xb, ids, xq = _data()
+    short = ann.IndexSpec("ivf", "IVF128,Flat", 128 * 8, kmeans_iters=1)  # k-means cut short
+    a, _ = ann.build(short, xb, ids)
+    b, _ = ann.build(dataclasses.replace(short, refit=True), xb, ids)
+    lists = _list_rows(b, ids)
+    assert [x.tolist() for x in lists] == [x.tolist() for x in _list_rows(a, ids)]  # the same lists
+    cents = faiss.downcast_index(faiss.extract_index_ivf(b).quantizer).reconstruct_n(0, 128)
+    for lst, rows in enumerate(lists):
+        if len(rows):
+            mean = xb[rows].mean(0)
+            np.testing.assert_allclose(cents[lst], mean / np.linalg.norm(mean), atol=1e-5)
+    # every list probed: the same exact scores either way (the refit never changes a score)
+    everything = faiss.SearchParametersIVF(nprobe=128)
+    np.testing.assert_allclose(
+        a.search(xq, 10, params=everything)[0], b.search(xq, 10, params=everything)[0], atol=1e-6
+    )
+
+    # what it is for: each vector is closer to its list's centroid (the spherical k-means objective over
+    # ALL vectors, where the cut-short training saw a sample), so probing by centroid finds it sooner
+    def objective(index):
+        c = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).reconstruct_n(0, 128)
+        return sum(float((xb[rows] @ c[lst]).sum()) for lst, rows in enumerate(lists))
+
+    assert objective(b) > objective(a) + 1e-3 * len(xb)
