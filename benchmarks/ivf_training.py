@@ -10,7 +10,7 @@ speed), the list-size imbalance factor, and the batch QPS at that nprobe (median
 the configs visited in turn).
 
 python -m benchmarks.ivf_training --build /tmp/bench/reg-1m/builds/<id> \\
-    4096:64:10 8192:64:10 8192:40:4 8192:40:4:refit 6144:48:6:refit
+    4096:64:10 8192:64:10 8192:40:4 8192:40:4:refit 6144:48:6:refit --codes SQfp16
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from core import index as ann
 from core.build_dir import BuildDir
 
 
-def parse_config(text: str) -> ann.IndexSpec:
+def parse_config(text: str) -> tuple[int, int, int, bool]:
     parts = text.split(":")
     if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "refit"):
         raise argparse.ArgumentTypeError(f"expected LISTS:POINTS_PER_LIST:ITERATIONS[:refit], got {text!r}")
     nlist, per, iters = (int(x) for x in parts[:3])
-    return ann.IndexSpec("ivf", f"IVF{nlist},Flat", per * nlist, iters, len(parts) == 4)
+    return nlist, per, iters, len(parts) == 4
 
 
 def imbalance(index) -> float:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--build", type=Path, required=True, help="a build directory (registry/builds/<id>)")
     p.add_argument("configs", nargs="+", type=parse_config, metavar="LISTS:PER_LIST:ITERS[:refit]")
+    p.add_argument("--codes", choices=("Flat", "SQfp16"), default="Flat", help="the lists' vector codes")
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--repeats", type=int, default=5)
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     xq = np.ascontiguousarray(users[np.sort(rng.choice(len(users), min(a.queries, len(users)), False))])
     exact = ann.exact_topk(xb, xq, 10)
     rows, indexes = [], []
-    for spec in a.configs:
+    specs = [ann.IndexSpec("ivf", f"IVF{nl},{a.codes}", per * nl, it, rf) for nl, per, it, rf in a.configs]
+    for spec in specs:
         index, t = ann.build(spec, xb, ids)
         params, recall, ndis = at_target(index, spec, xb, ids, xq, exact, a.target)
         row = {"factory": spec.factory, "points_per_list": spec.train_sample // int(spec.factory[3:].split(",")[0]),

@@ -49,7 +49,7 @@ class IndexSpec:
     factory: str
     train_sample: int  # 0 = no training
     kmeans_iters: int = 10  # of the coarse quantizer (faiss' default)
-    refit: bool = False  # IVF-Flat: centroids moved to their lists' means after the add (refit_centroids)
+    refit: bool = False  # IVF: centroids moved to their lists' means after the add (refit_centroids)
 
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -69,17 +69,24 @@ def choose_spec(n: int, d: int, kind: str) -> IndexSpec:
     return ivf_spec(n, d, 4.0) if kind == "ivf" else ivf_spec(n, d, 4.0, pq=True)
 
 
+def _lists(target: float, steps: tuple[float, ...]) -> int:
+    """The list count nearest `target` (in ratio) among step x 2^k, within [16, 65536]."""
+    options = [int(m * 2**e) for e in range(4, 17) for m in steps if 16 <= m * 2**e <= 65536]
+    return min(options, key=lambda x: abs(math.log(x / max(target, 1.0))))
+
+
 def ivf_spec(
     n: int, d: int, lists_per_sqrt_n: float, pq: bool = False, nlist: int = 0, per_list: int = 64,
-    iters: int = 10, refit: bool = False,
+    iters: int = 10, refit: bool = False, codes: str = "Flat", steps: tuple[float, ...] = (1.0,),
 ) -> IndexSpec:  # fmt: skip
-    """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2), or exactly `nlist` if given, its
-    k-means run `iters` times over `per_list` points per list."""
-    nlist = nlist or max(16, min(65536, 2 ** round(math.log2(lists_per_sqrt_n * math.sqrt(max(n, 1))))))
+    """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2, or step x a power of 2), or exactly
+    `nlist` if given, its k-means run `iters` times over `per_list` points per list; `codes` "Flat"
+    (float32) or "SQfp16" (half the bytes per vector, scored exactly afterwards: `rescore`)."""
+    nlist = nlist or _lists(lists_per_sqrt_n * math.sqrt(max(n, 1)), steps)
     # 64 training points per list: within faiss' 39-256 guidance and 3-4x faster than training on all.
     sample = min(n, per_list * nlist)
     if not pq:
-        return IndexSpec("ivf", f"IVF{nlist},Flat", sample, iters, refit)
+        return IndexSpec("ivf", f"IVF{nlist},{codes}", sample, iters, refit)
     m = d // 2 if d % 2 == 0 else d
     return IndexSpec("ivfpq", f"IDMap2,IVF{nlist},PQ{m}x4fs,RFlat", sample)
 
@@ -102,15 +109,35 @@ def auto_specs(n: int, d: int) -> list[IndexSpec]:
 
 def prior_spec(n: int, d: int) -> IndexSpec:
     """`auto` above MEASURED_CHOICE_MAX_ITEMS, without building candidates. Up to HNSW_MAX_ITEMS:
-    IVF-Flat at 8*sqrt(n) lists, trained for the k-means cost of 4*sqrt(n) lists (points x lists x
-    iterations: 40 per list x 4 iterations at twice the lists = 64 x 10 at 4*sqrt(n)), then refit.
-    More lists scan fewer vectors per query, which wins where the coarse search is cheap (BLAS), and
-    the refit gives back what the short k-means loses: 1M items scan 3,476 vectors per query at the
-    target against 3,375 fully trained and 3,875 without the refit (README, ANN). Above: 2*sqrt(n)
-    lists fully trained (k-means costs 64 * lists^2 * d per iteration)."""
+    IVF at ~6*sqrt(n) lists (1M: 6144) with fp16 codes, trained for the k-means cost of 4*sqrt(n)
+    lists at 64 points x 10 iterations (points x lists x iterations: 48 x 6 at 1.5x the lists), then
+    every centroid refit to its list's mean. At 1M on 2 cores (README, ANN): scanning is memory-bound,
+    so fp16 codes search 1.4x faster than float32 ones at the same recall; more lists scan fewer
+    vectors but cost more coarse search, and 6144 sits between 4096 (best where BLAS is slow) and 8192
+    (best where it is fast). The refit gives back what a short k-means loses where it loses anything
+    (8192 lists after 4 iterations: nprobe 27 -> 24 at the target) and costs 0.1-0.3 s. Above:
+    2*sqrt(n) float32 lists fully trained (k-means costs 64 * lists^2 * d per iteration)."""
     if n <= HNSW_MAX_ITEMS:
-        return ivf_spec(n, d, 8.0, per_list=40, iters=4, refit=True)
+        return ivf_spec(n, d, 6.0, per_list=48, iters=6, refit=True, codes="SQfp16", steps=(1.0, 1.5))
     return ivf_spec(n, d, 2.0)
+
+
+def approximate(spec: IndexSpec) -> bool:
+    """Whether the index's own scores are approximate (compressed codes): its hits are rescored."""
+    return ",SQ" in spec.factory
+
+
+def rescore(xq: np.ndarray, D: np.ndarray, I: np.ndarray, ids: np.ndarray, vectors: np.ndarray):
+    """The exact float32 inner products of the hits I (Q, k) from the id-sorted table (ids, vectors),
+    best first (-1 ids last, -inf): an index with compressed codes proposes, the table scores."""
+    valid = I >= 0
+    rows = np.minimum(np.searchsorted(ids, I.clip(min=0)), len(ids) - 1)
+    true = np.einsum(
+        "qd,qkd->qk", np.asarray(xq, np.float32), np.asarray(vectors[rows.ravel()]).reshape(*rows.shape, -1)
+    )
+    true = np.where(valid, true, -np.inf).astype(np.float32)
+    order = np.argsort(-true, axis=1, kind="stable")
+    return np.take_along_axis(true, order, 1), np.take_along_axis(I, order, 1)
 
 
 MERGEABLE = ("flat", "ivf")  # families whose shards faiss merges (IVF: list by list); HNSW graphs do not
@@ -118,7 +145,7 @@ MERGEABLE = ("flat", "ivf")  # families whose shards faiss merges (IVF: list by 
 
 def index_bytes(spec: IndexSpec, n: int, d: int) -> int:
     """Memory an index of n vectors takes (what a process holding it, merged, must have)."""
-    per = 4 * d + 8  # float codes + id (IVF stores ids in its lists, IDMap2 in its map)
+    per = (2 if ",SQfp16" in spec.factory else 4) * d + 8  # codes + id (IVF: in its lists, IDMap2: its map)
     if spec.kind == "hnsw":
         per += 32 * 2 * 4 + 16  # level-0 links (2M) + upper levels and bookkeeping, about
     if spec.kind == "ivfpq":
@@ -130,19 +157,26 @@ def new_index(spec: IndexSpec, d: int) -> faiss.Index:
     """The untrained index of `spec`, its k-means iterations set."""
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.kind in ("ivf", "ivfpq"):
-        faiss.extract_index_ivf(index).cp.niter = spec.kmeans_iters
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = spec.kmeans_iters
+        if approximate(spec):
+            ivf.by_residual = False  # codes of the vectors themselves: a refit keeps them valid
     return index
 
 
 def list_sums(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """Per inverted list of an IVF-Flat index: the sum of its vectors (float64) and their count."""
+    """Per inverted list of an IVF index with float32 or fp16 codes of the vectors themselves (not
+    residuals): the sum of its vectors (float64) and their count."""
     ivf = faiss.extract_index_ivf(index)
+    dtype = {4 * ivf.d: np.float32, 2 * ivf.d: np.float16}.get(ivf.code_size)
+    if dtype is None or (dtype is np.float16 and ivf.by_residual):
+        raise ValueError(f"list sums need float32 or fp16 codes of the vectors, not residuals; got {ivf}")
     sums, counts = np.zeros((ivf.nlist, ivf.d)), np.zeros(ivf.nlist, np.int64)
     for lst in range(ivf.nlist):
         size = ivf.invlists.list_size(lst)
         if size:
             codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), size * ivf.code_size)
-            sums[lst] = codes.view(np.float32).reshape(size, ivf.d).sum(0, dtype=np.float64)
+            sums[lst] = codes.view(dtype).reshape(size, ivf.d).sum(0, dtype=np.float64)
             counts[lst] = size
     return sums, counts
 

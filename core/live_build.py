@@ -92,7 +92,10 @@ class LiveBuild:
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) of the index for query vectors (Q, D): (Q, k) each, -1 padded."""
-        D, I = ann.search(self.index, self.spec, self.search_params, np.ascontiguousarray(xq, np.float32), k)
+        xq = np.ascontiguousarray(xq, np.float32)
+        D, I = ann.search(self.index, self.spec, self.search_params, xq, k)
+        if ann.approximate(self.spec):  # compressed codes propose, the float32 table scores
+            D, I = ann.rescore(xq, D, I, self.item_ids, self.item_emb)
         return I, D
 
     def retrieve(self, user_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ class Worker:
         self.faiss_threads = faiss_threads or threads
         ann.configure(self.faiss_threads)
         self.shards: dict[int, faiss.Index] = {}
+        self.items_table: tuple[str, str] | None = None  # (ids, vectors) .npy of the build being added
 
     def ready(self) -> str:
         return self.node
@@ -112,6 +113,7 @@ class Worker:
             spent["write_s"] += t1 - t0
         if index is not None:
             self.shards[plan.shard] = index
+            self.items_table = table  # where `search` rescores compressed codes
             rec["exact"] = exact[0]
         rec.update({key: round(v, 3) for key, v in spent.items() if index is not None or key == "write_s"})
         return rec
@@ -124,10 +126,14 @@ class Worker:
             q = len(xq)
             return np.full((q, k), -np.inf, np.float32), np.full((q, k), -1, np.int64)
         index = ann.ShardedIndex([self.shards[s] for s in sorted(self.shards)])
-        return ann.search(index, spec, params, xq, k)
+        D, I = ann.search(index, spec, params, xq, k)
+        if ann.approximate(spec):  # exact scores from the rows this worker wrote into the table
+            ids, x = (np.load(f, mmap_mode="r") for f in self.items_table)
+            D, I = ann.rescore(xq, D, I, ids, x)
+        return D, I
 
     def list_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-list vector sums and counts over the IVF-Flat shards this worker holds (for the refit)."""
+        """Per-list vector sums and counts over the IVF shards this worker holds (for the refit)."""
         got = [ann.list_sums(self.shards[s]) for s in sorted(self.shards)]
         return sum(g[0] for g in got), sum(g[1] for g in got)
 

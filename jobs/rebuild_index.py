@@ -350,9 +350,9 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         choices=ann.KINDS,
         default=ix.kind,
         help="index family (auto: up to 200k items Flat, HNSW32 and IVF-Flat at 2, 4, 8*sqrt(n) lists are "
-        "built in one worker and the fastest at the target recall is kept; above, IVF-Flat at 8*sqrt(n) "
-        "lists up to 2M items (a short k-means, then every centroid refit to its list's mean) and "
-        "2*sqrt(n) beyond, trained once and added shard by shard, with only its search setting measured)",
+        "built in one worker and the fastest at the target recall is kept; above, IVF at ~6*sqrt(n) "
+        "lists with fp16 codes up to 2M items (a short k-means, then every centroid refit to its list's "
+        "mean; hits rescored in float32) and IVF-Flat at 2*sqrt(n) beyond, trained once and added shard by shard, with only its search setting measured)",
     )
     p.add_argument(
         "--layout",
@@ -379,8 +379,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--nlist",
         type=int,
         default=ix.nlist,
-        help="IVF inverted lists, trained fully (0: auto's ~8*sqrt(n) up to 2M items, ~2*sqrt(n) above); the "
-        "add costs n x nlist",
+        help="IVF-Flat inverted lists, fully trained (0: from n, as --index sizes them); the add costs "
+        "n x nlist",
     )
     p.add_argument(
         "--pool",

@@ -17,6 +17,7 @@ from core import shards as sh
 from core.build_dir import BuildDir
 from core.datasets import split_table, write_dataset
 from core.embed import Embedder, embeddings_to_numpy
+from core.live_build import load_build
 from core.rebuild import IndexOptions, build_and_publish, embed_settings, preflight
 from core.registry import Registry
 from core.validate import ValidationError
@@ -119,7 +120,8 @@ def test_the_refit_gives_every_shard_the_same_centroids_the_means_of_their_lists
 ):
     opts = dataclasses.replace(SHARDED, kind="auto")  # above 200k items `auto` is the refit prior
     reg, m = _build(data, tmp_path, "b-refit", opts)
-    assert m.index.refit and m.index.kmeans_iters == 4 and m.index.layout == "sharded"
+    assert m.index.refit and m.index.kmeans_iters == 6 and m.index.layout == "sharded"
+    assert m.index.factory.endswith(",SQfp16")
     b = BuildDir(reg.build_dir("b-refit"))
     shards = [ann.load(b.shard_index_path(s["shard"])) for s in m.index.shards]
     cents = [faiss.downcast_index(faiss.extract_index_ivf(x).quantizer).reconstruct_n(0, m.index.ntotal and
@@ -132,6 +134,17 @@ def test_the_refit_gives_every_shard_the_same_centroids_the_means_of_their_lists
     np.testing.assert_allclose(cents[0][full], sums[full] / np.linalg.norm(sums[full], axis=1, keepdims=True),
                                atol=1e-6)  # fmt: skip
     assert m.quality["recall_at_k"] >= 0.95
+    # served: the shards' hits as one merged index finds them, scored exactly from the items table
+    live = load_build(reg.build_dir("b-refit"))
+    one = ann.load(b.shard_index_path(0))
+    for s in m.index.shards[1:]:
+        one.merge_from(ann.load(b.shard_index_path(s["shard"])), 0)
+    xq = np.array(b.open_users(m)[1])
+    I, D = live.search(xq, 10)
+    _, I1 = one.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=m.index.search_params["nprobe"]))
+    assert all(set(a) == set(c) for a, c in zip(I, I1, strict=True))
+    ids, x = (np.array(a) for a in b.open_items())
+    np.testing.assert_allclose(D, np.einsum("qd,qkd->qk", xq, x[np.searchsorted(ids, I)]), rtol=1e-5)
 
 
 def test_an_id_in_two_partitions_is_refused_before_anything_is_published(data, tmp_path):
@@ -151,12 +164,7 @@ def test_an_id_in_two_partitions_is_refused_before_anything_is_published(data, t
 def test_the_memory_plan_merges_what_fits_and_shards_what_does_not():
     gib = 2**30
     small = asm.plan_index(1_000_000, 64, "auto", "auto", 4 * gib, 0, 2)
-    assert (small.layout, small.spec.factory, small.shards, small.spec.refit) == (
-        "merged",
-        "IVF8192,Flat",
-        2,
-        True,
-    )
+    assert (small.layout, small.spec.factory, small.shards) == ("merged", "IVF6144,SQfp16", 2)
     big = asm.plan_index(50_000_000, 64, "auto", "auto", 7 * gib, 0, 4)
     assert big.layout == "sharded" and big.shards >= 4 and big.spec.factory == "IVF16384,Flat"
     with pytest.raises(ValidationError, match="over the --memory-budget"):

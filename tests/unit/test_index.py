@@ -30,15 +30,14 @@ def test_auto_candidates_by_catalog_size_and_ivf_lists_scale_with_sqrt_n():
     assert big.factory == "IVF8192,Flat" and big.train_sample == 64 * 8192
     ivf = ann.choose_spec(1_000_000, 64, "ivf")
     assert ivf.factory == "IVF4096,Flat" and ivf.train_sample == 64 * 4096
-    # the prior up to 2M: twice the lists for the same k-means cost (points x lists x iterations), refit
+    # the prior up to 2M: 1.5x the lists in fp16 codes for the same k-means cost (points x lists x
+    # iterations), refit
     prior = ann.prior_spec(1_000_000, 64)
-    assert (prior.factory, prior.train_sample, prior.kmeans_iters, prior.refit) == (
-        "IVF8192,Flat",
-        40 * 8192,
-        4,
-        True,
-    )
-    assert prior.train_sample * 8192 * 4 == ivf.train_sample * 4096 * ivf.kmeans_iters
+    got = (prior.factory, prior.train_sample, prior.kmeans_iters, prior.refit)
+    assert got == ("IVF6144,SQfp16", 48 * 6144, 6, True)
+    assert abs(prior.train_sample * 6144 * 6 / (ivf.train_sample * 4096 * ivf.kmeans_iters) - 1) < 0.02
+    assert ann.approximate(prior) and not ann.approximate(ivf)
+    assert ann.index_bytes(prior, 1000, 64) == 1000 * (2 * 64 + 8)
     assert ann.prior_spec(10_000_000, 64) == big
     with pytest.raises(ValueError, match="auto_specs"):
         ann.choose_spec(1_000_000, 64, "auto")
@@ -184,3 +183,22 @@ def test_the_refit_moves_each_centroid_to_its_lists_mean_without_moving_a_vector
         return sum(float((xb[rows] @ c[lst]).sum()) for lst, rows in enumerate(lists))
 
     assert objective(b) > objective(a) + 1e-3 * len(xb)
+
+
+def test_fp16_codes_are_rescored_exactly_from_the_table():
+    ann.configure(2)
+    xb, ids, xq = _data()
+    spec = ann.IndexSpec("ivf", "IVF128,SQfp16", 128 * 40, 6, refit=True)
+    index, _ = ann.build(spec, xb, ids)
+    assert not faiss.extract_index_ivf(index).by_residual  # codes of the vectors: refit keeps them valid
+    D, I = ann.search(index, spec, {"nprobe": 16}, xq, 10)
+    order = np.argsort(ids)
+    D2, I2 = ann.rescore(xq, D, I, ids[order], xb[order])
+    rows = order[np.searchsorted(ids[order], I2)]
+    np.testing.assert_allclose(D2, np.einsum("qd,qkd->qk", xq, xb[rows]), rtol=1e-6)  # float32 scores
+    assert not np.array_equal(D, D2)  # the index's own fp16 scores were not exact
+    assert (np.diff(D2, axis=1) <= 0).all()  # best first
+    assert all(set(a) == set(b) for a, b in zip(I, I2, strict=True))  # the same hits, re-ordered
+    pad = np.where(np.arange(10) < 8, I, -1)  # -1 hits (fewer than k found) stay last at -inf
+    D3, I3 = ann.rescore(xq, D, pad, ids[order], xb[order])
+    assert (I3[:, 8:] == -1).all() and np.isneginf(D3[:, 8:]).all()
