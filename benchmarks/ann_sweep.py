@@ -222,7 +222,13 @@ def plot(result: dict, path: Path, target: float) -> None:
                 ]
             ax.plot([p["recall_at_10"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=label)
         a = result["auto"]
-        ax.plot(a["recall_at_10"], a[key], "k*", ms=14, label=f"rebuild's auto choice {a['params']}")
+        ax.plot(
+            a["recall_at_10"],
+            a[key],
+            "k*",
+            ms=14,
+            label=f"the rebuild's choice, {a['factory']} {a['params']}",
+        )
         ax.axvline(target, color="grey", ls="--", lw=0.8)
         ax.set(xlabel="recall@10 (tie-tolerant, vs exact)", ylabel="QPS", yscale="log", title=title)
         ax.grid(True, which="both", alpha=0.3)
