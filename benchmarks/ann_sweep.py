@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 
 from core import index as ann
+from core import ivf_lists
 from core.build_dir import BuildDir
 
 
@@ -79,7 +80,7 @@ class Rescored:
 
     def search(self, xq, k, params=None):
         D, I = self.index.search(xq, k, params=params)
-        return ann.rescore(xq, D, I, self.ids, self.xb)
+        return ivf_lists.rescore(xq, D, I, self.ids, self.xb)
 
 
 def grid(spec: ann.IndexSpec) -> list[dict]:

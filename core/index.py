@@ -16,6 +16,8 @@ import time
 import faiss
 import numpy as np
 
+from core import ivf_lists
+
 log = logging.getLogger(__name__)
 
 # Up to this many items `auto` builds Flat, HNSW32 and IVF-Flat at 3 list counts, and keeps the one
@@ -49,7 +51,7 @@ class IndexSpec:
     factory: str
     train_sample: int  # 0 = no training
     kmeans_iters: int = 10  # of the coarse quantizer (faiss' default)
-    refit: bool = False  # IVF: centroids moved to their lists' means after the add (refit_centroids)
+    refit: bool = False  # IVF: centroids moved to their lists' means after the add (core.ivf_lists)
 
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -81,7 +83,7 @@ def ivf_spec(
 ) -> IndexSpec:  # fmt: skip
     """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2, or step x a power of 2), or exactly
     `nlist` if given, its k-means run `iters` times over `per_list` points per list; `codes` "Flat"
-    (float32) or "SQfp16" (half the bytes per vector, scored exactly afterwards: `rescore`)."""
+    (float32) or "SQfp16" (half the bytes per vector, scored exactly afterwards: `core.ivf_lists.rescore`)."""
     nlist = nlist or _lists(lists_per_sqrt_n * math.sqrt(max(n, 1)), steps)
     # 64 training points per list: within faiss' 39-256 guidance and 3-4x faster than training on all.
     sample = min(n, per_list * nlist)
@@ -127,19 +129,6 @@ def approximate(spec: IndexSpec) -> bool:
     return ",SQ" in spec.factory
 
 
-def rescore(xq: np.ndarray, D: np.ndarray, I: np.ndarray, ids: np.ndarray, vectors: np.ndarray):
-    """The exact float32 inner products of the hits I (Q, k) from the id-sorted table (ids, vectors),
-    best first (-1 ids last, -inf): an index with compressed codes proposes, the table scores."""
-    valid = I >= 0
-    rows = np.minimum(np.searchsorted(ids, I.clip(min=0)), len(ids) - 1)
-    true = np.einsum(
-        "qd,qkd->qk", np.asarray(xq, np.float32), np.asarray(vectors[rows.ravel()]).reshape(*rows.shape, -1)
-    )
-    true = np.where(valid, true, -np.inf).astype(np.float32)
-    order = np.argsort(-true, axis=1, kind="stable")
-    return np.take_along_axis(true, order, 1), np.take_along_axis(I, order, 1)
-
-
 MERGEABLE = ("flat", "ivf")  # families whose shards faiss merges (IVF: list by list); HNSW graphs do not
 
 
@@ -164,39 +153,6 @@ def new_index(spec: IndexSpec, d: int) -> faiss.Index:
     return index
 
 
-def list_sums(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """Per inverted list of an IVF index with float32 or fp16 codes of the vectors themselves (not
-    residuals): the sum of its vectors (float64) and their count."""
-    ivf = faiss.extract_index_ivf(index)
-    dtype = {4 * ivf.d: np.float32, 2 * ivf.d: np.float16}.get(ivf.code_size)
-    if dtype is None or (dtype is np.float16 and ivf.by_residual):
-        raise ValueError(f"list sums need float32 or fp16 codes of the vectors, not residuals; got {ivf}")
-    sums, counts = np.zeros((ivf.nlist, ivf.d)), np.zeros(ivf.nlist, np.int64)
-    for lst in range(ivf.nlist):
-        size = ivf.invlists.list_size(lst)
-        if size:
-            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), size * ivf.code_size)
-            sums[lst] = codes.view(dtype).reshape(size, ivf.d).sum(0, dtype=np.float64)
-            counts[lst] = size
-    return sums, counts
-
-
-def refit_centroids(indexes: list[faiss.Index], sums: np.ndarray, counts: np.ndarray) -> None:
-    """Move every list's centroid to the (unit-norm) mean of the vectors the add put in it, in each of
-    `indexes` (shards of one trained index). The vectors stay where they are: only which lists a query
-    probes changes, never the scores it gets, and the recall gate measures the result. One full-data
-    centroid step gives back what a k-means cut short on a sample loses (prior_spec)."""
-    q = faiss.downcast_index(faiss.extract_index_ivf(indexes[0]).quantizer)
-    cents = q.reconstruct_n(0, q.ntotal)
-    norms = np.linalg.norm(sums, axis=1)
-    full = (counts > 0) & (norms > 0)
-    cents[full] = (sums[full] / norms[full, None]).astype(np.float32)  # spherical, as faiss trains IP
-    for index in indexes:
-        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
-        quantizer.reset()
-        quantizer.add(cents)
-
-
 def build(spec: IndexSpec, xb: np.ndarray, ids: np.ndarray, seed: int = 0) -> tuple[faiss.Index, dict]:
     """xb: (N, D) float32 unit rows; ids: (N,) int64. Returns the index and train/add seconds."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
@@ -210,7 +166,7 @@ def build(spec: IndexSpec, xb: np.ndarray, ids: np.ndarray, seed: int = 0) -> tu
     t1 = time.perf_counter()
     index.add_with_ids(xb, ids)
     if spec.refit:
-        refit_centroids([index], *list_sums(index))
+        ivf_lists.refit_centroids([index], *ivf_lists.list_sums(index))
     t2 = time.perf_counter()
     return index, {"index_train_s": round(t1 - t0, 3), "index_add_s": round(t2 - t1, 3)}
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from core import index as ann
-from core import skew_gate
+from core import ivf_lists, skew_gate
 from core.build_dir import BuildDir, BuildManifest
 from core.checkpoint import load_checkpoint
 from core.embed import user_vectors
@@ -95,7 +95,7 @@ class LiveBuild:
         xq = np.ascontiguousarray(xq, np.float32)
         D, I = ann.search(self.index, self.spec, self.search_params, xq, k)
         if ann.approximate(self.spec):  # compressed codes propose, the float32 table scores
-            D, I = ann.rescore(xq, D, I, self.item_ids, self.item_emb)
+            D, I = ivf_lists.rescore(xq, D, I, self.item_ids, self.item_emb)
         return I, D
 
     def retrieve(self, user_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 
 from core import index as ann
+from core import ivf_lists
 from core import parts as partmod
 from core import shards as sh
 from core.embed import Embedder
@@ -40,6 +41,7 @@ class Worker:
         ann.configure(self.faiss_threads)
         self.shards: dict[int, faiss.Index] = {}
         self.items_table: tuple[str, str] | None = None  # (ids, vectors) .npy of the build being added
+        self._table_maps: tuple | None = None  # those files memory-mapped, opened once by `search`
 
     def ready(self) -> str:
         return self.node
@@ -113,7 +115,8 @@ class Worker:
             spent["write_s"] += t1 - t0
         if index is not None:
             self.shards[plan.shard] = index
-            self.items_table = table  # where `search` rescores compressed codes
+            if self.items_table != table:  # where `search` rescores compressed codes
+                self.items_table, self._table_maps = table, None
             rec["exact"] = exact[0]
         rec.update({key: round(v, 3) for key, v in spent.items() if index is not None or key == "write_s"})
         return rec
@@ -128,18 +131,19 @@ class Worker:
         index = ann.ShardedIndex([self.shards[s] for s in sorted(self.shards)])
         D, I = ann.search(index, spec, params, xq, k)
         if ann.approximate(spec):  # exact scores from the rows this worker wrote into the table
-            ids, x = (np.load(f, mmap_mode="r") for f in self.items_table)
-            D, I = ann.rescore(xq, D, I, ids, x)
+            if self._table_maps is None:
+                self._table_maps = tuple(np.load(f, mmap_mode="r") for f in self.items_table)
+            D, I = ivf_lists.rescore(xq, D, I, *self._table_maps)
         return D, I
 
     def list_sums(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-list vector sums and counts over the IVF shards this worker holds (for the refit)."""
-        got = [ann.list_sums(self.shards[s]) for s in sorted(self.shards)]
+        got = [ivf_lists.list_sums(self.shards[s]) for s in sorted(self.shards)]
         return sum(g[0] for g in got), sum(g[1] for g in got)
 
     def refit(self, sums: np.ndarray, counts: np.ndarray) -> None:
         if self.shards:
-            ann.refit_centroids(list(self.shards.values()), sums, counts)
+            ivf_lists.refit_centroids(list(self.shards.values()), sums, counts)
 
     def save_shards(self, paths: dict[int, str]) -> None:
         for s, p in paths.items():

@@ -13,6 +13,7 @@ import pytest
 
 from core import assemble as asm
 from core import index as ann
+from core import ivf_lists
 from core import shards as sh
 from core.build_dir import BuildDir
 from core.datasets import split_table, write_dataset
@@ -124,11 +125,13 @@ def test_the_refit_gives_every_shard_the_same_centroids_the_means_of_their_lists
     assert m.index.factory.endswith(",SQfp16")
     b = BuildDir(reg.build_dir("b-refit"))
     shards = [ann.load(b.shard_index_path(s["shard"])) for s in m.index.shards]
-    cents = [faiss.downcast_index(faiss.extract_index_ivf(x).quantizer).reconstruct_n(0, m.index.ntotal and
-             faiss.extract_index_ivf(x).nlist) for x in shards]  # fmt: skip
+    cents = [
+        faiss.extract_index_ivf(x).quantizer.reconstruct_n(0, faiss.extract_index_ivf(x).nlist)
+        for x in shards
+    ]
     for c in cents[1:]:
         np.testing.assert_array_equal(c, cents[0])  # one quantizer for all shards, as trained
-    sums = sum(ann.list_sums(x)[0] for x in shards)
+    sums = sum(ivf_lists.list_sums(x)[0] for x in shards)
     full = np.linalg.norm(sums, axis=1) > 0
     assert full.sum() > 10  # lists hold rows from several shards: the means are over all of them
     np.testing.assert_allclose(cents[0][full], sums[full] / np.linalg.norm(sums[full], axis=1, keepdims=True),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from core import index as ann
+from core import ivf_lists
 
 
 def _data(n=20_000, d=32, seed=0):
@@ -193,12 +194,12 @@ def test_fp16_codes_are_rescored_exactly_from_the_table():
     assert not faiss.extract_index_ivf(index).by_residual  # codes of the vectors: refit keeps them valid
     D, I = ann.search(index, spec, {"nprobe": 16}, xq, 10)
     order = np.argsort(ids)
-    D2, I2 = ann.rescore(xq, D, I, ids[order], xb[order])
+    D2, I2 = ivf_lists.rescore(xq, D, I, ids[order], xb[order])
     rows = order[np.searchsorted(ids[order], I2)]
     np.testing.assert_allclose(D2, np.einsum("qd,qkd->qk", xq, xb[rows]), rtol=1e-6)  # float32 scores
     assert not np.array_equal(D, D2)  # the index's own fp16 scores were not exact
     assert (np.diff(D2, axis=1) <= 0).all()  # best first
     assert all(set(a) == set(b) for a, b in zip(I, I2, strict=True))  # the same hits, re-ordered
     pad = np.where(np.arange(10) < 8, I, -1)  # -1 hits (fewer than k found) stay last at -inf
-    D3, I3 = ann.rescore(xq, D, pad, ids[order], xb[order])
+    D3, I3 = ivf_lists.rescore(xq, D, pad, ids[order], xb[order])
     assert (I3[:, 8:] == -1).all() and np.isneginf(D3[:, 8:]).all()
