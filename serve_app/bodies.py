@@ -50,7 +50,8 @@ def body_kind(content_type: str | None) -> str | None:
 
 def parse_json_body(model: type[BaseModel], raw: bytes) -> BaseModel:
     """As FastAPI reads a declared body: Python's json (NaN and Infinity parse, then fail the field's
-    int check, so the 422 names the field), 422 for broken JSON, 400 for bytes that are not text."""
+    int check, so the 422 names the field), 422 for broken JSON (also JSON nested too deeply to parse),
+    400 for bytes that are not text."""
     try:
         obj = json.loads(raw) if raw else None
     except json.JSONDecodeError as e:
@@ -59,6 +60,13 @@ def parse_json_body(model: type[BaseModel], raw: bytes) -> BaseModel:
         ) from None
     except UnicodeDecodeError:
         raise HTTPException(400, "the body is not UTF-8 text") from None
+    except RecursionError:
+        # e.g. "[" * 100_000 (it answered 500): the parser recurses once per level and gives up at the
+        # interpreter's limit, so catching that costs nothing on good bodies and stops early on bad
+        # ones; a depth pre-scan in Python would cost more per byte than the C parser on every large,
+        # shallow body. (FastAPI's own routes, /retrieve and /items, catch it and answer 400.)
+        msg = "JSON decode error: the body is nested too deeply"
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": msg}]) from None
     if obj is None:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     try:

@@ -216,6 +216,16 @@ def test_each_bad_input_gets_its_4xx_while_concurrent_good_requests_succeed(serv
             assert fragment.lower() in r.text.lower(), (name, r.text)
 
 
+@pytest.mark.parametrize("path", ["/score", "/retrieve"])
+def test_a_body_nested_100000_deep_gets_a_4xx_not_a_500(serving, path):
+    # the JSON parser's RecursionError answered 500 on /score; FastAPI's own parsing of /retrieve gives 400
+    deep = "[" * 100_000 + "]" * 100_000
+    r = requests.post(url(serving, "main", path), data=deep, headers=JSON, timeout=30)
+    assert 400 <= r.status_code < 500, (path, r.status_code, r.text)
+    if path == "/score":
+        assert r.status_code == 422 and "nested too deeply" in r.text, r.text
+
+
 def _distinct_user_burst(serving, app, n=10):
     users = serving["users"][10 : 10 + n]
     bodies = [

@@ -20,7 +20,11 @@ def test_core_sources_never_import_ray():
 
 
 def test_importing_all_of_core_loads_no_ray_module():
-    modules = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+    modules = sorted(
+        ".".join(p.relative_to(CORE).with_suffix("").parts)
+        for p in CORE.rglob("*.py")
+        if p.stem != "__init__"
+    )
     code = (
         "import sys\n"
         + "".join(f"import core.{m}\n" for m in modules)

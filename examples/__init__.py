@@ -1,0 +1,1 @@
+"""Models that use skewless only through its public model contract (core.contract)."""
