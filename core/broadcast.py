@@ -6,8 +6,11 @@ ONCE, then expands to rows through the inverse index. The per-row path does both
 scores are the reference the broadcast path must reproduce.
 
 Two-sided: when a batch's rows share candidate items (one popular item scored for many users), the
-broadcast path also gathers each unique item's vector once and runs the item-only part of the scorer
-once per item (`BroadcastConfig.dedup_items`), when unique items are at most ITEM_SHARE_MAX of the rows.
+broadcast path also gathers each unique item's vector once (`BroadcastConfig.dedup_items`), when unique
+items are at most ITEM_SHARE_MAX of the rows.
+
+The scorer is the build's model package: its user-only part once per unique user and its pair part per
+row when it has that split, its one per-row program otherwise, or the towers' similarity.
 
 Requests are validated one by one: a request with unknown ids gets its own error and never fails its
 batch neighbours.
@@ -19,6 +22,7 @@ import dataclasses
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from core.live_build import LiveBuild
@@ -33,9 +37,10 @@ ITEM_SHARE_MAX = 0.1
 class ScoreRequest:
     user_ids: np.ndarray  # (R,) int64, one per row
     item_ids: np.ndarray  # (R,) int64
-    # The request's one user given by recent items (known to the build) instead of the user table: its
-    # user side is computed by the build's own user tower, once per unique (user, history) in the batch.
-    history: np.ndarray | None = None
+    # The request's one user given by features (one row of the user tower's declared columns, validated)
+    # instead of the user table: embedded by the build's own user tower, once per unique (user, features)
+    # in the batch.
+    features: pa.Table | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +56,7 @@ class BatchStats:
     unique_users: int = 0
     user_lookups: int = 0  # rows gathered from the user table
     item_lookups: int = 0  # rows gathered from the item table
-    history_users: int = 0  # unique users embedded from their history by the user tower
+    history_users: int = 0  # unique users embedded from their features by the user tower
     cap_events: Counter = dataclasses.field(default_factory=Counter)
 
 
@@ -101,12 +106,12 @@ def _history_users(
     build: LiveBuild, requests: list[ScoreRequest], valid_idx: list[int], stats: BatchStats
 ) -> tuple[dict[int, int], np.ndarray | None]:
     """Request index -> virtual user row, and the (H, D) vectors of those rows: ONE user-tower pass
-    over the batch's unique (user, history) pairs."""
-    ks = [k for k in valid_idx if requests[k].history is not None]
+    over the batch's unique (user, features) pairs."""
+    ks = [k for k in valid_idx if requests[k].features is not None]
     if not ks:
         return {}, None
-    slots, vecs = build.unique_history_vectors(
-        [int(requests[k].user_ids[0]) for k in ks], [requests[k].history for k in ks]
+    slots, vecs = build.unique_feature_vectors(
+        [int(requests[k].user_ids[0]) for k in ks], [requests[k].features for k in ks]
     )
     stats.history_users += len(vecs)
     return {k: len(build.user_ids) + int(j) for k, j in zip(ks, slots, strict=True)}, vecs
@@ -120,21 +125,19 @@ def _score_per_row(
     i = torch.from_numpy(np.ascontiguousarray(build.item_emb[item_rows]))  # (R, D)
     stats.user_lookups += len(user_rows)
     stats.item_lookups += len(item_rows)
-    return build.scorer(u, i).numpy()  # user_side runs per row
+    return build.model.scores(u, i).numpy()  # the user-only part runs per row
 
 
-def _items(build: LiveBuild, item_rows: np.ndarray, dedup: bool, stats: BatchStats):
-    """(R, D) item vectors of the rows and, when the rows share items, their (R, H) item-side output
-    computed once per unique item (else None: pair_side computes it per row)."""
+def _items(build: LiveBuild, item_rows: np.ndarray, dedup: bool, stats: BatchStats) -> torch.Tensor:
+    """(R, D) item vectors of the rows; gathered once per unique item when the rows share items."""
     if dedup:
         uniq, inv = np.unique(item_rows, return_inverse=True)
         if len(uniq) <= ITEM_SHARE_MAX * len(item_rows):
             stats.item_lookups += len(uniq)
             i_uniq = torch.from_numpy(np.ascontiguousarray(build.item_emb[uniq]))  # (I, D)
-            inv_t = torch.from_numpy(inv.reshape(-1))
-            return i_uniq[inv_t], build.scorer.item_side(i_uniq)[inv_t]
+            return i_uniq[torch.from_numpy(inv.reshape(-1))]
     stats.item_lookups += len(item_rows)
-    return torch.from_numpy(np.ascontiguousarray(build.item_emb[item_rows])), None
+    return torch.from_numpy(np.ascontiguousarray(build.item_emb[item_rows]))
 
 
 @torch.inference_mode()
@@ -144,8 +147,7 @@ def _score_items_shared(
     """Every row its own user (nothing to share on the user side), shared items gathered once."""
     u = torch.from_numpy(np.ascontiguousarray(users.take(user_rows)))
     stats.user_lookups += len(user_rows)
-    i, i_pre = _items(build, item_rows, True, stats)
-    return build.scorer.pair_side(u, build.scorer.user_side(u), i, i_pre).numpy()
+    return build.model.scores(u, _items(build, item_rows, True, stats)).numpy()
 
 
 @torch.inference_mode()
@@ -165,10 +167,13 @@ def _score_broadcast(
     stats.user_lookups += n_u
     stats.unique_users += n_u
     u_uniq = torch.from_numpy(u_uniq)
-    pre = build.scorer.user_side(u_uniq)  # (U, H): user-only compute once per user
+    m = build.model
+    pre = m.user_side(u_uniq) if m.has_user_side else None  # (U, H): user-only compute once per user
     inv_t = torch.from_numpy(inv)
-    i, i_pre = _items(build, item_rows, dedup_items, stats)  # (R, D), and (R, H) when items are shared
-    return build.scorer.pair_side(u_uniq[inv_t], pre[inv_t], i, i_pre).numpy()  # broadcast via inverse
+    i = _items(build, item_rows, dedup_items, stats)  # (R, D)
+    return m.pair_scores(
+        u_uniq[inv_t], None if pre is None else pre[inv_t], i
+    ).numpy()  # broadcast via inverse
 
 
 def score_batch(
@@ -182,7 +187,7 @@ def score_batch(
     results: list[ScoreResult | None] = [None] * len(requests)
     valid: list[tuple[int, np.ndarray, np.ndarray]] = []
     for k, req in enumerate(requests):
-        if req.history is not None:  # the user side comes from the history (rows assigned below)
+        if req.features is not None:  # the user side comes from the features (rows assigned below)
             u_rows, u_bad = np.zeros(len(req.item_ids), np.int64), np.zeros(len(req.item_ids), bool)
         else:
             u_rows, u_bad = build.user_rows(req.user_ids)

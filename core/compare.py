@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.datasets import partition_files
+from core.datasets import SEEN_COLUMN, partition_files
 from core.live_build import LiveBuild
+from core.queries import mix, mix_positions
 
 # Two vectors at cosine >= this are the same point for retrieval: their scores against any unit
 # query differ by at most sqrt(2 * (1 - 0.99)) ~= 0.14 of the score range.
@@ -43,13 +44,17 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class EvalUsers:
-    """The users both builds are asked about: ids, train histories (masked from the top-k), and
-    held-out relevant items (None when no held-out interactions were given)."""
+    """The users both builds are asked about: ids, their features (the user tower's declared columns,
+    for a build that has no table row for them), the items masked from their top-k (the users
+    dataset's `seen_item_ids`, if it has one), and held-out relevant items (None without held-out data).
+    Without a users dataset they are item mixtures: each query mixes the same items in each build."""
 
     user_ids: np.ndarray  # (U,) int64
-    histories: list[np.ndarray]
+    features: pa.Table | None
+    seen: list[np.ndarray]
     relevant: list[set[int]] | None
     source: dict
+    mixtures: tuple[np.ndarray, np.ndarray] | None = None  # (item ids, per-query offsets)
 
 
 def health(emb: np.ndarray, sample: int = 2000, seed: int = 0) -> dict:
@@ -102,11 +107,16 @@ def _sample_rows(files: list[Path], columns: list[str], n: int, seed: int) -> pa
     return t
 
 
-def eval_users(users: Path, holdout: Path | None, n: int = 2000, seed: int = 0) -> EvalUsers:
-    """Up to `n` users of a users dataset (user_id, history), with their held-out items if given."""
-    t = _sample_rows(partition_files(users), ["user_id", "history"], n, seed)
-    ids = t["user_id"].to_numpy()
-    hist = [np.asarray(h, np.int64) for h in t["history"].to_pylist()]
+def eval_users(users: Path, holdout: Path | None, feature_columns: list[str], user_id: str = "user_id",
+               n: int = 2000, seed: int = 0) -> EvalUsers:  # fmt: skip
+    """Up to `n` users of a users dataset, with their held-out items (user_id, item_id rows) if given."""
+    files = partition_files(users)
+    has_seen = SEEN_COLUMN in pq.read_schema(files[0]).names
+    cols = list(dict.fromkeys([user_id, *feature_columns, *([SEEN_COLUMN] if has_seen else [])]))
+    t = _sample_rows(files, cols, n, seed)
+    ids = t[user_id].to_numpy()
+    seen = ([np.asarray(h, np.int64) for h in t[SEEN_COLUMN].to_pylist()] if has_seen
+            else [np.zeros(0, np.int64)] * len(ids))  # fmt: skip
     relevant = None
     if holdout is not None:
         want = pa.array(ids)
@@ -118,34 +128,41 @@ def eval_users(users: Path, holdout: Path | None, n: int = 2000, seed: int = 0) 
                 rel.setdefault(int(u), set()).add(int(i))
         relevant = [rel.get(int(u), set()) for u in ids]
     source = {"users": str(users), "holdout": None if holdout is None else str(holdout), "sampled": len(ids)}
-    return EvalUsers(ids, hist, relevant, source)
+    return EvalUsers(ids, t.select(list(feature_columns)), seen, relevant, source)
+
+
+def mixture_users(item_ids: np.ndarray, n: int, seed: int) -> EvalUsers:
+    """Queries without users: each mixes a few items, the same items in every build compared."""
+    positions, offsets = mix_positions(len(item_ids), n, seed)
+    empty = [np.zeros(0, np.int64)] * n
+    return EvalUsers(np.zeros(n, np.int64), None, empty, None, {"users": "item_mixtures"},
+                     (np.asarray(item_ids[positions], np.int64), offsets))  # fmt: skip
 
 
 def query_vectors(build: LiveBuild, users: EvalUsers) -> np.ndarray:
     """Each user as this build serves them: its user-table row, else its own user tower over the
-    history (known items only), as serving does."""
+    user's features, as serving does; item mixtures from this build's own item vectors."""
+    if users.mixtures is not None:
+        ids, offsets = users.mixtures
+        rows, _ = build.item_rows(ids)
+        return mix(build.item_emb[rows], offsets)
     xq = np.zeros((len(users.user_ids), build.dim), np.float32)
     rows, unknown = build.user_rows(users.user_ids)
     xq[~unknown] = build.user_emb[rows[~unknown]]
-    by_hist = np.flatnonzero(unknown)
-    if len(by_hist):
-        hists = []
-        for q in by_hist:
-            h = users.histories[q]
-            hists.append(h[~build.item_rows(h)[1]] if len(h) else h)
-        xq[by_hist] = build.history_vectors(users.user_ids[by_hist], hists)
+    by_features = np.flatnonzero(unknown)
+    if len(by_features):
+        xq[by_features] = build.feature_vectors(users.features.take(by_features))
     return xq
 
 
 def top_k(build: LiveBuild, users: EvalUsers, k: int) -> np.ndarray:
-    """(U, k) item ids each user is served by this build, items of their history left out (-1 pad)."""
+    """(U, k) item ids each user is served by this build, their seen items left out (-1 pad)."""
     xq = query_vectors(build, users)
-    depth = min(build.index.ntotal, k + max((len(h) for h in users.histories), default=0))
+    depth = min(build.index.ntotal, k + max((len(h) for h in users.seen), default=0))
     ids, _ = build.search(xq, depth)
     out = np.full((len(xq), k), -1, np.int64)
     for q, row in enumerate(ids):
-        seen = users.histories[q]
-        kept = row[(row >= 0) & ~np.isin(row, seen)][:k]
+        kept = row[(row >= 0) & ~np.isin(row, users.seen[q])][:k]
         out[q, : len(kept)] = kept
     return out
 
@@ -156,11 +173,11 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
 
 
 def recall(top: np.ndarray, users: EvalUsers) -> tuple[float, int]:
-    """Recall@k on held-out items unseen in train, over users with a history and such items."""
+    """Recall@k on held-out items the user had not seen, over users with such items."""
     vals = []
     for q, rel in enumerate(users.relevant or []):
-        rel = rel - set(users.histories[q].tolist())
-        if len(users.histories[q]) and rel:
+        rel = rel - set(users.seen[q].tolist())
+        if rel:
             vals.append(len(set(top[q].tolist()) & rel) / len(rel))
     return (float(np.mean(vals)) if vals else float("nan")), len(vals)
 

@@ -1,7 +1,7 @@
 """Partitioned parquet datasets with a self-describing `_dataset.json`.
 
 A dataset directory holds `part-NNNNN.parquet` files (what Ray Data maps over) and `_dataset.json`:
-kind, row count, feature schema, source, and a fingerprint of the partition files' bytes. It is staged
+kind, row count, columns, source, and a fingerprint of the partition files' bytes. It is staged
 in a temp directory and renamed into place, so a reader never sees a half-written dataset.
 """
 
@@ -16,10 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.features import FeatureSchema
 from core.fsutil import commit_dir, sha256_file, staging_dir
 
 DATASET_MANIFEST = "_dataset.json"
+# An optional list column of a users dataset: the items each user has already seen, left out of their
+# top-k when a build is evaluated (comparison gate, skew check). Not a tower input.
+SEEN_COLUMN = "seen_item_ids"
 
 
 class DatasetError(ValueError):
@@ -35,7 +37,6 @@ def write_dataset(
     parts: Iterable[pa.Table],
     *,
     kind: str,
-    schema: FeatureSchema | None,
     source: dict,
     overwrite: bool = False,
 ) -> dict:
@@ -55,7 +56,6 @@ def write_dataset(
             "row_count": n_rows,
             "num_partitions": len(files),
             "columns": [] if arrow_schema is None else arrow_schema.names,
-            "feature_schema": None if schema is None else schema.to_dict(),
             "fingerprint": fingerprint_files([tmp / f for f in files]),
             "source": source,
         }
@@ -90,7 +90,7 @@ def read_dataset_manifest(path: Path, kind: str) -> dict:
     mf = path / DATASET_MANIFEST
     if not mf.is_file():
         raise DatasetError(
-            f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (run jobs.prepare_data)"
+            f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (write it with core.datasets.write_dataset)"
         )
     manifest = json.loads(mf.read_text())
     if manifest.get("kind") != kind:

@@ -1,6 +1,6 @@
-"""A published build loaded for serving: index, query/scoring towers, memory-mapped id tables.
+"""A published build loaded for serving: index, model package (towers and scorer), memory-mapped id tables.
 
-Index and towers come from the SAME build directory and their versions are checked against each
+Index and model come from the SAME build directory and their versions are checked against each
 other; a build that fails any check is refused (the caller keeps serving what it had).
 """
 
@@ -13,15 +13,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import torch
 
 from core import index as ann
 from core import ivf_lists, skew_gate
 from core.build_dir import BuildDir, BuildManifest
-from core.checkpoint import load_checkpoint
-from core.embed import user_vectors
-from core.features import FeatureSchema
-from core.model import ItemTower, RankingScorer, UserTower
+from core.contract.towers import ModelPackage, load_package
 from core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -51,10 +49,9 @@ class LiveBuild:
     item_emb: np.ndarray  # (N, D) float32, memory-mapped, row-aligned with item_ids
     user_ids: np.ndarray  # (U,) sorted, memory-mapped; empty when the build embedded no users
     user_emb: np.ndarray  # (U, D) float32, memory-mapped
-    scorer: RankingScorer
-    item_tower: ItemTower  # the index's own item tower: embeds sidecar items in the same version
-    user_tower: UserTower  # the index's own user tower: embeds users from their history
-    schema: FeatureSchema
+    # the index's own model package: its item tower embeds sidecar items and its user tower users
+    # given by their features, in the same version as the index; its scorer scores
+    model: ModelPackage
     loaded_at: float
 
     @property
@@ -69,26 +66,27 @@ class LiveBuild:
             return np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
         return _lookup(self.user_ids, ids)
 
-    def history_vectors(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        """(U, D) query vectors of users given by their recent items, by this build's own user tower:
-        the same checkpoint version as the index, so the pair stays homogeneous."""
-        return user_vectors(self.user_tower, np.asarray(user_ids, np.int64), histories, self.schema)
+    def feature_vectors(self, features: pa.Table) -> np.ndarray:
+        """(U, D) query vectors of users given by their features (the user tower's declared columns,
+        validated against the package), by this build's own user tower: the same version as the index."""
+        return self.model.user_vectors(features)
 
-    def unique_history_vectors(
-        self, user_ids: list[int], histories: list[np.ndarray]
+    def unique_feature_vectors(
+        self, user_ids: list[int], features: list[pa.Table]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Users given by history, embedded ONCE per unique (user, history) in one user-tower pass:
-        (slot (n,) int64: each input's row in the vectors, vectors (H, D))."""
+        """Users given by features (one row each), embedded ONCE per unique (user, features) in one
+        user-tower pass: (slot (n,) int64: each input's row in the vectors, vectors (H, D))."""
         slot_of: dict[tuple, int] = {}
-        users, hists, slots = [], [], []
-        for u, h in zip(user_ids, histories, strict=True):
-            key = (int(u), h.tobytes())
+        rows, slots = [], []
+        for u, f in zip(user_ids, features, strict=True):
+            key = (int(u), _row_key(f))
             if key not in slot_of:
-                slot_of[key] = len(users)
-                users.append(key[0])
-                hists.append(h)
+                slot_of[key] = len(rows)
+                rows.append(f)
             slots.append(slot_of[key])
-        return np.array(slots, np.int64), self.history_vectors(np.array(users, np.int64), hists)
+        table = pa.concat_tables(rows) if rows else None
+        vecs = self.feature_vectors(table) if table is not None else np.zeros((0, self.dim), np.float32)
+        return np.array(slots, np.int64), vecs
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) of the index for query vectors (Q, D): (Q, k) each, -1 padded."""
@@ -101,6 +99,11 @@ class LiveBuild:
     def retrieve(self, user_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids, scores) for users given by user-table row: (Q, k) each, -1 padded."""
         return self.search(self.user_emb[user_rows], k)
+
+
+def _row_key(row: pa.Table) -> bytes:
+    """Equal feature rows have equal keys (the one row's values, serialised)."""
+    return repr(row.to_pylist()).encode()
 
 
 def load_build(
@@ -119,12 +122,12 @@ def load_build(
     try:
         manifest = bd.read_manifest()
         version = manifest.checkpoint_version
-        ck = load_checkpoint(bd.checkpoint_path)
+        ck = load_package(bd.checkpoint_path)
         if ck.version != version:
             raise BuildRefused(
                 f"build {name}: its checkpoint copy is {ck.version}, the manifest says {version}"
             )
-        query = load_checkpoint(query_checkpoint) if query_checkpoint else ck
+        query = load_package(query_checkpoint) if query_checkpoint else ck
         if query.version != version and not (
             pair_allowed and pair_allowed(query.family, query.version, version)
         ):
@@ -167,10 +170,7 @@ def load_build(
         item_emb=item_emb,
         user_ids=user_ids,
         user_emb=user_emb,
-        scorer=ck.model.scorer,
-        item_tower=ck.model.item_tower,
-        user_tower=ck.model.user_tower,  # history users: the index's own version, whatever query_checkpoint says
-        schema=ck.schema,
+        model=ck,  # users given by features: the index's own version, whatever query_checkpoint says
         loaded_at=clock(),
     )
     _smoke(build)
@@ -179,16 +179,13 @@ def load_build(
 
 def _smoke(build: LiveBuild) -> None:
     """One retrieval and one score before the build may go live: catches unreadable files early."""
-    if len(build.user_ids):
-        u = np.array(build.user_emb[:1])
-    else:
-        u = build.history_vectors(np.zeros(1, np.int64), [np.asarray(build.item_ids[:1])])
+    u = np.array(build.user_emb[:1]) if len(build.user_ids) else np.array(build.item_emb[:1])
     ids, _ = build.search(u, 1)
     if ids[0, 0] < 0:
         raise BuildRefused(f"build {build.build_id}: smoke retrieval returned no result")
     with torch.inference_mode():
         i = torch.from_numpy(np.array(build.item_emb[:1]))
-        if not torch.isfinite(build.scorer(torch.from_numpy(u), i)).all():
+        if not torch.isfinite(build.model.scores(torch.from_numpy(u), i)).all():
             raise BuildRefused(f"build {build.build_id}: smoke score is not finite")
 
 

@@ -28,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.validate import check_embedded
 
 _IDS, _VECTORS, _RECORD = "ids.npy", "vectors.npy", "part.json"
@@ -96,11 +95,11 @@ def reusable(parts: Path, task: PartTask, settings: EmbedSettings) -> dict | Non
 
 def embed_part(embedder, task: PartTask, parts: Path, settings: EmbedSettings, node: str) -> dict:
     """Embed one partition file, gate it and commit it; returns its record. `embedder`: core.embed.Embedder
-    (its `items`/`users` turn an Arrow batch into an embedding table stamped with its checkpoint version)."""
+    (its `items`/`users` turn an Arrow batch into an embedding table stamped with its package version)."""
     t0 = time.perf_counter()
-    columns = list(ITEM_FEATURE_COLUMNS if task.what == "items" else USER_FEATURE_COLUMNS)
+    columns = embedder.columns(task.what)
     fn = embedder.items if task.what == "items" else embedder.users
-    id_name = "item_id" if task.what == "items" else "user_id"
+    id_name = columns[0]
     tables = [fn(pa.Table.from_batches([b])) for b in pq.ParquetFile(task.source).iter_batches(
         batch_size=settings.batch_size, columns=columns)]  # fmt: skip
     if tables:

@@ -21,25 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import assemble as asm
 from core import compare as cmp
 from core import parts
 from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
-from core.checkpoint import Checkpoint, load_checkpoint
+from core.contract.check import check_schema
+from core.contract.towers import ModelPackage, load_package
 from core.datasets import DatasetError, partition_files, read_dataset_manifest
-from core.embed import user_vectors
-from core.features import (
-    ITEM_FEATURE_COLUMNS,
-    USER_FEATURE_COLUMNS,
-    FeatureSchema,
-    check_columns,
-    schema_diff,
-)
 from core.fsutil import commit_dir
 from core.live_build import load_build
+from core.queries import mix, mix_positions
 from core.registry import Registry
 from core.validate import ValidationError
 
@@ -50,7 +43,7 @@ Phase = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-    checkpoint: Checkpoint
+    package: ModelPackage
     catalog_files: list[Path]
     catalog_manifest: dict
     user_files: list[Path]
@@ -90,13 +83,13 @@ class ComparisonRefused(ValidationError):
         self.build_id, self.comparison = build_id, comparison
 
 
-def _dataset(
-    path: Path, kind: str, required: tuple[str, ...], schema: FeatureSchema, version: str
-) -> tuple[list[Path], dict]:
+def _dataset(path: Path, kind: str, inputs: tuple, id_column: str) -> tuple[list[Path], dict]:
+    """A dataset's manifest, partitions and row count, and every partition's columns and types against
+    the tower's declared inputs (footers only: the values are validated where they are embedded)."""
     manifest = read_dataset_manifest(path, kind)
     files = partition_files(path)
     for f in files:
-        check_columns(pq.read_schema(f).names, required, f"{kind} partition {f}")
+        check_schema(pq.read_schema(f), inputs, id_column, f"{kind} partition {f}")
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if rows != manifest["row_count"]:
         raise DatasetError(
@@ -104,25 +97,18 @@ def _dataset(
         )
     if rows == 0:
         raise DatasetError(f"{kind} {path} is empty (0 rows); refusing to build an empty index")
-    data_schema = (
-        FeatureSchema.from_dict(manifest["feature_schema"]) if manifest.get("feature_schema") else None
-    )
-    if data_schema != schema:
-        diffs = schema_diff(schema, data_schema) if data_schema else ["no feature_schema in _dataset.json"]
-        raise DatasetError(
-            f"feature schema mismatch: checkpoint {version} (expected) vs {kind} {path} (actual): {'; '.join(diffs)}"
-        )
     return files, manifest
 
 
-def preflight(checkpoint: Path, catalog: Path, users: Path | None) -> Inputs:
+def preflight(package: Path, catalog: Path, users: Path | None) -> Inputs:
     """Everything that can be checked before spending compute; raises with a message naming the problem."""
-    ck = load_checkpoint(checkpoint)
-    cat_files, cat_m = _dataset(Path(catalog), "catalog", ITEM_FEATURE_COLUMNS, ck.schema, ck.version)
+    m = load_package(package)
+    mf = m.manifest
+    cat_files, cat_m = _dataset(Path(catalog), "catalog", m.item_inputs, mf.item_id)
     user_files, users_m = [], None
     if users is not None:
-        user_files, users_m = _dataset(Path(users), "users", USER_FEATURE_COLUMNS, ck.schema, ck.version)
-    return Inputs(ck, cat_files, cat_m, user_files, users_m)
+        user_files, users_m = _dataset(Path(users), "users", m.user_inputs, mf.user_id)
+    return Inputs(m, cat_files, cat_m, user_files, users_m)
 
 
 def new_build_id(version: str, clock: Callable[[], float] = time.time) -> str:
@@ -135,40 +121,25 @@ def new_build_id(version: str, clock: Callable[[], float] = time.time) -> str:
 MIN_USER_QUERIES = 20
 
 
-def sample_histories(item_ids: np.ndarray, n: int, history_len: int, seed: int) -> pa.ListArray:
-    """`n` synthetic histories (item ids, most recent last) drawn from the catalog with a seeded rng;
-    lengths spread evenly over 1..history_len, so short and full histories are both queried. Items are
-    drawn with replacement (a rare repeat only weighs that item more in the mean-pooled history)."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, history_len + 1, size=n)
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.asarray(item_ids[rng.integers(0, len(item_ids), size=int(offsets[-1]))], np.int64)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def query_sets(
-    ck: Checkpoint, user_x: np.ndarray | None, item_ids: np.ndarray, n: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, dict]:
+def query_sets(user_x: np.ndarray | None, item_x, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Disjoint tuning and held-out queries, both what serving will send this index: the build's user
-    embeddings, or, without users, the checkpoint's user tower over histories sampled from the catalog.
-    Never item vectors: each is its own nearest neighbour, which makes recall look better than it is.
+    embeddings, or, without users, mixtures of a few items' vectors. Never one item's own vector: each
+    is its own nearest neighbour, which makes recall look better than it is.
     Returns (xq_tune (T, D), xq_hold (H, D), a record of which queries these are for the manifest)."""
     if user_x is not None and len(user_x) >= MIN_USER_QUERIES:
         source = "users"
         rng = np.random.default_rng(seed)
         pool = user_x[rng.choice(len(user_x), size=min(n, len(user_x)), replace=False)]
     else:
-        source = "sampled_histories"
-        histories = sample_histories(item_ids, n, ck.schema.history_len, seed)
-        # one user id for all: the queries differ by their histories alone
-        pool = user_vectors(ck.model.user_tower, np.zeros(n, np.int64), histories, ck.schema)  # (n, D)
+        source = "item_mixtures"
+        positions, offsets = mix_positions(len(item_x), n, seed)
+        pool = mix(item_x[positions], offsets)  # (n, D)
     half = len(pool) // 2
     return pool[:half], pool[half:], {"source": source, "tuning": half, "holdout": len(pool) - half}
 
 
-def embed_settings(ck: Checkpoint, precision: str, batch_size: int) -> parts.EmbedSettings:
-    return parts.EmbedSettings(ck.version, ck.manifest["weights_sha256"], precision, batch_size)
+def embed_settings(m: ModelPackage, precision: str, batch_size: int) -> parts.EmbedSettings:
+    return parts.EmbedSettings(m.version, m.content_sha256, precision, batch_size)
 
 
 def resume_record(inputs: Inputs, settings: parts.EmbedSettings) -> dict:
@@ -185,7 +156,7 @@ def resume_record(inputs: Inputs, settings: parts.EmbedSettings) -> dict:
 
     return {
         "checkpoint": {"version": settings.checkpoint_version, "weights_sha256": settings.weights_sha256,
-                       "path": str(inputs.checkpoint.path.resolve())},
+                       "path": str(inputs.package.path.resolve())},
         "embedding": {"precision": settings.precision, "batch_size": settings.batch_size},
         "catalog": ds(inputs.catalog_manifest, inputs.catalog_files),
         "users": ds(inputs.users_manifest, inputs.user_files),
@@ -237,7 +208,7 @@ def build_and_publish(
     Raises before anything is published if a gate fails. `pool`: core.worker.Pool; `share`: puts a large
     argument where every worker reads it once (Ray's object store; identity in-process)."""
     phase = on_phase or (lambda _name: None)
-    ck = inputs.checkpoint
+    ck = inputs.package
     out = BuildDir(staging)
     tasks = parts.plan("items", inputs.catalog_files) + parts.plan("users", inputs.user_files)
     t0 = time.perf_counter()
@@ -264,7 +235,7 @@ def build_and_publish(
         user_x = np.load(out.table_files("users")[1], mmap_mode="r")  # the queries read a few rows of it
     timings["users_table_s"] = round(time.perf_counter() - t1, 3)
     xq_tune, xq_hold, queries = query_sets(
-        ck, user_x, asm.GlobalRows(out.parts_dir, item_recs, "ids"), opts.max_queries, opts.seed
+        user_x, asm.GlobalRows(out.parts_dir, item_recs, "vectors"), opts.max_queries, opts.seed
     )
     quality, shard_recs = asm.build_index(
         pool, out, plan, item_recs, item_plans, ck.version, xq_tune, xq_hold, opts, share, progress, timings
@@ -291,7 +262,7 @@ def build_and_publish(
     t2 = time.perf_counter()
     shutil.rmtree(out.parts_dir)  # the tables hold every vector now; a crash from here re-embeds on resume
     out.resume_path.unlink(missing_ok=True)
-    # The query tower travels with the index: serving loads both from the build, as one unit.
+    # The model package travels with the index: serving loads both from the build, as one unit.
     out.copy_checkpoint(ck.path)
     manifest = BuildManifest(
         build_id=build_id,
@@ -299,9 +270,9 @@ def build_and_publish(
         checkpoint=CheckpointRef(
             version=ck.version,
             family=ck.family,
-            weights_sha256=ck.manifest["weights_sha256"],
+            weights_sha256=ck.content_sha256,
             source_path=str(ck.path.resolve()),
-            embed_dim=ck.manifest["embed_dim"],
+            embed_dim=ck.dim,
         ),
         catalog=DatasetRef(
             fingerprint=inputs.catalog_manifest["fingerprint"],
@@ -376,12 +347,13 @@ def build_and_publish(
 
 def comparison_users(inputs: Inputs, compare: CompareOptions, item_ids, seed: int) -> cmp.EvalUsers:
     """Who both builds are asked about: users of the users dataset (with their held-out items when
-    given), else histories sampled from the catalog, the same ones for both builds."""
+    given), else item mixtures, the same items in both builds."""
+    m = inputs.package
     if inputs.user_files:
-        return cmp.eval_users(inputs.user_files[0].parent, compare.holdout, compare.users, seed)
-    h = sample_histories(item_ids, compare.users, inputs.checkpoint.schema.history_len, seed)
-    hist = [np.asarray(x, np.int64) for x in h.to_pylist()]
-    return cmp.EvalUsers(np.zeros(len(hist), np.int64), hist, None, {"users": "sampled_histories"})
+        cols = [s.name for s in m.user_inputs]
+        return cmp.eval_users(inputs.user_files[0].parent, compare.holdout, cols, m.manifest.user_id,
+                              compare.users, seed)  # fmt: skip
+    return cmp.mixture_users(np.asarray(item_ids), compare.users, seed)
 
 
 def _compare_with_live(registry: Registry, out: BuildDir, manifest: BuildManifest, inputs: Inputs,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from core import canary as canary_mod
 from core import skew_gate
@@ -36,16 +37,6 @@ class ServingState:
     build: LiveBuild
     sidecar: SidecarSnapshot
     skew_check_passed: bool = False  # the live checkpoint version has a passed skew check on record
-
-    def history_known(self, ids: np.ndarray) -> np.ndarray:
-        """Mask of history ids the build's user tower knows: items of the base catalog it was trained
-        and built on, not deleted since. Fresh sidecar ids are unknown to the tower (they would only
-        hash onto other items' rows), so a history drops them."""
-        _, missing = self.build.item_rows(ids)
-        known = ~missing
-        if self.sidecar.deleted:
-            known &= ~np.isin(ids, np.fromiter(self.sidecar.deleted, np.int64, len(self.sidecar.deleted)))
-        return known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,12 +165,13 @@ class ReplicaState:
 
 @dataclasses.dataclass(frozen=True)
 class RetrieveQuery:
-    """One user to retrieve for: a row of the build's user table, or a history (known item ids)."""
+    """One user to retrieve for: a row of the build's user table, or the user's features (one row of
+    the user tower's declared columns, validated)."""
 
     k: int
     user_row: int | None = None
     user_id: int = 0
-    history: np.ndarray | None = None
+    features: pa.Table | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,15 +183,15 @@ class RetrieveResult:
 
 def query_vectors(build: LiveBuild, queries: list[RetrieveQuery]) -> tuple[np.ndarray, int]:
     """(Q, D) query vectors and how many users the user tower embedded: table users are gathered,
-    history users embedded ONCE per unique (user, history) in one user-tower pass."""
+    users given by features embedded ONCE per unique (user, features) in one user-tower pass."""
     xq = np.empty((len(queries), build.dim), np.float32)
-    table = [q for q, query in enumerate(queries) if query.history is None]
+    table = [q for q, query in enumerate(queries) if query.features is None]
     xq[table] = build.user_emb[[queries[q].user_row for q in table]]
-    hist = [q for q, query in enumerate(queries) if query.history is not None]
+    hist = [q for q, query in enumerate(queries) if query.features is not None]
     if not hist:
         return xq, 0
-    slots, vecs = build.unique_history_vectors(
-        [queries[q].user_id for q in hist], [queries[q].history for q in hist]
+    slots, vecs = build.unique_feature_vectors(
+        [queries[q].user_id for q in hist], [queries[q].features for q in hist]
     )
     xq[hist] = vecs[slots]
     return xq, len(vecs)

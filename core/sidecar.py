@@ -20,15 +20,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from core.embed import item_vectors
-from core.features import encode_item_rows
+from core.contract.encode import rows_table
 from core.live_build import LiveBuild
 from core.registry import Registry
 from core.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
 
 log = logging.getLogger(__name__)
-
-ITEM_FIELDS = ("item_id", "title", "genres", "year", "tags")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +145,12 @@ class Sidecar:
 
 
 def embed_items(build: LiveBuild, rows: list[dict]) -> np.ndarray:
-    """Raw item dicts -> (M, D) vectors by the build's OWN item tower (same features as the catalog)."""
-    return item_vectors(build.item_tower, encode_item_rows(rows, build.schema), build.schema)
+    """Item dicts (the item tower's declared columns) -> (M, D) vectors by the build's OWN item tower,
+    validated against its package as catalog rows are."""
+    id_column = build.model.manifest.item_id  # the log keys items by "item_id"; a tower may read its id
+    return build.model.item_vectors(
+        rows_table([r | {id_column: r["item_id"]} for r in rows], build.model.item_inputs, {})
+    )
 
 
 def _same_as_base(build: LiveBuild, ids: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -163,17 +164,22 @@ def _same_as_base(build: LiveBuild, ids: np.ndarray, emb: np.ndarray) -> np.ndar
     return same
 
 
-def catalog_rows(catalog_files: list[Path], ids: list[int]) -> dict[int, dict]:
-    """Raw features of these ids in a catalog dataset (item_id -> title/genres/year/tags); ids absent
-    from the catalog are absent from the result. Reads only the id column plus the matching rows."""
+def catalog_rows(
+    catalog_files: list[Path], ids: list[int], fields: list[str], id_column: str = "item_id"
+) -> dict[int, dict]:
+    """The catalog's values of `fields` for these ids (id -> {field: value}); ids absent from the
+    catalog are absent from the result. Reads only those columns and the matching rows."""
     if not ids:
         return {}
     ds = pads.dataset([str(f) for f in catalog_files], format="parquet")
-    t = ds.to_table(columns=list(ITEM_FIELDS), filter=pc.field("item_id").isin(pa.array(ids, pa.int64())))
-    return {int(r["item_id"]): r for r in t.to_pylist()}
+    cols = [c for c in dict.fromkeys([id_column, *fields]) if c in ds.schema.names]
+    t = ds.to_table(columns=cols, filter=pc.field(id_column).isin(pa.array(ids, pa.int64())))
+    return {int(r.pop(id_column)): r for r in t.to_pylist()}
 
 
-def fold_into_base(registry: Path, build_id: str, catalog_files: list[Path], before_replace=None) -> dict:
+def fold_into_base(
+    registry: Path, build_id: str, catalog_files: list[Path], id_column: str = "item_id", before_replace=None
+) -> dict:
     """After `build_id` went live: drop from the sidecar log the entries its catalog already serves
     (same raw features; deletes of ids it no longer holds), archived, so they stop counting against
     the cap. Nothing is dropped unless `build_id` is still the live build when the log is rewritten."""
@@ -184,7 +190,8 @@ def fold_into_base(registry: Path, build_id: str, catalog_files: list[Path], bef
     def served(entries: list[dict]) -> list[bool]:
         if Registry(registry).current() != build_id:
             return [False] * len(entries)  # another build went live meanwhile: it decides, not this one
-        rows = catalog_rows(catalog_files, sorted({int(e["item_id"]) for e in entries}))
+        fields = sorted({k for e in entries if e["op"] == "upsert" for k in e["item"]})
+        rows = catalog_rows(catalog_files, sorted({int(e["item_id"]) for e in entries}), fields, id_column)
         return served_by_catalog(rows)(entries)
 
     stats = log.compact(served, base_build=build_id, before_replace=before_replace)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,9 +26,9 @@ from pathlib import Path
 from core.fsutil import locked, write_bytes_atomic
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Items carry calendar years; the catalog stores them as int32 and the tower buckets them by year.
-YEAR_MIN, YEAR_MAX = 0, 9999
-TITLE_MAX, GENRES_MAX, TAGS_MAX = 500, 500, 2000
+# An item is the item tower's declared columns (validated against the live build's package where it is
+# embedded, and at POST /items); the log itself only bounds what one entry may hold.
+MAX_ITEM_FIELDS, MAX_FIELD_NAME, MAX_LIST = 64, 64, 4096
 # Superseded lines (older entries of an id with a newer one) are dropped by an append once the log holds
 # more than this many lines per live entry (+ a floor), so a stream of updates keeps it bounded.
 COMPACT_RATIO, COMPACT_FLOOR = 2, 64
@@ -37,43 +38,34 @@ class SidecarFull(RuntimeError):
     pass
 
 
-def _utf8_problem(name: str, value) -> str | None:
-    if not isinstance(value, str):
-        return f"{name} must be a string, got {type(value).__name__}"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"{name} is not valid UTF-8 text ({e.reason} at position {e.start})"
-    return None
+def _value_problem(name: str, value) -> str | None:
+    """A feature value is a number or a flat list of numbers (what a declared input can be)."""
+
+    def number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if number(value):
+        return None
+    if isinstance(value, list) and len(value) <= MAX_LIST and all(number(v) for v in value):
+        return None
+    return f"{name} must be a number or a list of at most {MAX_LIST} numbers, got {str(value)[:40]!r}"
 
 
 def item_problem(item_id, item: dict) -> str | None:
-    """Why these raw features cannot be embedded (None if they can): the boundary check of POST /items
-    and the follower's defence against entries written before it, by hand or by another version."""
+    """Why this entry's features cannot be an item (None if they may be): the log's own bounds. Whether
+    they fit the model is the package's check (core.contract.encode), where the item is embedded."""
     if not isinstance(item_id, int) or isinstance(item_id, bool) or not INT64_MIN <= item_id <= INT64_MAX:
         return f"item_id must be an integer in the int64 range, got {item_id!r:.40}"
     if not isinstance(item, dict):
         return f"item {item_id}: features must be an object, got {type(item).__name__}"
-    title = item.get("title")
-    for name, value, limit, required in (
-        ("title", title, TITLE_MAX, True),
-        ("genres", item.get("genres", ""), GENRES_MAX, False),
-        ("tags", item.get("tags", ""), TAGS_MAX, False),
-    ):
-        if value is None and not required:
-            continue
-        problem = _utf8_problem(name, value)
+    if len(item) > MAX_ITEM_FIELDS:
+        return f"item {item_id}: at most {MAX_ITEM_FIELDS} features, got {len(item)}"
+    for name, value in item.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_FIELD_NAME:
+            return f"item {item_id}: feature names must be 1 to {MAX_FIELD_NAME} characters, got {name!r:.40}"
+        problem = _value_problem(name, value)
         if problem:
             return f"item {item_id}: {problem}"
-        if len(value) > limit or (required and not value):
-            return f"item {item_id}: {name} must be 1 to {limit} characters, got {len(value)}"
-    year = item.get("year")
-    if year is not None and (
-        not isinstance(year, int) or isinstance(year, bool) or not YEAR_MIN <= year <= YEAR_MAX
-    ):
-        return (
-            f"item {item_id}: year must be null or an integer in [{YEAR_MIN}, {YEAR_MAX}], got {year!r:.40}"
-        )
     return None
 
 
@@ -279,21 +271,27 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def _same_value(v) -> object:
+    """Features compared as the tower reads them: numbers as float32 (a JSON 19.99 and a float32 column's
+    19.99 are the same input), lists element-wise."""
+    if isinstance(v, list):
+        return tuple(_same_value(x) for x in v)
+    return None if v is None else float(struct.unpack("f", struct.pack("f", float(v)))[0])
+
+
 def served_by_catalog(catalog_rows: dict[int, dict]) -> Callable[[list[dict]], list[bool]]:
     """A `served` predicate for compaction after a rebuild: an upsert is served when the new base's
-    catalog holds that id with the same raw features; a delete when the catalog no longer holds it.
-    `catalog_rows`: item_id -> raw features (title, genres, year, tags) for the ids the log names."""
+    catalog holds that id with the same features; a delete when the catalog no longer holds it.
+    `catalog_rows`: item_id -> the catalog's values of the features the log's entries name."""
 
-    def norm(item: dict) -> tuple:
-        return (item.get("title") or "", item.get("genres") or "", item.get("year"), item.get("tags") or "")
+    def same(row: dict, item: dict) -> bool:
+        return all(k in row and _same_value(row[k]) == _same_value(v) for k, v in item.items())
 
     def served(entries: list[dict]) -> list[bool]:
         out = []
         for e in entries:
             row = catalog_rows.get(int(e["item_id"]))
-            out.append(
-                row is None if e["op"] == "delete" else row is not None and norm(row) == norm(e["item"])
-            )
+            out.append(row is None if e["op"] == "delete" else row is not None and same(row, e["item"]))
         return out
 
     return served

@@ -1,10 +1,10 @@
-"""Rebuild the ANN index with ONE frozen checkpoint over the whole catalog, validate it, publish it.
+"""Rebuild the ANN index with ONE frozen model package over the whole catalog, validate it, publish it.
 
-  python -m jobs.rebuild_index --checkpoint checkpoints/ml-two-tower-XXXX \\
-      --catalog data/movielens/catalog --users data/movielens/users --registry registry
+  python -m jobs.rebuild_index --package packages/<family>-XXXX \\
+      --catalog data/catalog --users data/users --registry registry
 
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-      python -m jobs.rebuild_index --checkpoint $PWD/checkpoints/... --catalog $PWD/data/movielens/catalog ...
+      python -m jobs.rebuild_index --package $PWD/packages/... --catalog $PWD/data/catalog ...
 
 Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
 the inputs', unique ids, finite vectors, held-out recall@k >= the target, and (when a build is live)
@@ -110,7 +110,7 @@ def _staging(cfg: RebuildConfig, registry: Registry, inputs: Inputs, settings) -
     """A new staging directory, or (--resume) the staged one, checked against what this run embeds."""
     record = resume_record(inputs, settings)
     if cfg.resume is None:
-        build_id = new_build_id(inputs.checkpoint.version)
+        build_id = new_build_id(inputs.package.version)
         staging = registry.staging(build_id)
         write_json_atomic(BuildDir(staging).resume_path, record)
         return build_id, staging
@@ -129,7 +129,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     phase = on_phase or (lambda _n: None)
     t_start = time.perf_counter()
     inputs: Inputs = preflight(cfg.checkpoint, cfg.catalog, cfg.users)
-    ck = inputs.checkpoint
+    ck = inputs.package
     gate = skew_gate.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
     registry = Registry(cfg.registry)
     expected_seq = registry.pointer().seq
@@ -188,7 +188,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     # frees their slots under the cap. A failure here leaves the log as it was (`jobs.registry
     # sidecar-fold` redoes it); it never un-publishes the build.
     try:
-        folded = fold_into_base(cfg.registry, build_id, inputs.catalog_files)
+        folded = fold_into_base(cfg.registry, build_id, inputs.catalog_files, inputs.package.manifest.item_id)
     except Exception as e:  # noqa: BLE001 - the build is live; folding is housekeeping
         log.error(
             "build %s is live but folding the sidecar into it failed: %s: %s", build_id, type(e).__name__, e
@@ -270,7 +270,12 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         prog="python -m jobs.rebuild_index", description=__doc__, formatter_class=_HelpFormatter
     )
     p.add_argument(
-        "--checkpoint", type=Path, required=True, help="checkpoint directory written by jobs.train"
+        "--package",
+        "--checkpoint",
+        dest="checkpoint",
+        type=Path,
+        required=True,
+        help="model package directory (core.contract.package.write_package; its version tags every vector)",
     )
     p.add_argument(
         "--catalog", type=Path, required=True, help="catalog dataset directory (jobs.prepare_data)"

@@ -82,7 +82,16 @@ def _diff(reg: Registry, a) -> int:
         return 2
     holdout = a.holdout or default_holdout(users)
     result = cmp.compare(
-        base, new, cmp.eval_users(users, holdout, a.sample_users), base.manifest.quality.get("k", 10)
+        base,
+        new,
+        cmp.eval_users(
+            users,
+            holdout,
+            [s.name for s in new.model.user_inputs],
+            new.model.manifest.user_id,
+            a.sample_users,
+        ),
+        base.manifest.quality.get("k", 10),
     )
     result["refused_for"] = cmp.judge(result, cmp.Limits())
     if a.json:

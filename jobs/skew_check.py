@@ -1,7 +1,10 @@
 """Version-skew sensitivity check for a model family: a readiness gate before it is trusted.
 
-  python -m jobs.skew_check --checkpoints checkpoints/A checkpoints/B [...] \\
-      [--data data/movielens] [--registry registry] [--k 10] [--max-relative-drop 0.2]
+  python -m jobs.skew_check --packages packages/A packages/B [...] --data DATA \\
+      [--registry registry] [--k 10] [--max-relative-drop 0.2] [--split test]
+
+DATA holds catalog/, users/ (the towers' declared columns; `seen_item_ids` masks seen items) and
+interactions/SPLIT/ (user_id, item_id: the held-out interactions).
 
 For every (query-tower version, index version) pair: Recall@K on held-out interactions and overlap@K
 with the matched-version retrieval. Prints the matrix, saves JSON + a heatmap PNG into the registry
@@ -17,8 +20,7 @@ import json
 from pathlib import Path
 
 from core import datasets, skew, skew_gate
-from core.checkpoint import load_checkpoint
-from core.features import FeatureSchema
+from core.contract.towers import load_package
 from jobs.common import run_main
 
 
@@ -72,14 +74,10 @@ def parse(argv: list[str] | None) -> SkewConfig:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--packages", "--checkpoints", dest="checkpoints", type=Path, nargs="+", required=True,
+                   help="two or more model packages of ONE family")  # fmt: skip
     p.add_argument(
-        "--checkpoints", type=Path, nargs="+", required=True, help="two or more checkpoints of ONE family"
-    )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path("data/movielens"),
-        help="prepared MovieLens (catalog, users, interactions)",
+        "--data", type=Path, required=True, help="a directory with catalog/, users/, interactions/SPLIT/"
     )
     p.add_argument(
         "--registry", type=Path, default=Path("registry"), help="results go to REGISTRY/skew/<family>/"
@@ -94,16 +92,13 @@ def parse(argv: list[str] | None) -> SkewConfig:
     p.add_argument("--split", choices=["val", "test"], default="test")
     a = p.parse_args(argv)
     if len(a.checkpoints) < 2:
-        p.error("--checkpoints needs at least two checkpoints")
+        p.error("--packages needs at least two packages")
     return SkewConfig(tuple(a.checkpoints), a.data, a.registry, a.k, a.max_relative_drop, a.split)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
-    schema = FeatureSchema.from_dict(
-        datasets.read_dataset_manifest(cfg.data / "catalog", "catalog")["feature_schema"]
-    )
-    cks = [load_checkpoint(c, expected_schema=schema) for c in cfg.checkpoints]
+    cks = [load_package(c) for c in cfg.checkpoints]
     result = skew_gate.judge(
         skew.skew_matrix(
             cks,

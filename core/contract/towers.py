@@ -81,13 +81,14 @@ class ModelPackage:
         device: str = "cpu",
         compute=None,
     ) -> np.ndarray:
-        """Rows of a table (the tower's declared columns, validated) -> (N, D) float32 vectors."""
+        """Rows of a table (the tower's declared columns, validated) -> (N, D) float32 vectors.
+        `compute`: a context-manager factory around each batch (e.g. bf16 autocast)."""
         specs = self.inputs(tower)
         encode.check_columns(table.column_names, specs, what)
         out = []
         for s in range(0, table.num_rows, batch_size):
             arrays = encode.table_arrays(table.slice(s, batch_size), specs, what)
-            with compute or contextlib.nullcontext():
+            with compute() if compute else contextlib.nullcontext():
                 out.append(self.run(tower, arrays, device))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 

@@ -115,7 +115,7 @@ def users(n: int, seed: int = 1) -> pa.Table:
 
 def write_data(out: Path, items: int, n_users: int, parts: int = 4) -> None:
     for kind, table in (("catalog", catalog(items)), ("users", users(n_users))):
-        write_dataset(out / kind, split_table(table, parts), kind=kind, schema=None,
+        write_dataset(out / kind, split_table(table, parts), kind=kind,
                       source={"example": "examples.shop"}, overwrite=True)  # fmt: skip
 
 

@@ -7,9 +7,9 @@ import urllib.request
 import uuid
 
 import pytest
+from core.checkpoint import read_manifest
 
 from core.build_dir import BuildDir
-from core.checkpoint import read_manifest
 from core.datasets import read_table
 from core.rebuild import IndexOptions
 from core.registry import Registry
@@ -88,7 +88,7 @@ def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(
     assert f"* {first}" in listing and f"  {second}" in listing
 
 
-def test_a_build_without_users_is_tuned_on_sampled_histories_and_published(
+def test_a_build_without_users_is_tuned_on_item_mixtures_and_published(
     ray_head, ml_data, checkpoints, new_registry, catalog_ids
 ):
     """--no-users: no user tables, and the index is tuned and gated on the user tower over sampled
@@ -102,7 +102,7 @@ def test_a_build_without_users_is_tuned_on_sampled_histories_and_published(
     m = checked["manifest"]
     assert m.users is None and m.homogeneity["user_rows"] == 0
     half = IndexOptions.max_queries // 2
-    assert m.quality["queries"] == {"source": "sampled_histories", "tuning": half, "holdout": half}
+    assert m.quality["queries"] == {"source": "item_mixtures", "tuning": half, "holdout": half}
     assert m.quality["recall_at_k"] >= m.quality["target"] == 0.95
     assert m.run["nice"] == 5
     b = BuildDir(Registry(registry).build_dir(build))

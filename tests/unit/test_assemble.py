@@ -23,7 +23,7 @@ from core.rebuild import IndexOptions, build_and_publish, embed_settings, prefli
 from core.registry import Registry
 from core.validate import ValidationError
 from core.worker import LocalPool, Worker
-from tests.unit.test_rebuild import SCHEMA, Killed, _items, _users
+from tests.unit.test_rebuild import Killed, _items, _users
 from tests.unit.tiny_build import make_checkpoint
 
 N = 600
@@ -38,8 +38,8 @@ def data(tmp_path_factory):
     items = _items(N)
     shuffled = items.take(np.random.default_rng(3).permutation(N))
     users = _users(120, items["item_id"].to_numpy())
-    write_dataset(root / "catalog", split_table(shuffled, 4), kind="catalog", schema=SCHEMA, source={})
-    write_dataset(root / "users", split_table(users, 2), kind="users", schema=SCHEMA, source={})
+    write_dataset(root / "catalog", split_table(shuffled, 4), kind="catalog", source={})
+    write_dataset(root / "users", split_table(users, 2), kind="users", source={})
     return {"root": root, "ck": ck, "items": items}
 
 
@@ -49,7 +49,7 @@ def _build(data, tmp_path, name, opts, workers=2, on_phase=None, registry=None):
     pool = LocalPool([Worker(str(data["ck"]), threads=1, node=f"node-{i}") for i in range(workers)])
     staging = reg.staging(name) if not (reg.builds / f".tmp-{name}").exists() else reg.builds / f".tmp-{name}"
     m = build_and_publish(
-        inputs, pool, reg, staging, name, reg.pointer().seq, opts, embed_settings(inputs.checkpoint, "fp32", 64),
+        inputs, pool, reg, staging, name, reg.pointer().seq, opts, embed_settings(inputs.package, "fp32", 64),
         {}, {}, on_phase=on_phase, progress=lambda _m: None,
     )  # fmt: skip
     return reg, m
@@ -155,9 +155,8 @@ def test_an_id_in_two_partitions_is_refused_before_anything_is_published(data, t
     items = _items(N)
     dup = items.slice(0, 5)  # the first five ids again, in another partition
     parts = split_table(items, 3) + [pa.concat_tables([dup, _items(8, seed=1).slice(0, 0)])]
-    write_dataset(root / "catalog", parts, kind="catalog", schema=SCHEMA, source={})
-    write_dataset(root / "users", split_table(_users(40, items["item_id"].to_numpy()), 1), kind="users",
-                  schema=SCHEMA, source={})  # fmt: skip
+    write_dataset(root / "catalog", parts, kind="catalog", source={})
+    write_dataset(root / "users", split_table(_users(40, items["item_id"].to_numpy()), 1), kind="users", source={})  # fmt: skip
     d = {**data, "root": root}
     with pytest.raises(ValidationError, match=r"item_id must be unique; 5 duplicates across partitions"):
         _build(d, tmp_path, "b-dup", SHARDED)
@@ -212,4 +211,4 @@ def test_a_kept_worker_loads_the_next_rebuilds_checkpoint_and_drops_old_shards(d
     assert w.embedder is first and not w.shards  # the same checkpoint: nothing reloaded
     other = make_checkpoint(tmp_path / "other", seed=1)
     w.load(str(other), "fp32")
-    assert w.embedder.ckpt.version != first.ckpt.version and w.loaded == (str(other), "fp32")
+    assert w.embedder.model.version != first.model.version and w.loaded == (str(other), "fp32")

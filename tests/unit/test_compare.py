@@ -1,6 +1,7 @@
 """The cut-over comparison's numbers on vectors whose answer is known."""
 
 import numpy as np
+import pyarrow as pa
 
 from core import compare as cmp
 from core.live_build import load_build
@@ -38,7 +39,13 @@ def test_compare_a_build_with_itself_and_with_an_unrelated_one(tmp_path):
     ids = a.user_ids[:100]
     hist = [np.asarray(a.item_ids[i : i + 3]) for i in range(100)]
     rel = [set(np.asarray(a.item_ids[i + 5 : i + 8]).tolist()) for i in range(100)]
-    users = cmp.EvalUsers(np.asarray(ids), hist, rel, {"users": "test"})
+    features = pa.table(
+        {
+            "user_id": pa.array(ids, pa.int64()),
+            "history": pa.array([h.tolist() for h in hist], pa.list_(pa.int64())),
+        }
+    )
+    users = cmp.EvalUsers(np.asarray(ids), features, hist, rel, {"users": "test"})
     same = cmp.compare(a, a, users)
     assert same["overlap_at_k"] == 1.0 and same["quality"]["relative_drop"] == 0.0
     assert cmp.judge(same, cmp.Limits()) == []
@@ -46,4 +53,4 @@ def test_compare_a_build_with_itself_and_with_an_unrelated_one(tmp_path):
     assert other["overlap_at_k"] < 0.1
     assert any("top-10 overlap with live build a" in w for w in cmp.judge(other, cmp.Limits()))
     top = cmp.top_k(a, users, 10)
-    assert not any(set(top[q].tolist()) & set(hist[q].tolist()) for q in range(100))  # history masked
+    assert not any(set(top[q].tolist()) & set(hist[q].tolist()) for q in range(100))  # seen items masked

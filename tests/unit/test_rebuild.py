@@ -4,7 +4,6 @@ actors get) with a crash injected at every phase (what `ray job stop`'s SIGKILL 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -17,10 +16,12 @@ import pytest
 
 from core import index as ann
 from core.build_dir import BuildDir
-from core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_manifest
+from core.contract.package import read_manifest
+from core.contract.spec import ContractError
+from core.contract.towers import load_package
 from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dataset
-from core.embed import Embedder, embedding_table, embeddings_to_numpy, item_vectors, user_vectors
-from core.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
+from core.embed import Embedder, embedding_table, embeddings_to_numpy
+from core.queries import mix, mix_positions
 from core.rebuild import (
     CompareOptions,
     ComparisonRefused,
@@ -29,11 +30,11 @@ from core.rebuild import (
     embed_settings,
     preflight,
     query_sets,
-    sample_histories,
 )
 from core.registry import POINTER, Registry
 from core.validate import ValidationError, check_embedded
 from core.worker import LocalPool, Worker
+from examples.movielens.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
 from tests.unit.tiny_build import CFG, SCHEMA, make_build, make_checkpoint
 
 N_ITEMS, N_USERS = 240, 60
@@ -86,13 +87,13 @@ def tiny(tmp_path_factory):
     items = _items(N_ITEMS)
     users = _users(N_USERS, items["item_id"].to_numpy())
     src = {"test": True}
-    write_dataset(root / "catalog", split_table(items, 2), kind="catalog", schema=SCHEMA, source=src)
-    write_dataset(root / "users", split_table(users, 2), kind="users", schema=SCHEMA, source=src)
+    write_dataset(root / "catalog", split_table(items, 2), kind="catalog", source=src)
+    write_dataset(root / "users", split_table(users, 2), kind="users", source=src)
     emb = Embedder(ck_path)
     return {
         "root": root,
         "ck_path": ck_path,
-        "ck": emb.ckpt,
+        "ck": emb.model,
         "items": items,
         "users": users,
         "item_emb": emb.items(items),
@@ -131,7 +132,7 @@ def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_ph
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
     seq = reg.pointer().seq
     pool = LocalPool(workers or [Worker(str(tiny["ck_path"]), threads=1)])
-    settings = embed_settings(inputs.checkpoint, "fp32", 64)
+    settings = embed_settings(inputs.package, "fp32", 64)
     return build_and_publish(
         inputs, pool, reg, staging, build_id, seq, opts, settings, {}, {"nice": 0}, on_phase=on_phase,
         progress=lambda _m: None, compare=compare,
@@ -143,48 +144,47 @@ def _assert_loadable(reg: Registry, build_id: str, items: int) -> None:
     m = b.read_manifest()
     assert m.build_id == build_id and m.index.ntotal == items == len(b.open_items()[0])
     assert b.load_index(m).ntotal == items
-    assert read_manifest(b.checkpoint_path)["version"] == m.checkpoint_version
+    assert read_manifest(b.checkpoint_path).version == m.checkpoint_version
 
 
 # ---- preflight ---------------------------------------------------------------------------------------
 
 
-def _catalog(tmp_path, table, schema=SCHEMA, name="catalog"):
+def _catalog(tmp_path, table, name="catalog"):
     parts = split_table(table, 2) if table.num_rows else [table]
-    write_dataset(tmp_path / name, parts, kind="catalog", schema=schema, source={"test": True})
+    write_dataset(tmp_path / name, parts, kind="catalog", source={"test": True})
     return tmp_path / name
 
 
 def test_preflight_accepts_matching_inputs_and_counts_them(tiny):
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users")
-    assert inputs.checkpoint.version == tiny["ck"].version
+    assert inputs.package.version == tiny["ck"].version
     assert inputs.catalog_manifest["row_count"] == N_ITEMS and len(inputs.catalog_files) == 2
     assert inputs.users_manifest["row_count"] == N_USERS and len(inputs.user_files) == 2
     no_users = preflight(tiny["ck_path"], tiny["root"] / "catalog", None)
     assert no_users.users_manifest is None and no_users.user_files == []
 
 
-def test_preflight_refuses_a_missing_or_corrupted_checkpoint(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        preflight(tmp_path / "no-such-checkpoint", tiny["root"] / "catalog", None)
+def test_preflight_refuses_a_missing_or_corrupted_package(tiny, tmp_path):
+    with pytest.raises(ContractError, match="does not exist"):
+        preflight(tmp_path / "no-such-package", tiny["root"] / "catalog", None)
     bad = tmp_path / "corrupt" / tiny["ck_path"].name
     shutil.copytree(tiny["ck_path"], bad)
-    data = bytearray((bad / WEIGHTS).read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    (bad / WEIGHTS).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="is corrupted: weights sha256 expected"):
+    graph = bad / "item.graph.json"
+    graph.write_bytes(graph.read_bytes().replace(b"aten.relu", b"aten.tanh", 1))
+    with pytest.raises(ContractError, match="item graph sha256 is not the manifest's"):
         preflight(bad, tiny["root"] / "catalog", None)
 
 
 def test_preflight_refuses_missing_columns_naming_them(tiny, tmp_path):
     catalog = _catalog(tmp_path, tiny["items"].drop_columns(["title_tokens"]))
-    with pytest.raises(ValueError, match=r"missing required columns \['title_tokens'\]"):
+    with pytest.raises(ValueError, match=r"missing declared input column\(s\) \['title_tokens'\]"):
         preflight(tiny["ck_path"], catalog, None)
     users = tmp_path / "users"
-    write_dataset(
-        users, [tiny["users"].select(["user_id"])], kind="users", schema=SCHEMA, source={"test": True}
-    )
-    with pytest.raises(ValueError, match=r"users partition .* missing required columns \['history'\]"):
+    write_dataset(users, [tiny["users"].select(["user_id"])], kind="users", source={"test": True})
+    with pytest.raises(
+        ValueError, match=r"users partition .* missing declared input column\(s\) \['history'\]"
+    ):
         preflight(tiny["ck_path"], tiny["root"] / "catalog", users)
 
 
@@ -197,14 +197,18 @@ def test_preflight_refuses_a_row_count_that_disagrees_with_the_partitions(tiny, 
         preflight(tiny["ck_path"], catalog, None)
 
 
-def test_preflight_refuses_a_schema_mismatch_naming_field_expected_and_actual(tiny, tmp_path):
-    other = dataclasses.replace(SCHEMA, title_buckets=999)
-    catalog = _catalog(tmp_path, tiny["items"], schema=other)
-    with pytest.raises(DatasetError, match="feature schema mismatch.*title_buckets: expected 256, got 999"):
-        preflight(tiny["ck_path"], catalog, None)
+def test_preflight_refuses_a_column_of_another_type_naming_declared_and_found(tiny, tmp_path):
+    items = tiny["items"]
+    as_float = items.set_column(items.column_names.index("year_slot"), "year_slot",
+                                items["year_slot"].cast(pa.float64()))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"column 'year_slot': expected int64 scalar in \[0, 132\), found Arrow type double"
+    ):
+        preflight(tiny["ck_path"], _catalog(tmp_path, as_float), None)
     users = tmp_path / "users"
-    write_dataset(users, [tiny["users"]], kind="users", schema=other, source={"test": True})
-    with pytest.raises(DatasetError, match="vs users .*title_buckets: expected 256, got 999"):
+    flat = tiny["users"].set_column(1, "history", pa.array(np.arange(N_USERS)))
+    write_dataset(users, [flat], kind="users", source={"test": True})
+    with pytest.raises(ValueError, match=r"users partition .*column 'history': expected list of int64"):
         preflight(tiny["ck_path"], tiny["root"] / "catalog", users)
 
 
@@ -281,63 +285,53 @@ def test_check_embedded_refuses_non_finite_vectors_naming_ids():
 # ---- the embedder ------------------------------------------------------------------------------------
 
 
-def test_embedder_items_carry_one_version_and_match_item_vectors(tiny):
+def test_embedder_items_carry_one_version_and_match_the_package(tiny):
     out, ck = tiny["item_emb"], tiny["ck"]
     assert out.num_rows == N_ITEMS and out["item_id"].to_pylist() == tiny["items"]["item_id"].to_pylist()
     assert set(out["checkpoint_version"].cast(pa.string()).to_pylist()) == {ck.version}
     x = embeddings_to_numpy(out)
     assert x.shape == (N_ITEMS, CFG.embed_dim) and x.dtype == np.float32
-    np.testing.assert_allclose(x, item_vectors(ck.model.item_tower, tiny["items"], ck.schema), atol=1e-6)
+    np.testing.assert_allclose(x, ck.item_vectors(tiny["items"]), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
 
 
-def test_embedder_users_carry_one_version_and_match_user_vectors(tiny):
+def test_embedder_users_carry_one_version_and_match_the_package(tiny):
     out, ck, users = tiny["user_emb"], tiny["ck"], tiny["users"]
     assert out["user_id"].to_pylist() == users["user_id"].to_pylist()
     assert set(out["checkpoint_version"].cast(pa.string()).to_pylist()) == {ck.version}
     x = embeddings_to_numpy(out)
     assert x.shape == (N_USERS, CFG.embed_dim)
-    want = user_vectors(ck.model.user_tower, users["user_id"].to_numpy(), users["history"], ck.schema)
-    np.testing.assert_allclose(x, want, atol=1e-6)
+    np.testing.assert_allclose(x, ck.user_vectors(users), atol=1e-6)
 
 
 def test_embedder_refuses_batches_without_the_tower_columns(tiny):
     emb = Embedder(tiny["ck_path"])
-    with pytest.raises(ValueError, match=r"catalog batch is missing required columns \['tag_tokens'\]"):
+    with pytest.raises(
+        ValueError, match=r"catalog batch is missing declared input column\(s\) \['tag_tokens'\]"
+    ):
         emb.items(tiny["items"].drop_columns(["tag_tokens"]))
-    with pytest.raises(ValueError, match=r"users batch is missing required columns \['history'\]"):
+    with pytest.raises(ValueError, match=r"users batch is missing declared input column\(s\) \['history'\]"):
         emb.users(tiny["users"].select(["user_id"]))
 
 
 # ---- which queries tune and gate the index -----------------------------------------------------------
 
 
-def test_sampled_histories_are_seeded_catalog_ids_of_spread_lengths(tiny):
-    ids = tiny["items"]["item_id"].to_numpy()
-    h = sample_histories(ids, 2000, SCHEMA.history_len, seed=3)
-    lengths = np.diff(h.offsets.to_numpy())
-    assert len(h) == 2000 and lengths.min() == 1 and lengths.max() == SCHEMA.history_len
-    assert 0.4 * SCHEMA.history_len < lengths.mean() < 0.6 * SCHEMA.history_len
-    assert set(h.values.to_numpy().tolist()) <= set(ids.tolist())
-    assert h.equals(sample_histories(ids, 2000, SCHEMA.history_len, seed=3))
-    assert not h.equals(sample_histories(ids, 2000, SCHEMA.history_len, seed=4))
-
-
-def test_without_users_the_queries_are_the_user_tower_over_sampled_histories(tiny):
-    ck, ids = tiny["ck"], tiny["items"]["item_id"].to_numpy()
-    tune, hold, info = query_sets(ck, None, ids, 200, seed=0)
-    assert info == {"source": "sampled_histories", "tuning": 100, "holdout": 100}
-    hist = sample_histories(ids, 200, ck.schema.history_len, seed=0)
-    want = user_vectors(ck.model.user_tower, np.zeros(200, np.int64), hist, ck.schema)
-    np.testing.assert_allclose(np.concatenate([tune, hold]), want, atol=1e-6)
-    # not item vectors: an item vector would find itself at inner product 1
+def test_without_users_the_queries_are_seeded_item_mixtures(tiny):
     xb = embeddings_to_numpy(tiny["item_emb"])
-    assert (np.concatenate([tune, hold]) @ xb.T).max() < 0.999
+    tune, hold, info = query_sets(None, xb, 200, seed=0)
+    assert info == {"source": "item_mixtures", "tuning": 100, "holdout": 100}
+    positions, offsets = mix_positions(len(xb), 200, seed=0)
+    np.testing.assert_allclose(np.concatenate([tune, hold]), mix(xb[positions], offsets), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(tune, axis=1), 1.0, atol=1e-5)
+    lengths = np.diff(np.append(offsets, len(positions)))
+    assert lengths.min() == 1 and lengths.max() > 1  # single items and mixtures both
+    assert not np.array_equal(mix_positions(len(xb), 200, seed=1)[0][:50], positions[:50])
 
 
 def test_with_users_the_queries_are_disjoint_user_embeddings(tiny):
     xu = embeddings_to_numpy(tiny["user_emb"])
-    tune, hold, info = query_sets(tiny["ck"], xu, tiny["items"]["item_id"].to_numpy(), 200, seed=0)
+    tune, hold, info = query_sets(xu, embeddings_to_numpy(tiny["item_emb"]), 200, seed=0)
     assert info == {"source": "users", "tuning": N_USERS // 2, "holdout": N_USERS - N_USERS // 2}
     rows = {r.tobytes(): i for i, r in enumerate(xu)}
     picked = [rows[r.tobytes()] for r in np.concatenate([tune, hold])]
@@ -361,7 +355,7 @@ def test_finalize_with_users_publishes_tables_and_records_the_queries(tiny, tmp_
     assert len(ids) == N_USERS and (np.diff(ids) > 0).all() and xu.shape == (N_USERS, CFG.embed_dim)
 
 
-def test_finalize_without_users_publishes_a_build_tuned_on_sampled_histories(tiny, tmp_path):
+def test_finalize_without_users_publishes_a_build_tuned_on_item_mixtures(tiny, tmp_path):
     reg = _live_registry(tmp_path, tiny)
     staging = reg.staging("b-no-users")
     m = _finalize(tiny, reg, staging, "b-no-users", users=False)
@@ -369,7 +363,7 @@ def test_finalize_without_users_publishes_a_build_tuned_on_sampled_histories(tin
     _assert_loadable(reg, "b-no-users", N_ITEMS)
     m = reg.manifest("b-no-users")
     assert m.users is None and not m.has_users and m.homogeneity["user_rows"] == 0
-    assert m.quality["queries"] == {"source": "sampled_histories", "tuning": 100, "holdout": 100}
+    assert m.quality["queries"] == {"source": "item_mixtures", "tuning": 100, "holdout": 100}
     assert m.quality["tuning_queries"] == 100 and m.quality["holdout_queries"] == 100
     b = BuildDir(reg.build_dir("b-no-users"))
     assert not b.table_path("user_ids").exists() and not b.table_path("user_embeddings").exists()
@@ -387,7 +381,7 @@ def test_finalize_without_users_still_refuses_a_held_out_recall_below_target(tin
     reg = _live_registry(tmp_path, tiny)
     before, builds = (reg.root / POINTER).read_bytes(), reg.list_builds()
     staging = reg.staging("b-low")
-    with pytest.raises(ValidationError, match=r"recall@10 0\.5000 \(sampled_histories queries\) is below"):
+    with pytest.raises(ValidationError, match=r"recall@10 0\.5000 \(item_mixtures queries\) is below"):
         _finalize(tiny, reg, staging, "b-low", users=False)
     assert (reg.root / POINTER).read_bytes() == before and reg.list_builds() == builds
 
@@ -438,7 +432,7 @@ def test_a_worker_that_embeds_with_another_checkpoint_fails_the_build_before_any
     staging = reg.staging("b-mixed")
     other = make_checkpoint(tmp_path / "other", seed=1)
     workers = [Worker(str(tiny["ck_path"]), threads=1), Worker(str(other), threads=1)]
-    with pytest.raises(ValidationError, match=f"found .*'{load_checkpoint(other).version}'"):
+    with pytest.raises(ValidationError, match=f"found .*'{load_package(other).version}'"):
         _finalize(tiny, reg, staging, "b-mixed", workers=workers)
     assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
     assert not BuildDir(staging).index_path.exists()

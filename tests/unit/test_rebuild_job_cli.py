@@ -17,8 +17,8 @@ from core import parts
 from core import worker as core_worker
 from core.datasets import split_table, write_dataset
 from core.embed import Embedder, embeddings_to_numpy
-from core.features import ITEM_FEATURE_COLUMNS, encode_item_rows
 from core.rebuild import IndexOptions, embed_settings
+from examples.movielens.features import encode_item_rows
 from jobs import rebuild_index
 from jobs.common import lower_priority, run_main
 from jobs.rebuild_index import RebuildConfig, parse
@@ -139,14 +139,14 @@ def test_nice_and_resources_reach_the_actors(tmp_path):
         ],
         SCHEMA,
     )
-    write_dataset(tmp_path / "cat", split_table(table, 1), kind="catalog", schema=SCHEMA, source={})
+    write_dataset(tmp_path / "cat", split_table(table, 1), kind="catalog", source={})
     [task] = parts.plan("items", sorted((tmp_path / "cat").glob("*.parquet")))
-    settings = embed_settings(w.embedder.ckpt, "fp32", 2)
+    settings = embed_settings(w.embedder.model, "fp32", 2)
     rec = w.embed(task, str(tmp_path / "parts"), settings)
-    assert rec["rows"] == 5 and rec["node"] == "n7" and rec["checkpoint_version"] == w.embedder.ckpt.version
+    assert rec["rows"] == 5 and rec["node"] == "n7" and rec["checkpoint_version"] == w.embedder.model.version
     ids, x = parts.open_part(tmp_path / "parts" / task.key)
     assert ids.tolist() == list(range(10, 15))
-    want = embeddings_to_numpy(Embedder(ck).items(table.select(list(ITEM_FEATURE_COLUMNS))))
+    want = embeddings_to_numpy(Embedder(ck).items(table))
     np.testing.assert_allclose(x, want, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
-"""A small but real build directory (checkpoint copy, faiss index, id tables), written without Ray
-through the build directory's owner (core.build_dir), as the rebuild writes it."""
+"""A small but real build directory (model package copy, faiss index, id tables), written without Ray
+through the build directory's owner (core.build_dir), as the rebuild writes it. The package is the
+MovieLens example model at a tiny size, exported through the public contract."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import torch
 
 from core import index as ann
 from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
-from core.checkpoint import read_manifest, save_checkpoint
-from core.features import FeatureSchema
-from core.model import ModelConfig, TwoTower
+from core.contract.package import read_manifest
+from examples.movielens.export import export_model
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import ModelConfig, TwoTower
 
 SCHEMA = FeatureSchema(item_id_buckets=512, user_id_buckets=128, title_buckets=256, tag_buckets=128)
 CFG = ModelConfig(embed_dim=16, field_dim=8, hidden=(32,), ranker_hidden=16, ranker_user_hidden=(32,))
 
 
 def make_checkpoint(root: Path, seed: int = 0) -> Path:
+    """A tiny model package (seeded weights); the name stays: the package is the frozen checkpoint."""
     torch.manual_seed(seed)
-    return save_checkpoint(TwoTower(SCHEMA, CFG), root, family="tiny", training={"seed": seed}, metrics={})
+    return export_model(TwoTower(SCHEMA, CFG), root, family="tiny", metadata={"seed": seed})
 
 
 def _unit_rows(rng, n: int, d: int) -> np.ndarray:
@@ -51,10 +54,10 @@ def make_build(
         BuildManifest(
             build_id=build_id,
             created_at=now_iso(),
-            checkpoint=CheckpointRef(ck["version"], ck["family"], ck["weights_sha256"], str(checkpoint), d),
+            checkpoint=CheckpointRef(ck.version, ck.family, ck.content_sha256, str(checkpoint), d),
             catalog=DatasetRef("tiny-catalog", n_items),
             users=DatasetRef("tiny-users", n_users) if n_users else None,
-            homogeneity={"checkpoint_versions": [ck["version"]], "item_rows": n_items, "user_rows": n_users},
+            homogeneity={"checkpoint_versions": [ck.version], "item_rows": n_items, "user_rows": n_users},
             index=IndexInfo(spec.kind, spec.factory, "inner_product", d, n_items, 0, {}),
             quality={},
             timings={},
