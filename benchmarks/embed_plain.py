@@ -1,12 +1,14 @@
 """Item-embedding throughput of a plain single-process loop (no Ray): the baseline for the rebuild job.
 
 Reads the catalog partitions with pyarrow in record batches, embeds each with `core.embed.Embedder.items`
-and times "read" (parquet -> Arrow) apart from "embed" (Arrow -> tensors -> item tower -> Arrow). After
-one untimed warm-up pass and --repeats timed passes it runs two diagnostics: one pass split into stages
-(prep: Arrow -> tensors, h2d, tower, out: d2h + output table), and the item tower's MLP alone on random
-input, the compute ceiling. FLOPs count only the MLP's Linear layers (2 * in * out per item).
+(the package's exported item tower) and times "read" (parquet -> Arrow) apart from "embed" (Arrow ->
+validated arrays -> item tower -> Arrow). After one untimed warm-up pass and --repeats timed passes it
+runs two diagnostics: one pass split into stages (prep: Arrow -> validated tensors, h2d, tower, out: d2h
++ output table), and the item tower's MLP alone on random input, the compute ceiling. FLOPs count only
+the MLP's Linear layers (2 * in * out per item). The MLP diagnostics take the eager MovieLens tower from
+the training checkpoint the package was exported from (its manifest's metadata names it).
 
-python -m benchmarks.embed_plain --checkpoint checkpoints/<version> --catalog data/synth-1m/catalog \
+python -m benchmarks.embed_plain --package packages/<version> --catalog data/synth-1m/catalog \
     --device cpu --threads 2 --dtype fp32 --out benchmarks/results/embed_plain_cpu_fp32.json
 """
 
@@ -28,15 +30,17 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from core.contract import encode
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table
-from core.features import ITEM_FEATURE_COLUMNS
-from core.model import item_inputs_from_arrow
+from examples.movielens.checkpoint import load_checkpoint
+from examples.movielens.model import TwoTower
+from examples.movielens.train import checkpoint_of
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    checkpoint: Path
+    package: Path
     catalog: Path
     device: str = "cpu"
     threads: int | None = None
@@ -56,6 +60,12 @@ def mlp_flops_per_item(mlp: nn.Module) -> int:
     return sum(2 * m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
 
 
+def eager_model(package: Path, checkpoints: Path = Path("checkpoints")) -> TwoTower:
+    """The eager MovieLens TwoTower a package was exported from (its training checkpoint, found by the
+    package's metadata), for the diagnostics that look inside the tower."""
+    return load_checkpoint(checkpoint_of(package, checkpoints)).model
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -71,16 +81,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def catalog_batches(files: list[Path], batch_size: int) -> Iterator[pa.Table]:
+def catalog_batches(files: list[Path], batch_size: int, columns: list[str]) -> Iterator[pa.Table]:
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(ITEM_FEATURE_COLUMNS)):
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
             yield pa.Table.from_batches([rb])
 
 
 def timed_pass(files: list[Path], emb: Embedder, cfg: BenchConfig, autocast) -> tuple[int, float, float]:
     """One pass over the catalog -> (rows embedded, read seconds, embed seconds)."""
     rows, read_s, embed_s = 0, 0.0, 0.0
-    batches = catalog_batches(files, cfg.batch_size)
+    batches = catalog_batches(files, cfg.batch_size, emb.columns("items"))
     while True:
         t0 = time.perf_counter()
         table = next(batches, None)
@@ -98,20 +108,19 @@ def timed_pass(files: list[Path], emb: Embedder, cfg: BenchConfig, autocast) -> 
 def stage_breakdown(tables: list[pa.Table], emb: Embedder, autocast) -> dict[str, float]:
     """Embedder.items split into its stages, with a device sync after each (one pass, seconds)."""
     stages = dict.fromkeys(("prep", "h2d", "tower", "out"), 0.0)
+    specs, id_name = emb.model.item_inputs, emb.model.manifest.item_id
     for table in tables:
         t0 = time.perf_counter()
-        x = item_inputs_from_arrow(table, emb.ckpt.schema)
+        x = encode.to_tensors(encode.table_arrays(table, specs, "catalog batch"))
         t1 = time.perf_counter()
-        x = x.to(emb.device)
+        x = {k: v.to(emb.device) for k, v in x.items()}
         sync(emb.device)
         t2 = time.perf_counter()
         with autocast():
-            y = emb.model.item_tower(x)
+            y = emb.model.programs["item"](**x)
         sync(emb.device)
         t3 = time.perf_counter()
-        embedding_table(
-            table.column("item_id").to_numpy(), y.float().cpu().numpy(), emb.ckpt.version, "item_id"
-        )
+        embedding_table(table.column(id_name).to_numpy(), y.float().cpu().numpy(), emb.version, id_name)
         t4 = time.perf_counter()
         for k, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             stages[k] += dt
@@ -119,9 +128,9 @@ def stage_breakdown(tables: list[pa.Table], emb: Embedder, autocast) -> dict[str
 
 
 @torch.inference_mode()
-def mlp_only(emb: Embedder, cfg: BenchConfig, items: int, autocast) -> list[float]:
+def mlp_only(mlp: nn.Module, emb: Embedder, cfg: BenchConfig, items: int, autocast) -> list[float]:
     """The item MLP alone on random device-resident input, same item count and batch size (seconds)."""
-    mlp = emb.model.item_tower.mlp
+    mlp = mlp.to(emb.device)
     x = torch.randn(cfg.batch_size, mlp[0].in_features, device=emb.device)
     n_batches = -(-items // cfg.batch_size)
     times = []
@@ -139,9 +148,10 @@ def mlp_only(emb: Embedder, cfg: BenchConfig, items: int, autocast) -> list[floa
 
 def run(cfg: BenchConfig) -> dict:
     files = partition_files(cfg.catalog)
-    emb = Embedder(cfg.checkpoint, device=cfg.device, threads=cfg.threads)
+    emb = Embedder(cfg.package, device=cfg.device, threads=cfg.threads)
     autocast = autocast_factory(emb.device, cfg.dtype)
-    flops_per_item = mlp_flops_per_item(emb.model.item_tower.mlp)
+    mlp = eager_model(cfg.package).item_tower.mlp
+    flops_per_item = mlp_flops_per_item(mlp)
 
     t0 = time.perf_counter()
     items, _, _ = timed_pass(files, emb, cfg, autocast)
@@ -153,8 +163,10 @@ def run(cfg: BenchConfig) -> dict:
         reads.append(read_s)
         embeds.append(embed_s)
     totals = [r + e for r, e in zip(reads, embeds, strict=True)]
-    stages = stage_breakdown(list(catalog_batches(files, cfg.batch_size)), emb, autocast)
-    mlp_times = mlp_only(emb, cfg, items, autocast)
+    stages = stage_breakdown(
+        list(catalog_batches(files, cfg.batch_size, emb.columns("items"))), emb, autocast
+    )
+    mlp_times = mlp_only(mlp, emb, cfg, items, autocast)
 
     med, med_embed, med_mlp = (
         statistics.median(totals),
@@ -165,7 +177,7 @@ def run(cfg: BenchConfig) -> dict:
     return {
         "benchmark": "embed_plain",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
-        "checkpoint_version": emb.ckpt.version,
+        "package_version": emb.version,
         "items": items,
         "partitions": len(files),
         "device": str(emb.device),
@@ -196,7 +208,10 @@ def run(cfg: BenchConfig) -> dict:
 
 def parse(argv: list[str] | None = None) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m benchmarks.embed_plain", description=__doc__)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (jobs.train)")
+    p.add_argument(
+        "--package", "--checkpoint", dest="package", type=Path, required=True,
+        help="model package directory (examples.movielens.train)",
+    )  # fmt: skip
     p.add_argument("--catalog", type=Path, required=True, help="catalog dataset dir with part-*.parquet")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -209,7 +224,7 @@ def parse(argv: list[str] | None = None) -> BenchConfig:
     a = p.parse_args(argv)
     if a.batch_size < 1 or a.repeats < 1:
         p.error("--batch-size and --repeats must be >= 1")
-    return BenchConfig(a.checkpoint, a.catalog, a.device, a.threads, a.batch_size, a.repeats, a.dtype, a.out)
+    return BenchConfig(a.package, a.catalog, a.device, a.threads, a.batch_size, a.repeats, a.dtype, a.out)
 
 
 def main(argv: list[str] | None = None) -> int:

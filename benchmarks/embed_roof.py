@@ -1,14 +1,15 @@
 """How close item embedding gets to the machine's compute roof, what bounds it, and what bf16 costs.
 
 1. roof: torch fp32 and bf16 GEMM and numpy fp32 GEMM (--gemm-n cubed) and the item MLP's own GEMM shapes, --threads threads.
-2. stages: Embedder.items on real catalog batches split into arrow->tensors, the id/year embedding
-   lookups, the three EmbeddingBags, cat, each Linear and ReLU, normalize, output table.
-3. bf16: the whole catalog embedded in fp32 and under bf16 autocast (interleaved, median of --repeats),
+2. stages: the eager MovieLens item tower (the training checkpoint the package was exported from) on
+   real catalog batches split into arrow->tensors, the id/year embedding lookups, the three
+   EmbeddingBags, cat, each Linear and ReLU, normalize, output table.
+3. bf16: the whole catalog embedded (Embedder.items: the package's exported tower) in fp32 and under bf16 autocast (interleaved, median of --repeats),
    then retrieval recall@10 of EXACT search over the bf16 item vectors against exact search over the fp32
    ones, for the same user queries (user embeddings of a build; tie-tolerant, core.index.recall_at_k).
 All timings are medians of --repeats, variants interleaved.
 
-python -m benchmarks.embed_roof --checkpoint checkpoints/<v> --catalog data/synth-1m/catalog \
+python -m benchmarks.embed_roof --package packages/<v> --catalog data/synth-1m/catalog \
     --build /tmp/bench-reg-1m/builds/<id>
 """
 
@@ -27,17 +28,17 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from benchmarks.embed_plain import catalog_batches, mlp_flops_per_item
+from benchmarks.embed_plain import catalog_batches, eager_model, mlp_flops_per_item
 from core import index as ann
 from core.build_dir import BuildDir
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table, embeddings_to_numpy
-from core.model import item_inputs_from_arrow
+from examples.movielens.model import TwoTower, item_inputs_from_arrow
 
 
 @dataclasses.dataclass(frozen=True)
 class RoofConfig:
-    checkpoint: Path
+    package: Path
     catalog: Path
     build: Path | None = None
     threads: int = 2
@@ -86,8 +87,8 @@ def roof(cfg: RoofConfig, mlp: torch.nn.Sequential) -> dict:
 
 
 @torch.inference_mode()
-def stages(emb: Embedder, tables: list[pa.Table], repeats: int) -> dict:
-    tower, schema = emb.model.item_tower, emb.ckpt.schema
+def stages(emb: Embedder, model: TwoTower, tables: list[pa.Table], repeats: int) -> dict:
+    tower, schema = model.item_tower, model.schema
     sec = defaultdict(list)
     for _ in range(repeats):
         acc = defaultdict(float)
@@ -116,7 +117,7 @@ def stages(emb: Embedder, tables: list[pa.Table], repeats: int) -> dict:
                 t = lap(f"mlp[{i}] {m.__class__.__name__}", t)
             y = F.normalize(h, dim=1)
             t = lap("normalize", t)
-            embedding_table(table.column("item_id").to_numpy(), y.numpy(), emb.ckpt.version, "item_id")
+            embedding_table(table.column("item_id").to_numpy(), y.numpy(), emb.version, "item_id")
             lap("output table", t)
         for k, v in acc.items():
             sec[k].append(v)
@@ -179,13 +180,14 @@ def cpu_model() -> str:
 
 def run(cfg: RoofConfig) -> dict:
     ann.configure(cfg.threads)
-    emb = Embedder(cfg.checkpoint, threads=cfg.threads)
-    mlp = emb.model.item_tower.mlp
-    tables = list(catalog_batches(partition_files(cfg.catalog), cfg.batch_size))
+    emb = Embedder(cfg.package, threads=cfg.threads)
+    model = eager_model(cfg.package)
+    mlp = model.item_tower.mlp
+    tables = list(catalog_batches(partition_files(cfg.catalog), cfg.batch_size, emb.columns("items")))
     items = sum(t.num_rows for t in tables)
     r = roof(cfg, mlp)
     flops_item = mlp_flops_per_item(mlp)
-    st = stages(emb, tables, cfg.repeats)
+    st = stages(emb, model, tables, cfg.repeats)
     bf = bf16_check(cfg, emb, tables)
     roof_gflops = max(r["fp32_gflops"], r["fp32_numpy_gflops"])  # the best fp32 GEMM measured
     roof_items = roof_gflops * 1e9 / flops_item
@@ -246,7 +248,9 @@ def parse(argv: list[str] | None = None) -> tuple[RoofConfig, bool]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, help="required unless --replot")
+    p.add_argument(
+        "--package", "--checkpoint", dest="package", type=Path, help="model package; required unless --replot"
+    )
     p.add_argument("--catalog", type=Path, help="required unless --replot")
     p.add_argument(
         "--build", type=Path, default=None, help="build dir whose user_embeddings.npy are the queries"
@@ -259,10 +263,10 @@ def parse(argv: list[str] | None = None) -> tuple[RoofConfig, bool]:
     p.add_argument("--out", type=Path, default=RoofConfig.out)
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     a = p.parse_args(argv)
-    if not a.replot and (a.checkpoint is None or a.catalog is None):
-        p.error("--checkpoint and --catalog are required (unless --replot)")
+    if not a.replot and (a.package is None or a.catalog is None):
+        p.error("--package and --catalog are required (unless --replot)")
     cfg = RoofConfig(
-        a.checkpoint, a.catalog, a.build, a.threads, a.batch_size, a.gemm_n, a.repeats, a.queries, a.out
+        a.package, a.catalog, a.build, a.threads, a.batch_size, a.gemm_n, a.repeats, a.queries, a.out
     )
     return cfg, a.replot
 

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import synthetic
-from core.checkpoint import load_checkpoint, save_checkpoint
 from core.contract.towers import load_package
-from core.embed import item_vectors, user_vectors
-from core.features import FeatureSchema
-from core.model import ModelConfig, TwoTower
-from examples.movielens import export
+from examples.movielens import export, synthetic
+from examples.movielens.checkpoint import load_checkpoint, save_checkpoint
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import ModelConfig, TwoTower, item_vectors, user_vectors
 
 
 def _median_ms(fn, repeats: int, times: list[float]) -> None:

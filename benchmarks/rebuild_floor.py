@@ -1,9 +1,9 @@
 """The rebuild job end to end against its single-process floor: rebuild_s / floor_s (goal <= 1.5x).
 
-One run times both sides on the same catalog, users and checkpoint, in turn (rebuild, floor, rebuild,
+One run times both sides on the same catalog, users and model package, in turn (rebuild, floor, rebuild,
 floor, ... for --repeats rounds; medians reported, ratios taken within this one run):
 
-  rebuild  `python -m jobs.rebuild_index --checkpoint CK --catalog CAT --users USERS --registry <fresh
+  rebuild  `python -m jobs.rebuild_index --package PKG --catalog CAT --users USERS --registry <fresh
            temp registry> --force-unchecked --address <the benchmark's Ray> [the job arguments after
            --]` as a subprocess under `/usr/bin/time -v`, connected to one local Ray that the benchmark
            starts before the rounds (a `ray job submit` user's running cluster; --fresh-ray: each
@@ -21,7 +21,7 @@ floor, ... for --repeats rounds; medians reported, ratios taken within this one 
            descendant's it waited for if larger). Each rebuild gets a fresh registry, deleted after.
   floor    the same work in this process, no Ray, no files written, on --threads threads (default:
            the job's --num-workers x --torch-threads; torch.set_num_threads and faiss via
-           core.index.configure): (1) embed_s: load the checkpoint (core.embed.Embedder) and embed every
+           core.index.configure): (1) embed_s: load the package (core.embed.Embedder) and embed every
            catalog and users partition in a plain pyarrow iter_batches loop (the job's --batch-size and
            --precision), collecting ids and vectors in memory; (2) train_s: core.index.build of the
            index the rebuild chose, trained on its manifest's train_sample rows for its kmeans_iters
@@ -35,7 +35,7 @@ floor, ... for --repeats rounds; medians reported, ratios taken within this one 
 The input files are read once before the first round so neither side pays a cold page cache. The
 floor runs with OMP_WAIT_POLICY=PASSIVE, as the job's actors do (unless OMP_WAIT_POLICY is set).
 
-python -m benchmarks.rebuild_floor --checkpoint checkpoints/<A> --catalog data/synth-1m/catalog \\
+python -m benchmarks.rebuild_floor --package packages/<A> --catalog data/synth-1m/catalog \\
     --users data/synth-1m/users -- --num-workers 2 --cpus-per-worker 1 --torch-threads 1
 """
 
@@ -78,7 +78,6 @@ from core import index as ann
 from core.build_dir import BuildDir
 from core.datasets import partition_files
 from core.embed import Embedder, embeddings_to_numpy
-from core.features import ITEM_FEATURE_COLUMNS, USER_FEATURE_COLUMNS
 from core.rebuild import MIN_USER_QUERIES, IndexOptions
 from jobs import rebuild_index
 
@@ -87,6 +86,7 @@ TIME_BIN = Path("/usr/bin/time")
 WORKER_MARKER = "RebuildWorker"  # Ray titles an actor's process "ray::RebuildWorker.<method>"
 # job arguments this benchmark sets itself (each rebuild gets its own registry; the floor needs users)
 RESERVED_JOB_ARGS = (
+    "--package",
     "--checkpoint",
     "--catalog",
     "--users",
@@ -101,7 +101,7 @@ RUN_KEYS = ("num_workers", "cpus_per_worker", "torch_threads", "faiss_threads", 
 
 @dataclasses.dataclass(frozen=True)
 class FloorConfig:
-    checkpoint: Path
+    package: Path
     catalog: Path
     users: Path
     job_args: tuple[str, ...] = ()
@@ -257,7 +257,7 @@ def parse_time_v(text: str) -> dict:
 
 def job_argv(cfg: FloorConfig, registry: Path) -> list[str]:
     return [
-        "--checkpoint", str(cfg.checkpoint.resolve()), "--catalog", str(cfg.catalog.resolve()),
+        "--package", str(cfg.package.resolve()), "--catalog", str(cfg.catalog.resolve()),
         "--users", str(cfg.users.resolve()), "--registry", str(registry), "--force-unchecked",
         "--address", cfg.ray_address, *cfg.job_args,
     ]  # fmt: skip
@@ -370,7 +370,7 @@ def run_rebuild(cfg: FloorConfig) -> dict:
 
 # rebuild timing keys -> (row label, the floor phase that does the same work)
 PHASE_ROWS = {
-    "pool_start_s": ("worker pool start (actors, checkpoint load)", None),
+    "pool_start_s": ("worker pool start (actors, package load)", None),
     "embed_s": ("embed items + users", "embed_s"),
     "users_table_s": ("users table (id-sorted, written by the workers)", None),
     "items_table_s": ("items table (id-sorted, written by the workers)", None),
@@ -392,7 +392,7 @@ FIXED_ROWS = {
 def marks(tail: LogTail) -> dict:
     """When the job printed the lines that bound its untimed phases (seconds since its start)."""
     return {
-        "started": tail.first(r"rebuild \S+.*: checkpoint "),  # after preflight, before ray.init
+        "started": tail.first(r"rebuild \S+.*: (?:checkpoint|package) "),  # after preflight, before ray.init
         "pool": tail.first(r"\d+ workers on \d+ node"),  # after the pool start
         "summary": tail.first(r"SUMMARY "),
     }
@@ -416,7 +416,7 @@ def rebuild_phases(wall: float, summary: dict, mark: dict) -> dict:
 
 
 # ---- the floor: the same work in this process -------------------------------------------------------
-def embed_files(files: list[Path], fn, columns: tuple[str, ...], id_name: str, batch_size: int):
+def embed_files(files: list[Path], fn, columns: list[str], id_name: str, batch_size: int):
     ids, vecs = [], []
     for f in files:
         for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
@@ -431,13 +431,14 @@ def run_floor(cfg: FloorConfig, index: dict, threads: int, batch_size: int, prec
     ann.configure(threads)
     seed = IndexOptions.seed
     t0 = time.perf_counter()
-    emb = Embedder(cfg.checkpoint, threads=threads, precision=precision)
+    emb = Embedder(cfg.package, threads=threads, precision=precision)
     t_load = time.perf_counter()
+    m = emb.model.manifest
     item_ids, xb = embed_files(
-        partition_files(cfg.catalog), emb.items, ITEM_FEATURE_COLUMNS, "item_id", batch_size
+        partition_files(cfg.catalog), emb.items, emb.columns("items"), m.item_id, batch_size
     )
     user_ids, xu = embed_files(
-        partition_files(cfg.users), emb.users, USER_FEATURE_COLUMNS, "user_id", batch_size
+        partition_files(cfg.users), emb.users, emb.columns("users"), m.user_id, batch_size
     )
     t1 = time.perf_counter()
 
@@ -467,7 +468,7 @@ def run_floor(cfg: FloorConfig, index: dict, threads: int, batch_size: int, prec
     return {
         "floor_s": round(sum(phases.values()), 3),
         "phases": {k: round(v, 3) for k, v in phases.items()},
-        "checkpoint_load_s": round(t_load - t0, 3),  # inside embed_s
+        "package_load_s": round(t_load - t0, 3),  # inside embed_s
         "items": int(n),
         "users": len(user_ids),
         "queries": {"tuning": half, "holdout": len(pool) - half},
@@ -629,14 +630,19 @@ def parse(argv: list[str] | None = None) -> FloorConfig:
         prog="python -m benchmarks.rebuild_floor",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s --checkpoint CK --catalog CAT --users USERS [options] [-- JOB ARGS]",
+        usage="%(prog)s --package PKG --catalog CAT --users USERS [options] [-- JOB ARGS]",
         epilog="Arguments after -- go to jobs.rebuild_index unchanged (e.g. --num-workers 2 --cpus-per-worker 1 "
         "--torch-threads 1, --layout sharded, --index ivf); the benchmark sets "
         + ", ".join(RESERVED_JOB_ARGS),
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (jobs.train)")
     p.add_argument(
-        "--catalog", type=Path, required=True, help="catalog dataset directory (jobs.prepare_data)"
+        "--package", "--checkpoint", dest="package", type=Path, required=True, help="model package directory"
+    )
+    p.add_argument(
+        "--catalog",
+        type=Path,
+        required=True,
+        help="catalog dataset directory (e.g. examples.movielens.prepare)",
     )
     p.add_argument("--users", type=Path, required=True, help="users dataset directory (the floor's queries)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (rebuild, floor); medians reported")
@@ -673,7 +679,7 @@ def parse(argv: list[str] | None = None) -> FloorConfig:
     if clash:
         p.error(f"the benchmark sets {', '.join(RESERVED_JOB_ARGS)} itself; remove {clash} after --")
     return FloorConfig(
-        a.checkpoint, a.catalog, a.users, tuple(job_args), a.repeats, a.threads, a.poll_s, a.goal, a.tmp, a.out,
+        a.package, a.catalog, a.users, tuple(job_args), a.repeats, a.threads, a.poll_s, a.goal, a.tmp, a.out,
         a.verbose, a.fresh_ray, no_floor=a.no_floor,
     )  # fmt: skip
 

@@ -10,8 +10,8 @@ part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
   ray-bB-wN      the same with N = --cpus workers x 1 torch thread each
   ray-bB-wN-kept the same through a kept pool (the job's --pool NAME): started once in the untimed
                  warm-up round, then each run looks the workers up by name and has them load the
-                 checkpoint (a no-op when they hold it), as a rebuild after the first one does
-  plain-bB[-P]   Embedder(checkpoint, threads=--cpus, precision=P), then embed_part(embedder, task, ...,
+                 package (a no-op when they hold it), as a rebuild after the first one does
+  plain-bB[-P]   Embedder(package, threads=--cpus, precision=P), then embed_part(embedder, task, ...,
                  "local") for each partition in turn, in a fresh process per run (spawned, with the
                  OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed)
   ray-bB-noop, plain-bB-noop  the same with Embedder.items replaced by zero vectors of the same shape
@@ -23,8 +23,8 @@ and not timed; the pool is closed after each run (not timed, and the next run wa
 the killed actors' CPUs are free again).
 
 What is timed, per run (wall clock, seconds):
-  total_s    ray: RayPool construction (actor processes start, import, load and verify the checkpoint,
-             until every actor answers `ready`) + embed_all.  plain: Embedder construction (checkpoint
+  total_s    ray: RayPool construction (actor processes start, import, load and verify the package,
+             until every actor answers `ready`) + embed_all.  plain: Embedder construction (package
              load and verify) + the loop.
   start_s    the first part of total_s: RayPool construction / Embedder construction.
   embed_s    the rest: embed_all / the loop, i.e. without the pool's or the model's start.
@@ -42,9 +42,10 @@ process runs at the launcher's; equal on an idle machine, not when other work wa
 Every variant runs once untimed, then --repeats rounds visit all variants in turn (A B C A B C ...);
 ratios are of medians measured in this one run. With --roof-gflops (the fp32 GEMM roof of --cpus
 threads, benchmarks/embed_roof.py), the embed phase's items/s is also given as a fraction of the item
-MLP's roof.
+MLP's roof (its FLOPs from the eager MovieLens tower of the training checkpoint the package was
+exported from).
 
-python -m benchmarks.rebuild_throughput --checkpoint checkpoints/<v> --catalog data/synth-1m/catalog
+python -m benchmarks.rebuild_throughput --package packages/<v> --catalog data/synth-1m/catalog
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ import pyarrow as pa
 import ray
 import torch
 
-from benchmarks.embed_plain import mlp_flops_per_item
+from benchmarks.embed_plain import eager_model, mlp_flops_per_item
 from core import parts as partmod
 from core.assemble import embed_all
-from core.checkpoint import load_checkpoint
+from core.contract.towers import load_package
 from core.datasets import partition_files
 from core.embed import Embedder, embedding_table
 from core.rebuild import embed_settings
@@ -90,7 +91,7 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class ThroughputConfig:
-    checkpoint: Path
+    package: Path
     catalog: Path
     batch_sizes: tuple[int, ...] = (8192, 65536)
     repeats: int = 5
@@ -125,20 +126,20 @@ def plain_counterpart(v: Variant) -> str:
 
 
 class ZeroEmbedder:
-    """What embed_part needs of an Embedder (`items`), returning zero vectors and never calling the
-    tower (noop variants)."""
+    """What embed_part needs of an Embedder (`columns`, `items`), returning zero vectors and never
+    calling the tower (noop variants)."""
 
     def __init__(self, emb: Embedder):
-        self.ckpt = emb.ckpt
-        self.dim = emb.model.cfg.embed_dim
+        self.version, self.columns = emb.version, emb.columns
+        self.dim, self.id_name = emb.model.dim, emb.model.manifest.item_id
 
     def items(self, batch: pa.Table) -> pa.Table:
         zeros = np.zeros((batch.num_rows, self.dim), np.float32)
-        return embedding_table(batch.column("item_id").to_numpy(), zeros, self.ckpt.version, "item_id")
+        return embedding_table(batch.column(self.id_name).to_numpy(), zeros, self.version, self.id_name)
 
 
 class NoopWorker(RebuildWorker):
-    """The job's actor with its embedder swapped for ZeroEmbedder after the checkpoint is loaded."""
+    """The job's actor with its embedder swapped for ZeroEmbedder after the package is loaded."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -163,7 +164,7 @@ def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> 
     # a kept pool reserves no CPU here: it stays up between its runs, and the other variants' pools
     # must still be placeable on the same --cpus (it only uses CPU while it embeds)
     job = RebuildConfig(
-        checkpoint=cfg.checkpoint, catalog=cfg.catalog, registry=cfg.tmp, num_workers=v.workers,
+        checkpoint=cfg.package, catalog=cfg.catalog, registry=cfg.tmp, num_workers=v.workers,
         cpus_per_worker=0.0 if v.kept else 1.0, batch_size=v.batch_size, torch_threads=threads,
         faiss_threads=threads, precision=v.precision, wait_for_min_actors_s=120, pool=kept_name(v),
     )  # fmt: skip
@@ -198,7 +199,7 @@ def kept_name(v: Variant) -> str | None:
 
 def run_plain(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
     t0 = time.perf_counter()
-    emb = Embedder(cfg.checkpoint, threads=v.threads or cfg.cpus, precision=v.precision)
+    emb = Embedder(cfg.package, threads=v.threads or cfg.cpus, precision=v.precision)
     embedder = ZeroEmbedder(emb) if v.noop else emb
     t1 = time.perf_counter()
     recs = [partmod.embed_part(embedder, t, parts, settings, "local") for t in tasks]
@@ -272,8 +273,8 @@ def run(cfg: ThroughputConfig) -> dict:
     vs = variants(cfg)
     if not vs:
         raise SystemExit(f"no variant matches --only {' '.join(cfg.only)}")
-    ck = load_checkpoint(cfg.checkpoint)
-    settings = {(v.precision, v.batch_size): embed_settings(ck, v.precision, v.batch_size) for v in vs}
+    m = load_package(cfg.package)
+    settings = {(v.precision, v.batch_size): embed_settings(m, v.precision, v.batch_size) for v in vs}
     ray.init(address="local", num_cpus=cfg.cpus, include_dashboard=False, log_to_driver=False)
     try:
         for v in vs:  # untimed warm-up: page cache, imports' files
@@ -310,7 +311,7 @@ def run(cfg: ThroughputConfig) -> dict:
     # the best ray variant that does the real work, each against its own plain counterpart
     best = max((k for k, v in compared.items() if not v.noop), key=lambda k: ratios[k]["total"], default=None)
     b0 = cfg.batch_sizes[0]
-    flops = mlp_flops_per_item(ck.model.item_tower)
+    flops = mlp_flops_per_item(eager_model(cfg.package).item_tower)
     if cfg.roof_gflops:
         roof_items_s = cfg.roof_gflops * 1e9 / flops
         for r in (r for r in rows if not r["noop"]):
@@ -349,7 +350,7 @@ def plot(result: dict, path: Path) -> None:
     y = list(range(len(rows)))[::-1]
     start = [r["median_start_s"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    ax.barh(y, start, 0.6, color="tab:gray", label="start: worker pool (actors + checkpoint) / Embedder")
+    ax.barh(y, start, 0.6, color="tab:gray", label="start: worker pool (actors + package) / Embedder")
     ax.barh(y, [r["median_embed_s"] for r in rows], 0.6, left=start, color="tab:blue",
             label="embed all partitions")  # fmt: skip
     ax.barh(y, [r["median_parts_s"] / r["workers"] for r in rows], 0.18, left=start, color="tab:orange",
@@ -371,7 +372,9 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, help="required unless --replot")
+    p.add_argument(
+        "--package", "--checkpoint", dest="package", type=Path, help="model package; required unless --replot"
+    )
     p.add_argument("--catalog", type=Path, help="catalog dataset directory; required unless --replot")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8192, 65536], help="first = main one")
     p.add_argument("--repeats", type=int, default=5)
@@ -384,10 +387,10 @@ def parse(argv: list[str] | None = None) -> ThroughputConfig:
     p.add_argument("--out", type=Path, default=ThroughputConfig.out)
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from --out's JSON")
     a = p.parse_args(argv)
-    if not a.replot and (a.checkpoint is None or a.catalog is None):
-        p.error("--checkpoint and --catalog are required (unless --replot)")
+    if not a.replot and (a.package is None or a.catalog is None):
+        p.error("--package and --catalog are required (unless --replot)")
     return ThroughputConfig(
-        a.checkpoint, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, tuple(a.only), a.roof_gflops,
+        a.package, a.catalog, tuple(a.batch_sizes), a.repeats, a.cpus, tuple(a.only), a.roof_gflops,
         a.tmp, a.out, a.replot,
     )  # fmt: skip
 

@@ -37,7 +37,7 @@ Outputs --out (JSON), the PNG next to it and a table; `--replot JSON` redraws th
 Logs of every rebuild stay in the scratch directory (printed at the end).
 
 python -m benchmarks.serve_during_rebuild --registry /tmp/sdr-reg \\
-    --checkpoint checkpoints/ml-two-tower-XXXX --catalog data/movielens/catalog --repeats 5
+    --package packages/ml-two-tower-XXXX --catalog data/movielens/catalog --repeats 5
 python -m benchmarks.serve_during_rebuild --replot benchmarks/results/serve_during_rebuild.json
 """
 
@@ -76,7 +76,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Lines of the rebuild's output that cut its life into phases: (marker name, regex). A regex that
 # matches again names its k-th match name<k> (the items dataset, then the users one).
 MARKERS = (
-    ("driver_ready", re.compile(r"^rebuild \S+: checkpoint")),  # imports + preflight done; ray.init next
+    (
+        "driver_ready",
+        re.compile(r"^rebuild \S+: (?:checkpoint|package)"),
+    ),  # imports + preflight done; ray.init next
     ("data_start", re.compile(r"Starting execution of Dataset")),
     ("data_done", re.compile(r"execution finished in", re.IGNORECASE)),
     ("published", re.compile(r"^published ")),
@@ -86,7 +89,7 @@ MARKERS = (
 @dataclasses.dataclass(frozen=True)
 class Config:
     registry: Path
-    checkpoint: Path
+    package: Path
     catalog: Path
     users: Path | None = None  # None: the job's own default (CATALOG/../users if present)
     rate: float = 50.0  # req/s, open loop
@@ -317,7 +320,7 @@ class Rebuild:
     def __init__(self, cfg: Config, nice: int, registry: Path, gcs: str, log_path: Path):
         self.argv = [
             sys.executable, "-m", "jobs.rebuild_index",
-            "--checkpoint", str(cfg.checkpoint.resolve()), "--catalog", str(cfg.catalog.resolve()),
+            "--package", str(cfg.package.resolve()), "--catalog", str(cfg.catalog.resolve()),
             *(["--users", str(cfg.users.resolve())] if cfg.users else []),
             "--registry", str(registry), "--address", gcs, "--nice", str(nice), "--force-unchecked",
             "--timeout-s", f"{cfg.max_rebuild_s:g}", *cfg.rebuild_args,
@@ -876,7 +879,9 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Path | None]:
     )
     p.add_argument("--registry", type=Path, help="registry whose live build is served (only read; the "
                    "rebuilds publish into scratch copies of it)")  # fmt: skip
-    p.add_argument("--checkpoint", type=Path, help="checkpoint the rebuilds embed with")
+    p.add_argument(
+        "--package", "--checkpoint", dest="package", type=Path, help="model package the rebuilds embed with"
+    )
     p.add_argument("--catalog", type=Path, help="catalog dataset directory of the rebuilds")
     p.add_argument("--users", type=Path, default=None, help="users dataset of the rebuilds (default: the job's, "
                    "CATALOG/../users if present)")  # fmt: skip
@@ -905,14 +910,14 @@ def parse(argv: list[str] | None = None) -> tuple[Config, Path | None]:
     p.add_argument("--out", type=Path, default=d.out, help="result JSON; the PNG is written next to it")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON", help="only redraw JSON's PNG")
     a = p.parse_args(argv)
-    if a.replot is None and None in (a.registry, a.checkpoint, a.catalog):
-        p.error("--registry, --checkpoint and --catalog are required (unless --replot)")
+    if a.replot is None and None in (a.registry, a.package, a.catalog):
+        p.error("--registry, --package and --catalog are required (unless --replot)")
     if a.rate <= 0 or a.candidates < 1 or a.repeats < 1 or not all(0 <= n <= 19 for n in a.nice):
         p.error("need --rate > 0, --candidates >= 1, --repeats >= 1 and every --nice in 0..19")
     if len(set(a.nice)) != len(a.nice):
         p.error(f"--nice values must differ: {a.nice}")
     cfg = Config(
-        a.registry, a.checkpoint, a.catalog, a.users, a.rate, a.candidates, tuple(a.nice), a.repeats,
+        a.registry, a.package, a.catalog, a.users, a.rate, a.candidates, tuple(a.nice), a.repeats,
         a.duration_s, a.warmup_s, a.settle_s, a.warmup_rebuild, a.max_rebuild_s, a.timeout_s, a.slo_p99_ms,
         a.pool, tuple(shlex.split(a.rebuild_args)), tuple(a.app_arg), a.ray_cpus, a.port, a.seed, a.scratch,
         a.out,

@@ -1,8 +1,8 @@
 """Broadcast's end-to-end gain against the ranker's user-side cost, at 1000 candidates per request.
 
 For each user-side MLP (`--hidden`, e.g. none, 256, 1024,1024 (the default model), 2048,2048), trains a
-MovieLens checkpoint with that `ranker_user_hidden` (1 epoch: the weights' values do not change the
-cost), rebuilds it into its own registry, and runs `benchmarks.serve_load` with on / off / no-op at
+MovieLens model with that `ranker_user_hidden` (1 epoch: the weights' values do not change the
+cost) and exports it as a package, rebuilds it into its own registry, and runs `benchmarks.serve_load` with on / off / no-op at
 N=1000 in the chosen ingress mode. Per point: the measured capacity ratio on/off, the cost model's
 (F + T_off) / (F + T_on) from the same run, and the user side's MFLOP per user. The plot shows where on
 this curve a user's own model sits and at what user-side cost broadcast reaches 7x.
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.model import ModelConfig
+from examples.movielens.model import ModelConfig
 
 
 def user_side_mflop(hidden: tuple[int, ...]) -> float:
@@ -40,16 +40,17 @@ def _run(*cmd: str) -> str:
 def point(hidden: str, a: argparse.Namespace) -> dict:
     name = "h-" + (hidden.replace(",", "x") or "linear")
     work = a.work_dir / name
-    ck_root, registry, out = work / "checkpoints", work / "registry", work / "out"
-    cks = sorted(ck_root.glob("*/manifest.json")) if ck_root.exists() else []
-    if not cks:
-        print(f"[{name}] training a checkpoint (1 epoch)", flush=True)
-        _run("jobs.train", "--data", str(a.data), "--out", str(ck_root), "--epochs", "1",
-             f"--ranker-user-hidden={hidden}")  # fmt: skip
-        cks = sorted(ck_root.glob("*/manifest.json"))
+    ck_root, pkg_root = work / "checkpoints", work / "packages"
+    registry, out = work / "registry", work / "out"
+    pkgs = sorted(pkg_root.glob("*/manifest.json")) if pkg_root.exists() else []
+    if not pkgs:
+        print(f"[{name}] training and exporting a model package (1 epoch)", flush=True)
+        _run("examples.movielens.train", "--data", str(a.data), "--out", str(pkg_root), "--checkpoints",
+             str(ck_root), "--epochs", "1", f"--ranker-user-hidden={hidden}")  # fmt: skip
+        pkgs = sorted(pkg_root.glob("*/manifest.json"))
     if not (registry / "CURRENT").exists():
         print(f"[{name}] rebuilding", flush=True)
-        _run("jobs.rebuild_index", "--checkpoint", str(cks[0].parent), "--catalog", str(a.data / "catalog"),
+        _run("jobs.rebuild_index", "--package", str(pkgs[0].parent), "--catalog", str(a.data / "catalog"),
              "--users", str(a.data / "users"), "--registry", str(registry), "--address", "local",
              "--force-unchecked")  # fmt: skip
     print(f"[{name}] serve_load on/off/noop at N={a.n}, ingress {a.ingress}", flush=True)
@@ -99,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_gain_curve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
-        "--data", type=Path, default=Path("data/movielens"), help="output of jobs.prepare_data movielens"
+        "--data",
+        type=Path,
+        default=Path("data/movielens"),
+        help="output of examples.movielens.prepare movielens",
     )
     p.add_argument("--hidden", nargs="+", default=["", "256", "1024,1024", "2048,2048"],
                    help="ranker_user_hidden per point, comma-separated ('' = one linear layer)")  # fmt: skip
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=1.2, help="serve_load's rate grid factor")
     p.add_argument("--start-rate", type=float, default=40.0, help="serve_load's first rate, req/s")
     p.add_argument(
-        "--work-dir", type=Path, default=Path("/tmp/skewless-gain"), help="checkpoints, registries"
+        "--work-dir", type=Path, default=Path("/tmp/skewless-gain"), help="checkpoints, packages, registries"
     )
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument(

@@ -3,6 +3,9 @@ catalog's and users' columns as they are stored (raw ids hashed inside the graph
 training used), the declared inputs, and the scorer split for broadcast.
 
   python -m examples.movielens.export --checkpoint checkpoints/ml-two-tower-<A> --out packages
+
+(examples.movielens.train exports every checkpoint it writes; this re-exports one.) The package's
+metadata records the checkpoint's version and absolute path, which `train --init-from PACKAGE` follows.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.checkpoint import Checkpoint, load_checkpoint
 from core.contract.package import write_package
 from core.contract.spec import InputSpec
-from core.features import FeatureSchema
+from examples.movielens.checkpoint import load_checkpoint
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import TwoTower
 
 # Raw ids are hashed inside the graph, so any non-negative int64 id is in range.
 ANY_ID = 1 << 62
@@ -51,9 +55,9 @@ def user_inputs(schema: FeatureSchema) -> list[InputSpec]:
 
 
 class ItemProgram(nn.Module):
-    def __init__(self, ck: Checkpoint):
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.tower, self.buckets = ck.model.item_tower, ck.schema.item_id_buckets
+        self.tower, self.buckets = model.item_tower, model.schema.item_id_buckets
 
     def forward(self, item_id, genre_ids, genre_ids_offsets, year_slot, title_tokens, title_tokens_offsets,
                 tag_tokens, tag_tokens_offsets):  # fmt: skip
@@ -65,9 +69,9 @@ class ItemProgram(nn.Module):
 
 
 class UserProgram(nn.Module):
-    def __init__(self, ck: Checkpoint):
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.tower, self.schema = ck.model.user_tower, ck.schema
+        self.tower, self.schema = model.user_tower, model.schema
 
     def forward(self, user_id, history, history_offsets):
         t, s = self.tower, self.schema
@@ -77,48 +81,63 @@ class UserProgram(nn.Module):
 
 
 class ScorerUser(nn.Module):
-    def __init__(self, ck: Checkpoint):
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.scorer = ck.model.scorer
+        self.scorer = model.scorer
 
     def forward(self, user):
         return self.scorer.user_side(user)  # (U, H)
 
 
 class ScorerPair(nn.Module):
-    def __init__(self, ck: Checkpoint):
+    def __init__(self, model: TwoTower):
         super().__init__()
-        self.scorer = ck.model.scorer
+        self.scorer = model.scorer
 
     def forward(self, user, user_side, item):
         return self.scorer.pair_side(user, user_side, item)  # (R,)
 
 
-def export(checkpoint: Path, out: Path) -> Path:
-    ck = load_checkpoint(checkpoint)
+def export_model(model: TwoTower, out: Path, *, family: str, metadata: dict) -> Path:
+    """An eager TwoTower -> a model package under `out` (its directory is returned)."""
+    model = model.eval()
     return write_package(
         out,
-        family=ck.family,
-        item_tower=ItemProgram(ck),
-        user_tower=UserProgram(ck),
-        item_inputs=item_inputs(ck.schema),
-        user_inputs=user_inputs(ck.schema),
+        family=family,
+        item_tower=ItemProgram(model),
+        user_tower=UserProgram(model),
+        item_inputs=item_inputs(model.schema),
+        user_inputs=user_inputs(model.schema),
         similarity="cosine",
-        scorer_user=ScorerUser(ck),
-        scorer_pair=ScorerPair(ck),
+        scorer_user=ScorerUser(model),
+        scorer_pair=ScorerPair(model),
+        metadata={"example": "examples.movielens", **metadata},
+    )
+
+
+def export(checkpoint: Path, out: Path) -> Path:
+    """A training checkpoint (examples.movielens.checkpoint) -> a model package under `out`."""
+    ck = load_checkpoint(checkpoint)
+    return export_model(
+        ck.model,
+        out,
+        family=ck.family,
         metadata={
-            "example": "examples.movielens",
             "checkpoint": ck.version,
+            "checkpoint_path": str(Path(checkpoint).resolve()),
+            "feature_schema": ck.schema.to_dict(),
             "training": ck.manifest.get("training", {}),
             "metrics": ck.manifest.get("metrics", {}),
-        },  # fmt: skip
+        },
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m examples.movielens.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by jobs.train")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="a checkpoint written by examples.movielens.train"
+    )
     p.add_argument(
         "--out", type=Path, default=Path("packages"), help="where the package directory is written"
     )

@@ -1,7 +1,8 @@
 """Integration tier: real files, real `ray start --head`, real `ray job submit`, real Serve HTTP.
 
-Session fixtures prepare MovieLens, train two small checkpoints (different seeds -> different
-versions), and start ONE local Ray head with token authentication, as Ray 2.60 users run it.
+Session fixtures prepare MovieLens, train two small versions of the example model (different seeds ->
+different versions) exported as model packages, and start ONE local Ray head with token
+authentication, as Ray 2.60 users run it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def run_module(
 
 
 # scripts/test.sh runs pytest twice (once per ingress mode); both sessions read the data,
-# checkpoints and skew check the first one made from $SKEWLESS_TEST_ARTIFACTS (the same seeds would
+# model packages and skew check the first one made from $SKEWLESS_TEST_ARTIFACTS (the same seeds would
 # make the same files again). Tests only read them: every test writes into its own registry.
 ARTIFACTS = os.environ.get("SKEWLESS_TEST_ARTIFACTS")
 
@@ -86,22 +87,28 @@ def ml_data(tmp_path_factory, movielens_dir) -> Path:
     def make(root: Path) -> list[Path]:
         out = root / "movielens"
         run_module(
-            "jobs.prepare_data", "movielens", "--movielens", movielens_dir, "--out", out, "--partitions", "8"
-        )
+            "examples.movielens.prepare", "movielens", "--movielens", movielens_dir, "--out", out,
+            "--partitions", "8",
+        )  # fmt: skip
         return [out]
 
     return made_once(tmp_path_factory, "data", make)[0]
 
 
 def _train(ml_data: Path, root: Path, *args: str) -> Path:
-    p = run_module("jobs.train", "--data", ml_data, "--out", root, *args)
-    return Path(p.stdout.strip().splitlines()[-1].split("checkpoint: ")[1])
+    """Train the example model; its training checkpoint goes to root/checkpoints, the exported model
+    package (returned) to root/packages."""
+    p = run_module(
+        "examples.movielens.train", "--data", ml_data, "--out", root / "packages",
+        "--checkpoints", root / "checkpoints", *args,
+    )  # fmt: skip
+    return Path(p.stdout.strip().splitlines()[-1].split("package: ")[1])
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
-    """Two versions of one family as it evolves: A from scratch, B warm-started from A (so the pair
-    passes the skew check)."""
+    """Two model packages of one family as it evolves: A from scratch, B warm-started from A (so the
+    pair passes the skew check)."""
 
     def make(root: Path) -> list[Path]:
         a = _train(ml_data, root, "--epochs", "3", "--seed", "0")
@@ -115,7 +122,8 @@ def checkpoints(tmp_path_factory, ml_data) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def scratch_checkpoint(tmp_path_factory, ml_data) -> Path:
-    """Same family, trained from scratch with another seed: an unrelated embedding space."""
+    """A model package of the same family, trained from scratch with another seed: an unrelated
+    embedding space."""
     return made_once(
         tmp_path_factory, "scratch", lambda root: [_train(ml_data, root, "--epochs", "3", "--seed", "7")]
     )[0]
@@ -126,9 +134,7 @@ def skew_results(tmp_path_factory, ml_data, checkpoints) -> Path:
     """A passed skew check of (A, B), stored the way jobs.skew_check stores it."""
 
     def make(registry: Path) -> list[Path]:
-        run_module(
-            "jobs.skew_check", "--checkpoints", *checkpoints, "--data", ml_data, "--registry", registry
-        )
+        run_module("jobs.skew_check", "--packages", *checkpoints, "--data", ml_data, "--registry", registry)
         return [registry / "skew"]
 
     return made_once(tmp_path_factory, "skew-registry", make)[0]
@@ -248,11 +254,11 @@ def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> 
 
 
 def rebuild(
-    ray_head: dict, checkpoint: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
+    ray_head: dict, package: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The rebuild job's driver, connected to the session's Ray head."""
+    """The rebuild job's driver with a model package, connected to the session's Ray head."""
     return run_module(
-        "jobs.rebuild_index", "--checkpoint", checkpoint, "--catalog", catalog, "--registry", registry,
+        "jobs.rebuild_index", "--package", package, "--catalog", catalog, "--registry", registry,
         "--address", ray_head["gcs"], *extra, env=ray_head["env"], check=check,
     )  # fmt: skip
 

@@ -2,7 +2,8 @@ import pyarrow.compute as pc
 import pytest
 
 from core.datasets import read_dataset_manifest, read_table
-from jobs.prepare_data import MovieLensConfig, SyntheticConfig, prepare_movielens, prepare_synthetic
+from examples.movielens.features import FeatureSchema
+from examples.movielens.prepare import MovieLensConfig, SyntheticConfig, prepare_movielens, prepare_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,26 @@ def test_catalog_is_partitioned_encoded_and_self_describing(ml):
     assert pc.count_distinct(cat["item_id"]).as_py() == 9_742
     toy = cat.filter(pc.equal(cat["item_id"], 1)).to_pylist()[0]
     assert toy["title"] == "Toy Story (1995)" and toy["year"] == 1995 and len(toy["genre_ids"]) == 5
+    assert FeatureSchema.from_dict(m["source"]["feature_schema"]) == FeatureSchema()
+
+
+def test_users_hold_the_last_history_len_train_items_and_all_of_them_as_seen(ml):
+    """The exported user tower refuses a history longer than it declares (50): `history` is the most
+    recent 50 train items, `seen_item_ids` every train item (what evaluation masks)."""
+    users = read_table(ml / "users")
+    train = read_table(ml / "interactions/train").sort_by(
+        [("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
+    )
+    by_user: dict[int, list[int]] = {}
+    for u, i in zip(train["user_id"].to_pylist(), train["item_id"].to_pylist(), strict=True):
+        by_user.setdefault(u, []).append(i)
+    n = FeatureSchema().history_len
+    rows = users.to_pylist()
+    assert max(len(r["history"]) for r in rows) == n
+    assert max(len(r["seen_item_ids"]) for r in rows) > n
+    for r in rows:
+        assert r["seen_item_ids"] == by_user.get(r["user_id"], [])
+        assert r["history"] == r["seen_item_ids"][-n:]
 
 
 def test_synthetic_generator_is_deterministic_by_seed(tmp_path):
@@ -69,9 +90,17 @@ def test_synthetic_catalog_has_the_movielens_schema_and_unique_ids(tmp_path, ml)
     assert pc.count_distinct(syn["item_id"]).as_py() == 10_000
 
 
+def test_synthetic_users_have_the_movielens_users_schema(tmp_path, ml):
+    prepare_synthetic(SyntheticConfig(tmp_path / "s", items=1_000, users=3_000, seed=0, chunk_rows=1_000))
+    syn = read_table(tmp_path / "s/users")
+    assert syn.schema == read_table(ml / "users").schema
+    assert syn["seen_item_ids"].to_pylist() == syn["history"].to_pylist()
+    assert max(len(h) for h in syn["history"].to_pylist()) <= FeatureSchema().history_len
+
+
 def test_synthetic_encoded_columns_match_encoding_the_raw_text(tmp_path):
     """Fresh items are encoded from raw fields at request time: the generator must agree with that."""
-    from core.features import FeatureSchema, encode_item_rows
+    from examples.movielens.features import encode_item_rows
 
     prepare_synthetic(SyntheticConfig(tmp_path / "s", items=500, users=0, seed=3, chunk_rows=500))
     syn = read_table(tmp_path / "s/catalog")

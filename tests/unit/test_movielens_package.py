@@ -3,18 +3,20 @@ model does: the in-graph id hash matches the training's, the declared inputs tak
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from core import synthetic
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.contract.package import read_manifest
 from core.contract.towers import load_package
-from core.embed import item_vectors, user_vectors
-from core.features import FeatureSchema, bucket_ids
-from core.model import ModelConfig, TwoTower
-from examples.movielens import export
+from examples.movielens import export, synthetic
+from examples.movielens.checkpoint import load_checkpoint, save_checkpoint
+from examples.movielens.features import FeatureSchema, bucket_ids
+from examples.movielens.model import ModelConfig, TwoTower, item_vectors, user_vectors
+from examples.movielens.train import checkpoint_of
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def test_in_graph_hash_is_the_training_hash():
 def test_package_embeds_and_scores_as_the_eager_model(exported):
     ck, m = exported
     assert m.family == "ml" and m.manifest.metadata["checkpoint"] == ck.version
+    assert m.manifest.metadata["checkpoint_path"] == str(ck.path.resolve())
     cat = next(synthetic.catalog_chunks(700, 5, ck.schema))
     np.testing.assert_allclose(
         m.item_vectors(cat), item_vectors(ck.model.item_tower, cat, ck.schema), atol=1e-6
@@ -57,3 +60,18 @@ def test_a_history_longer_than_declared_is_refused(exported):
     long = pa.table({"user_id": pa.array([1], pa.int64()), "history": pa.array([list(range(1, 52))])})
     with pytest.raises(ValueError, match="'history'.*at most 50.*list of 51"):
         m.user_vectors(long)
+
+
+def test_init_from_a_package_finds_its_checkpoint(exported, tmp_path):
+    ck, m = exported
+    assert checkpoint_of(ck.path, tmp_path) == ck.path  # a checkpoint is taken as is
+    assert checkpoint_of(m.path, tmp_path) == ck.path.resolve()  # by the recorded path
+    # moved away from the recorded path: by its version under --checkpoints
+    moved = tmp_path / "pkg"
+    moved.mkdir()
+    manifest = read_manifest(m.path).to_dict()
+    manifest["metadata"]["checkpoint_path"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint_of(moved, ck.path.parent) == ck.path.parent / ck.version
+    with pytest.raises(FileNotFoundError, match="its training checkpoint .* is not at any of"):
+        checkpoint_of(moved, tmp_path)

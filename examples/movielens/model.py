@@ -1,4 +1,5 @@
-"""The two towers and the ranking scorer.
+"""The MovieLens model: two towers and the ranking scorer (eager modules, for training; jobs and serving
+run the exported package, examples/movielens/export.py).
 
 The user side is deliberately split out (`UserTower`, `RankingScorer.user_side`) so serving can run it
 ONCE per unique user in a batch and broadcast the result to that user's candidate rows.
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.features import FeatureSchema, bucket_ids, list_column_to_bag
+from examples.movielens.features import FeatureSchema, bucket_ids, list_column_to_bag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,3 +211,36 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(schema, cfg)
         self.user_tower = UserTower(schema, cfg)
         self.scorer = RankingScorer(cfg)
+
+
+@torch.inference_mode()
+def item_vectors(
+    tower: ItemTower, table: pa.Table, schema: FeatureSchema, batch_size: int = 8192
+) -> np.ndarray:
+    """Encoded catalog rows (features.ITEM_FEATURE_COLUMNS) -> (N, D) float32 vectors with the eager
+    tower, in batches (training's evaluation; the reference the exported tower is checked against)."""
+    d = tower.mlp[-1].out_features
+    out = [
+        tower(item_inputs_from_arrow(table.slice(s, batch_size), schema)).numpy()
+        for s in range(0, table.num_rows, batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+@torch.inference_mode()
+def user_vectors(
+    tower: UserTower,
+    user_ids: np.ndarray,
+    histories: list[np.ndarray] | pa.Array | pa.ChunkedArray,
+    schema: FeatureSchema,
+    batch_size: int = 8192,
+) -> np.ndarray:
+    """User ids + histories (item ids, most recent last) -> (U, D) float32 vectors with the eager tower."""
+    d = tower.mlp[-1].out_features
+    if isinstance(histories, pa.ChunkedArray):
+        histories = histories.combine_chunks()
+    out = []
+    for s in range(0, len(user_ids), batch_size):
+        h = histories[s : s + batch_size]
+        out.append(tower(user_inputs_from_lists(np.asarray(user_ids[s : s + batch_size]), h, schema)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, d), np.float32)

@@ -1,9 +1,9 @@
-"""Feature schema and encoding shared by data preparation, training, the rebuild job and serving.
+"""The MovieLens model's feature schema and encoding: data preparation, training and export use it.
 
 Raw catalog columns (title, genres, tags, year) are turned into fixed integer features ONCE, at data
-preparation, and stored next to the raw text. The embed step then only slices Arrow list columns into
-EmbeddingBag offsets, which keeps the rebuild compute-bound instead of tokenizer-bound. Fresh items
-(the serving sidecar) go through the same `encode_item_rows` so they get identical features.
+preparation, and stored next to the raw text. The exported item tower then only takes Arrow list columns
+as EmbeddingBag offsets, which keeps the rebuild compute-bound instead of tokenizer-bound. Fresh items
+(the serving sidecar) must be encoded with the same `encode_item_rows` to get identical features.
 
 Hashing uses crc32, never Python's `hash()`, which is salted per process.
 """
@@ -31,8 +31,8 @@ MOVIELENS_GENRES: tuple[str, ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSchema:
-    """Everything that decides how raw rows become model inputs. Stored in every checkpoint and
-    catalog manifest; a checkpoint only embeds catalogs encoded with an equal schema."""
+    """Everything that decides how raw rows become model inputs. Stored in every training checkpoint
+    and in the prepared datasets' `source`; training refuses data encoded with another schema."""
 
     version: int = FEATURE_SCHEMA_VERSION
     genres: tuple[str, ...] = MOVIELENS_GENRES
@@ -89,7 +89,11 @@ ITEM_ARROW_SCHEMA = pa.schema(
         ("tag_tokens", pa.list_(pa.int32())),
     ]
 )
+# What the user tower takes: history = the user's last `history_len` items, most recent last (the
+# exported tower refuses longer lists).
 USER_ARROW_SCHEMA = pa.schema([("user_id", pa.int64()), ("history", pa.list_(pa.int64()))])
+# A prepared users dataset adds seen_item_ids: ALL the user's train items (evaluation masks them).
+USERS_DATASET_SCHEMA = USER_ARROW_SCHEMA.append(pa.field("seen_item_ids", pa.list_(pa.int64())))
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+")
 

@@ -1,7 +1,11 @@
-"""Prepare catalog, users and interactions as partitioned parquet.
+"""Prepare the MovieLens model's catalog, users and interactions as partitioned parquet.
 
-python -m jobs.prepare_data movielens [--movielens PATH] [--out data/movielens]
-python -m jobs.prepare_data synthetic --items 1000000 --users 1000000 --out data/synth-1m
+python -m examples.movielens.prepare movielens [--movielens PATH] [--out data/movielens]
+python -m examples.movielens.prepare synthetic --items 1000000 --users 1000000 --out data/synth-1m
+
+users: `history` holds each user's last `history_len` (50) train items, most recent last (the exported
+user tower refuses longer lists), `seen_item_ids` all their train items (masked in evaluation). The
+feature schema the catalog was encoded with is recorded in each dataset's `source`.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from core import movielens, synthetic
 from core.datasets import split_table, write_dataset
-from core.features import FeatureSchema
+from examples.movielens import data as movielens
+from examples.movielens import synthetic
+from examples.movielens.features import FeatureSchema
 from jobs.common import run_main
 
 
@@ -45,23 +50,20 @@ def prepare_movielens(cfg: MovieLensConfig) -> dict:
         "dataset": "movielens/ml-latest-small",
         "path": str(src),
         "split": "per-user chronological 80/10/10",
+        "example": "examples.movielens",
+        "feature_schema": schema.to_dict(),
     }
     out = cfg.out
     counts = {}
-    for name, table, kind, fs in [
-        ("catalog", t.catalog, "catalog", schema),
-        ("users", t.users, "users", schema),
-        ("interactions/train", t.train, "interactions", None),
-        ("interactions/val", t.val, "interactions", None),
-        ("interactions/test", t.test, "interactions", None),
+    for name, table, kind in [
+        ("catalog", t.catalog, "catalog"),
+        ("users", t.users, "users"),
+        ("interactions/train", t.train, "interactions"),
+        ("interactions/val", t.val, "interactions"),
+        ("interactions/test", t.test, "interactions"),
     ]:
         m = write_dataset(
-            out / name,
-            split_table(table, cfg.partitions),
-            kind=kind,
-            schema=fs,
-            source=source,
-            overwrite=True,
+            out / name, split_table(table, cfg.partitions), kind=kind, source=source, overwrite=True
         )
         counts[name] = m["row_count"]
         print(f"  {out / name}: {m['row_count']:,} rows in {m['num_partitions']} partitions")
@@ -76,6 +78,8 @@ def prepare_synthetic(cfg: SyntheticConfig) -> dict:
         "items": cfg.items,
         "users": cfg.users,
         "chunk_rows": cfg.chunk_rows,
+        "example": "examples.movielens",
+        "feature_schema": schema.to_dict(),
     }
     t0 = time.perf_counter()
 
@@ -94,7 +98,6 @@ def prepare_synthetic(cfg: SyntheticConfig) -> dict:
             cfg.out / "catalog",
             progress(chunks, cfg.items, "catalog"),
             kind="catalog",
-            schema=schema,
             source=source,
             overwrite=True,
         )
@@ -105,7 +108,6 @@ def prepare_synthetic(cfg: SyntheticConfig) -> dict:
             cfg.out / "users",
             progress(chunks, cfg.users, "users"),
             kind="users",
-            schema=schema,
             source=source,
             overwrite=True,
         )
@@ -119,7 +121,7 @@ def prepare_synthetic(cfg: SyntheticConfig) -> dict:
 
 def parse(argv: list[str] | None) -> MovieLensConfig | SyntheticConfig:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.prepare_data",
+        prog="python -m examples.movielens.prepare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

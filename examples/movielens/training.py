@@ -1,4 +1,5 @@
-"""Training the two towers (in-batch sampled softmax with logQ correction) and held-out evaluation.
+"""Training the MovieLens two towers (in-batch sampled softmax with logQ correction) and held-out
+evaluation (Recall@K and HR@K over all catalog items, the user's train items masked).
 
 Each training example is (user, item at time t) with the user's items strictly BEFORE t as history,
 so the model never sees the target (or the future) in its input.
@@ -16,10 +17,15 @@ import pyarrow.compute as pc
 import torch
 from torch.nn import functional as F
 
-from core.embed import item_vectors, user_vectors
-from core.features import FeatureSchema
-from core.metrics import evaluate_topk, popularity_scores
-from core.model import ModelConfig, TwoTower, item_inputs_from_arrow, user_inputs_from_lists
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import (
+    ModelConfig,
+    TwoTower,
+    item_inputs_from_arrow,
+    item_vectors,
+    user_inputs_from_lists,
+    user_vectors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +53,57 @@ def _examples(train: pa.Table, history_len: int) -> tuple[np.ndarray, np.ndarray
 
 
 def item_embeddings(model: TwoTower, catalog: pa.Table) -> torch.Tensor:
-    """(N, D) item vectors of the catalog (core.embed: the one place catalogs are embedded in-process)."""
+    """(N, D) item vectors of the catalog, from the eager item tower."""
     return torch.from_numpy(item_vectors(model.item_tower, catalog, model.schema))
 
 
 def user_embeddings(model: TwoTower, users: pa.Table) -> torch.Tensor:
-    """(U, D) user vectors from the users table's ids and histories."""
+    """(U, D) user vectors from the users table's ids and histories (the tower keeps the last
+    `history_len` items of each)."""
     return torch.from_numpy(
         user_vectors(model.user_tower, users["user_id"].to_numpy(), users["history"], model.schema)
     )
+
+
+def popularity_scores(item_counts: np.ndarray, n_users: int) -> torch.Tensor:
+    """The same popularity ranking for every user: (U, N)."""
+    return torch.from_numpy(item_counts.astype(np.float32))[None, :].expand(n_users, -1)
+
+
+def evaluate_topk(
+    scores: torch.Tensor, users: pa.Table, item_ids: np.ndarray, eval_split: pa.Table, k: int = 10
+) -> dict:
+    """scores: (U, N) for users in `users` order and items in `item_ids` order.
+
+    Only users with train items (`seen_item_ids`: all of them, not just the tower's `history`) and at
+    least one held-out item they had not seen in train count (cold users are a different problem).
+    Items seen in train are masked from the ranking."""
+    row_of = {int(x): r for r, x in enumerate(item_ids)}
+    user_row = {int(u): r for r, u in enumerate(users["user_id"].to_numpy())}
+    seen_col = "seen_item_ids" if "seen_item_ids" in users.column_names else "history"
+    seen_items = users[seen_col].to_pylist()
+    relevant: dict[int, set[int]] = {}
+    for u, i in zip(eval_split["user_id"].to_numpy(), eval_split["item_id"].to_numpy(), strict=True):
+        relevant.setdefault(int(u), set()).add(row_of[int(i)])
+    recalls, hits = [], []
+    for u, rel in relevant.items():
+        r = user_row[u]
+        seen = {row_of[int(i)] for i in seen_items[r]}
+        rel = rel - seen
+        if not seen_items[r] or not rel:
+            continue
+        s = scores[r].clone()
+        if seen:
+            s[torch.tensor(sorted(seen))] = -torch.inf
+        top = set(torch.topk(s, k).indices.tolist())
+        n_hit = len(top & rel)
+        recalls.append(n_hit / len(rel))
+        hits.append(float(n_hit > 0))
+    return {
+        "recall": float(np.mean(recalls)) if recalls else 0.0,
+        "hr": float(np.mean(hits)) if hits else 0.0,
+        "users": len(recalls),
+    }
 
 
 def train(

@@ -1,12 +1,14 @@
+"""The MovieLens example's training checkpoints (examples/movielens/checkpoint.py)."""
+
 import dataclasses
 import json
 
 import pytest
 import torch
 
-from core.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
-from core.features import FeatureSchema
-from core.model import ModelConfig, TwoTower
+from examples.movielens.checkpoint import MANIFEST, CheckpointError, load_checkpoint, save_checkpoint
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import ModelConfig, TwoTower
 
 SMALL = FeatureSchema(item_id_buckets=256, user_id_buckets=64, title_buckets=128, tag_buckets=64)
 CFG = ModelConfig(embed_dim=8, field_dim=4, hidden=(16,), ranker_hidden=8, ranker_user_hidden=(16,))

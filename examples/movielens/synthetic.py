@@ -1,4 +1,5 @@
-"""Deterministic synthetic catalogs and user tables with the MovieLens schema, at any size.
+"""Deterministic synthetic catalogs and user tables in the MovieLens model's schema, at any size
+(benchmarks and tests at scale).
 
 Generated chunk by chunk (one partition at a time) with vectorised numpy/Arrow, so memory is bounded
 by one chunk and 10M rows take minutes, not hours. Chunk k is seeded by (seed, k), so the output does
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.features import ITEM_ARROW_SCHEMA, USER_ARROW_SCHEMA, FeatureSchema, hash_tokens
+from examples.movielens.features import ITEM_ARROW_SCHEMA, USERS_DATASET_SCHEMA, FeatureSchema, hash_tokens
 
 VOCAB = 5000  # synthetic title/tag words "w0".."w4999"
 
@@ -69,16 +70,19 @@ def catalog_chunks(
 
 
 def user_chunks(rows: int, n_items: int, seed: int, chunk_rows: int = 1_000_000) -> Iterator[pa.Table]:
-    """Users 1..rows, each with a history of 1..50 item ids drawn Zipf-ishly from 1..n_items."""
+    """Users 1..rows, each with a history of 1..50 item ids drawn Zipf-ishly from 1..n_items; their
+    seen_item_ids (all "train" items) are the history itself."""
     for k, start in enumerate(range(0, rows, chunk_rows)):
         n = min(chunk_rows, rows - start)
         rng = np.random.default_rng([seed, 1_000_003, k])
         lengths = rng.integers(1, 51, size=n)
         items = ((rng.zipf(1.2, size=int(lengths.sum())) - 1) % n_items + 1).astype(np.int64)
+        history = _lists(items, lengths, pa.int64())
         yield pa.table(
             {
                 "user_id": np.arange(start + 1, start + n + 1, dtype=np.int64),
-                "history": _lists(items, lengths, pa.int64()),
+                "history": history,
+                "seen_item_ids": history,
             },
-            schema=USER_ARROW_SCHEMA,
+            schema=USERS_DATASET_SCHEMA,
         )

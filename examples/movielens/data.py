@@ -1,4 +1,4 @@
-"""MovieLens ml-latest-small -> catalog, users and time-split interactions (Arrow tables).
+"""Locating and loading MovieLens ml-latest-small -> catalog, users and time-split interactions (Arrow tables).
 
 The raw files are read where they lie (never copied into the project). Files are verified against the
 sha256 sums of the official September 2018 release before use.
@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from core.features import FeatureSchema, encode_item_rows
 from core.fsutil import sha256_file
+from examples.movielens.features import USERS_DATASET_SCHEMA, FeatureSchema, encode_item_rows
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ SHA256 = {
 }
 DEFAULT_LOCATIONS = (
     Path("../shared/data/movielens/ml-latest-small"),
-    Path(__file__).resolve().parent.parent.parent / "shared/data/movielens/ml-latest-small",
+    Path(__file__).resolve().parents[3] / "shared/data/movielens/ml-latest-small",
 )
 _YEAR_RE = re.compile(r"\((\d{4})\)\s*$")
 
@@ -84,7 +84,8 @@ def download(target: Path) -> Path:
 @dataclasses.dataclass(frozen=True)
 class MovieLensTables:
     catalog: pa.Table  # features.ITEM_ARROW_SCHEMA
-    users: pa.Table  # features.USER_ARROW_SCHEMA (history = train items, oldest first)
+    users: pa.Table  # features.USERS_DATASET_SCHEMA (history: the last history_len train items, oldest
+    # first; seen_item_ids: all train items)
     train: pa.Table  # user_id, item_id, rating, timestamp
     val: pa.Table
     test: pa.Table
@@ -146,7 +147,7 @@ def load(
             }
 
     catalog = encode_item_rows(rows(), schema)
-    users = user_histories(ratings, train)
+    users = user_histories(ratings, train, schema.history_len)
     return MovieLensTables(catalog, users, train, val, test)
 
 
@@ -172,8 +173,9 @@ def split_by_user_time(
     return r.filter(pa.array(is_train)), r.filter(pa.array(is_val)), r.filter(pa.array(is_test))
 
 
-def user_histories(all_ratings: pa.Table, train: pa.Table) -> pa.Table:
-    """Every user who appears anywhere, with their TRAIN items in time order (may be empty)."""
+def user_histories(all_ratings: pa.Table, train: pa.Table, history_len: int) -> pa.Table:
+    """Every user who appears anywhere: `seen_item_ids` = ALL their TRAIN items in time order, `history`
+    = the last `history_len` of them (what the user tower takes). Both may be empty."""
     order = pc.sort_indices(
         train, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
     )
@@ -183,8 +185,17 @@ def user_histories(all_ratings: pa.Table, train: pa.Table) -> pa.Table:
     users = np.unique(all_ratings["user_id"].to_numpy())
     starts = np.searchsorted(uid, users, side="left")
     ends = np.searchsorted(uid, users, side="right")
-    histories = [iid[a:b] for a, b in zip(starts, ends, strict=True)]
-    offsets = np.concatenate([[0], np.cumsum([len(h) for h in histories])]).astype(np.int32)
-    flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
-    hist = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int64()))
-    return pa.table({"user_id": pa.array(users, pa.int64()), "history": hist})
+    recent = np.maximum(starts, ends - history_len)
+    return pa.Table.from_arrays(
+        [pa.array(users, pa.int64()), _ranges(iid, recent, ends), _ranges(iid, starts, ends)],
+        schema=USERS_DATASET_SCHEMA,
+    )
+
+
+def _ranges(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pa.ListArray:
+    """values[starts[r]:ends[r]] for each r, as a list<int64> column."""
+    lengths = ends - starts
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = values[np.repeat(starts - offsets[:-1], lengths) + np.arange(int(lengths.sum()))]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int64), pa.int64()))
