@@ -6,6 +6,10 @@
                                with its own query side) and, given held-out interactions, Recall@k of
                                each on them
     judge(result, limits)      the verdict: which limits the numbers break, in words that name them
+    quality_floor(new, users, popularity)
+                               held-out Recall@k of one build next to two baselines over the same catalog
+                               and users, a popularity ranking and a random one; judge_floor says whether
+                               it clears the floor (needs no live build: a first build is judged too)
 
 Both builds are `LiveBuild`s loaded with memory-mapped tables and index, so what this holds grows with
 the samples (users, vectors), not with the catalog. No Ray here: the rebuild gate, `jobs.registry diff`
@@ -40,6 +44,13 @@ class Limits:
     min_effective_rank: float = 8.0  # exp(entropy of the normalised singular values)
     min_overlap: float = 0.3  # mean top-k overlap with the live build, each with its own query side
     max_quality_drop: float = 0.15  # relative Recall@k drop on held-out interactions vs the live build
+    # The quality floor, live build or not: held-out Recall@k at least these multiples of a popularity
+    # ranking's and of a random ranking's. MovieLens Recall@10 (610 users): trained 1.58x popularity and
+    # 52x random (one epoch: 1.02x, 34x); untrained 0.08x/2.7x and 0.01x/0.3x (two seeds), weights
+    # shuffled 0.03x/1.1x. Popularity is a strong baseline there, so its floor sits well under it; the
+    # random floor guards data whose popularity is flat (popularity itself is 33x random on MovieLens).
+    min_lift_over_popularity: float = 0.5
+    min_lift_over_random: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,14 +183,142 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(x[x >= 0]) & set(y[y >= 0])) / k for x, y in zip(a, b, strict=True)]))
 
 
-def recall(top: np.ndarray, users: EvalUsers) -> tuple[float, int]:
-    """Recall@k on held-out items the user had not seen, over users with such items."""
-    vals = []
+def _evaluable(users: EvalUsers):
+    """(row, held-out items the user had not seen) of each user with such items: the users Recall@k
+    is measured over."""
     for q, rel in enumerate(users.relevant or []):
         rel = rel - set(users.seen[q].tolist())
         if rel:
-            vals.append(len(set(top[q].tolist()) & rel) / len(rel))
+            yield q, rel
+
+
+def recall(top: np.ndarray, users: EvalUsers) -> tuple[float, int]:
+    """Recall@k on held-out items the user had not seen, over users with such items."""
+    vals = [len(set(top[q].tolist()) & rel) / len(rel) for q, rel in _evaluable(users)]
     return (float(np.mean(vals)) if vals else float("nan")), len(vals)
+
+
+# Users whose train histories count towards the popularity baseline: enough to rank the head of the
+# catalog stably, few enough that a 10^8-user dataset is not read whole (as `eval_users`).
+POPULARITY_USERS = 100_000
+
+
+def item_popularity(
+    users: Path, n: int = POPULARITY_USERS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(item ids ascending, how often each occurs) over the seen items of up to `n` users; None when
+    the users dataset does not say what its users have seen (no `seen_item_ids` column)."""
+    files = partition_files(users)
+    if SEEN_COLUMN not in pq.read_schema(files[0]).names:
+        return None
+    t = _sample_rows(files, [SEEN_COLUMN], n, seed)
+    # flatten(), not .values: a sliced or taken list array's values run past its own rows
+    flat = [c.flatten().to_numpy() for c in t[SEEN_COLUMN].chunks]
+    ids, counts = np.unique(np.concatenate(flat) if flat else np.zeros(0, np.int64), return_counts=True)
+    return ids.astype(np.int64), counts.astype(np.int64)
+
+
+def _in_catalog(item_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` are in the build's id-sorted `item_ids`."""
+    pos = np.minimum(np.searchsorted(item_ids, ids), max(len(item_ids) - 1, 0))
+    return item_ids[pos] == ids if len(item_ids) else np.zeros(len(ids), bool)
+
+
+def popularity_top_k(item_ids: np.ndarray, popularity: tuple[np.ndarray, np.ndarray], users: EvalUsers,
+                     k: int) -> np.ndarray:  # fmt: skip
+    """(U, k) the catalog's most popular items each user has not seen (ties by id, -1 pad): the ranking
+    a model that learnt nothing about users but item frequency serves, history masked as `top_k`."""
+    pop_ids, counts = popularity
+    known = _in_catalog(item_ids, pop_ids)
+    ranked = pop_ids[known][np.lexsort((pop_ids[known], -counts[known]))]
+    # then items no history holds, by id: only as many as a user with the longest history can reach,
+    # so a 10^8-item catalog is neither read whole nor sorted
+    need = min(len(item_ids), len(ranked) + k + max((len(h) for h in users.seen), default=0))
+    rest = np.asarray(item_ids[:need])
+    order = np.concatenate([ranked, rest[~np.isin(rest, ranked)]])
+    out = np.full((len(users.seen), k), -1, np.int64)
+    for q, seen in enumerate(users.seen):
+        head = order[: k + len(seen)]
+        kept = head[~np.isin(head, seen)][:k]
+        out[q, : len(kept)] = kept
+    return out
+
+
+def random_recall(item_ids: np.ndarray, users: EvalUsers, k: int) -> float:
+    """Expected Recall@k of a uniformly random ranking of the C catalog items a user has not seen, over
+    the users `recall` counts: each relevant item in the catalog is among the k drawn with p = k / C.
+    Exact, so the floor does not move with an rng's luck."""
+    vals = []
+    for q, rel in _evaluable(users):
+        unseen = len(item_ids) - int(_in_catalog(item_ids, np.unique(users.seen[q])).sum())
+        rel_in = int(_in_catalog(item_ids, np.fromiter(rel, np.int64, len(rel))).sum())
+        vals.append(min(k, unseen) / unseen * rel_in / len(rel) if unseen else 0.0)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def quality_floor(new: LiveBuild, users: EvalUsers, popularity: tuple[np.ndarray, np.ndarray] | None,
+                  k: int = 10) -> dict:  # fmt: skip
+    """Held-out Recall@k of `new` and of two rankings any model must beat, over the same users and
+    catalog with the same history masking: the most popular items (`popularity`: `item_popularity`) and
+    a random ranking. Needs held-out data, not a live build; without it says why it checked nothing."""
+    if users.relevant is None:
+        return {"checked": False, "why": "no held-out data"}
+    top_new = top_k(new, users, k)
+    rn, n_eval = recall(top_new, users)
+    if not n_eval:
+        return {"checked": False, "why": f"none of the {len(users.user_ids)} sampled users has held-out "
+                "items outside their history"}  # fmt: skip
+    # without seen items to count, popularity is unknown: only the random ranking is a baseline
+    top_pop = popularity_top_k(new.item_ids, popularity, users, k) if popularity is not None else None
+    rp = recall(top_pop, users)[0] if top_pop is not None else 0.0
+    rr = random_recall(new.item_ids, users, k)
+    return {
+        "checked": True,
+        "k": k,
+        "users": n_eval,
+        "recall_at_k": round(rn, 4),
+        "popularity_recall_at_k": round(rp, 4),
+        "random_recall_at_k": round(rr, 6),
+        # None: the baseline found nothing, so any recall clears that multiple of it
+        "lift_over_popularity": round(rn / rp, 3) if rp > 0 else None,
+        "lift_over_random": round(rn / rr, 2) if rr > 0 else None,
+        # not judged: how much of the top-k is the popularity ranking's (near 1: the model ignores the user)
+        "overlap_with_popularity": None if top_pop is None else round(overlap(top_new, top_pop, k), 4),
+        # what the popularity ranking was counted from: distinct items, seen entries
+        "popularity_counts": None
+        if popularity is None
+        else {"items": int(len(popularity[0])), "interactions": int(popularity[1].sum())},
+    }
+
+
+def judge_floor(floor: dict, limits: Limits) -> list[str]:
+    """The quality floor's verdict on `floor` (from `quality_floor`): empty if it passes or was not
+    checked (`floor_line` says which), else one reason naming every multiple it falls short of."""
+    f, short = floor, []
+    if not f.get("checked"):
+        return []
+    lp, lr = f["lift_over_popularity"], f["lift_over_random"]
+    if lp is not None and lp < limits.min_lift_over_popularity:
+        short.append(f"{lp}x the popularity ranking's {f['popularity_recall_at_k']} "
+                     f"(floor {limits.min_lift_over_popularity}x)")  # fmt: skip
+    if lr is not None and lr < limits.min_lift_over_random:
+        short.append(
+            f"{lr}x a random ranking's {f['random_recall_at_k']} (floor {limits.min_lift_over_random}x)"
+        )
+    if not short:
+        return []
+    return [f"quality floor: held-out Recall@{f['k']} {f['recall_at_k']} over {f['users']} users is "
+            + " and ".join(short)]  # fmt: skip
+
+
+def floor_line(floor: dict) -> str:
+    """One line for the job's output: what the floor measured, or that (and why) it checked nothing."""
+    f = floor
+    if not f.get("checked"):
+        return f"quality floor: not checked, {f['why']}"
+    return (f"quality floor: held-out Recall@{f['k']} {f['recall_at_k']} vs popularity "
+            f"{f['popularity_recall_at_k']} ({f['lift_over_popularity']}x), random {f['random_recall_at_k']} "
+            f"({f['lift_over_random']}x) over {f['users']} users")  # fmt: skip
 
 
 def compare(base: LiveBuild, new: LiveBuild, users: EvalUsers, k: int = 10, sample: int = 2000) -> dict:

@@ -4,7 +4,7 @@
     build_and_publish()  -> on a worker pool (core.worker; Ray actors in jobs.rebuild_index): embed
                             every partition (reusing committed ones on --resume), gate, assemble and
                             tune the index (core.assemble) on user-tower queries (the users', else
-                            sampled histories'), compare with the live build (core.compare), then
+                            item mixtures'), compare with the live build (core.compare), then
                             commit and publish
 
 `on_phase(name)` is called after each step; tests use it to crash the process at known points.
@@ -71,7 +71,7 @@ class CompareOptions:
     enabled: bool = True
     limits: cmp.Limits = cmp.Limits()
     holdout: Path | None = None  # held-out interactions (user_id, item_id) for the quality comparison
-    users: int = 2000  # users compared (sampled from the users dataset, else sampled histories)
+    users: int = 2000  # users compared (sampled from the users dataset, else item mixtures)
     force: bool = False  # publish even if the gate refuses (recorded in the manifest)
 
 
@@ -117,7 +117,7 @@ def new_build_id(version: str, clock: Callable[[], float] = time.time) -> str:
 
 
 # Fewer users than this cannot be split into tuning and held-out sets that measure recall; such a
-# build tunes on sampled histories, as a build without users does.
+# build tunes on item mixtures, as a build without users does.
 MIN_USER_QUERIES = 20
 
 
@@ -321,18 +321,24 @@ def build_and_publish(
     )
     out.write_manifest(manifest)
     refusal = None
-    if compare.enabled and registry.current() is not None:
+    if compare.enabled:
         t3 = time.perf_counter()
-        manifest, refusal = _compare_with_live(registry, out, manifest, inputs, compare, opts, progress)
+        manifest, refusal = _compare_gate(registry, out, manifest, inputs, compare, opts, progress)
         timings["compare_s"] = round(time.perf_counter() - t3, 3)
         out.write_manifest(manifest)
         phase("compared")
+    else:  # said, so that a summary without numbers is not read as a pass
+        manifest = dataclasses.replace(manifest, comparison={"skipped": NOT_COMPARED})
+        out.write_manifest(manifest)
+        progress(NOT_COMPARED)
     final = registry.builds / build_id
     commit_dir(staging, final)
     phase("build_committed")
     if refusal is not None:
+        c = manifest.comparison
         raise ComparisonRefused(
-            f"build {build_id} is not published: against live build {manifest.comparison['base']['build_id']}, "
+            f"build {build_id} is not published: "
+            + (f"against live build {c['base']['build_id']}, " if c["base"] else f"({c['not_compared']}) ")
             + "; ".join(refusal)
             + f". It is committed (not live): `python -m jobs.registry canary {build_id} --percent 10` ramps "
             "it in for a share of users, `jobs.registry diff` shows the numbers; or rebuild with --force.",
@@ -356,27 +362,59 @@ def comparison_users(inputs: Inputs, compare: CompareOptions, item_ids, seed: in
     return cmp.mixture_users(np.asarray(item_ids), compare.users, seed)
 
 
-def _compare_with_live(registry: Registry, out: BuildDir, manifest: BuildManifest, inputs: Inputs,
-                       compare: CompareOptions, opts: IndexOptions, progress) -> tuple[BuildManifest, list | None]:  # fmt: skip
-    """The comparison gate; returns the manifest with its results and, if refused, the reasons."""
-    live_id = registry.current()
-    try:
-        base = load_build(registry.build_dir(live_id), mmap=True)
-    except Exception as e:  # noqa: BLE001 - serving refuses it too: nothing to compare with
-        progress(f"live build {live_id} cannot be loaded ({e}); not compared")
-        return dataclasses.replace(manifest, comparison={"skipped": f"live build {live_id}: {e}"}), None
+NOT_COMPARED = "--no-compare: not compared with the live build, quality floor not checked"
+
+
+def _floor(inputs: Inputs, new, users: cmp.EvalUsers, k: int) -> dict:
+    """The quality floor of the new build (core.compare.quality_floor), popularity counted from the
+    users dataset's seen items; not checked without held-out data."""
+    popularity = None
+    if users.relevant is not None and inputs.user_files:
+        popularity = cmp.item_popularity(inputs.user_files[0].parent)
+    return cmp.quality_floor(new, users, popularity, k)
+
+
+def _compare_gate(registry: Registry, out: BuildDir, manifest: BuildManifest, inputs: Inputs,
+                  compare: CompareOptions, opts: IndexOptions, progress) -> tuple[BuildManifest, list | None]:  # fmt: skip
+    """The comparison gate: the quality floor (needs no live build, so a first build is judged too),
+    then the comparison with the live build when there is one; returns the manifest with its results
+    and, if refused (and not forced), the reasons."""
     new = load_build(out.root, mmap=True)  # its own manifest and checkpoint copy: what serving will load
     users = comparison_users(inputs, compare, new.item_ids, opts.seed)
+    floor = _floor(inputs, new, users, opts.k)
+    progress(cmp.floor_line(floor))
+    result, why = _compare_with_live(registry, new, users, compare, opts, progress)
+    why = cmp.judge_floor(floor, compare.limits) + why
+    # what was judged, so that a pass with nothing checked does not read as a pass on the numbers
+    checked = (["quality floor"] if floor["checked"] else []) + (["live build"] if result["base"] else [])
+    result.update(quality_floor=floor, limits=dataclasses.asdict(compare.limits), checked=checked,
+                  passed=not why, refused_for=why, forced=bool(why) and compare.force)  # fmt: skip
+    verdict = "PASSED" if not why else "REFUSED, published anyway (--force)" if compare.force else "REFUSED"
+    progress(f"comparison gate: {verdict} (checked: {', '.join(checked) or 'nothing'})")
+    return dataclasses.replace(manifest, comparison=result), (why if why and not compare.force else None)
+
+
+def _compare_with_live(registry: Registry, new, users: cmp.EvalUsers, compare: CompareOptions,
+                       opts: IndexOptions, progress) -> tuple[dict, list]:  # fmt: skip
+    """The numbers of the new build against the live one and the limits they break; with no live
+    build (or one that cannot be loaded) the record says what was not compared, and why."""
+    live_id = registry.current()
+    try:
+        base = load_build(registry.build_dir(live_id), mmap=True) if live_id else None
+        not_compared = "no live build"
+    except Exception as e:  # noqa: BLE001 - serving refuses it too: nothing to compare with
+        base, not_compared = None, f"live build {live_id} cannot be loaded ({e})"
+    if base is None:
+        progress(f"not compared with a live build: {not_compared}")
+        return {"base": None, "not_compared": not_compared, "k": opts.k,
+                "new": {"build_id": new.build_id, "checkpoint_version": new.checkpoint_version},
+                "users": {**users.source, "compared": len(users.user_ids)}}, []  # fmt: skip
     result = cmp.compare(base, new, users, opts.k)
-    why = cmp.judge(result, compare.limits)
-    result.update(limits=dataclasses.asdict(compare.limits), passed=not why, refused_for=why,
-                  forced=bool(why) and compare.force)  # fmt: skip
     h, q = result["new"]["health"], result.get("quality")
     progress(
         f"compared with live build {live_id}: overlap@{opts.k} {result['overlap_at_k']}, mean pair cosine "
         f"{h['mean_pair_cosine']}, near-duplicates {h['near_duplicate_share']:.1%}, effective rank "
         f"{h['effective_rank']}"
         + (f", held-out Recall@{opts.k} {q['recall_at_k_new']} vs {q['recall_at_k_base']}" if q else "")
-        + (" -> PASSED" if not why else (" -> REFUSED, published anyway (--force)" if compare.force else " -> REFUSED"))
-    )  # fmt: skip
-    return dataclasses.replace(manifest, comparison=result), (why if why and not compare.force else None)
+    )
+    return result, cmp.judge(result, compare.limits)

@@ -7,9 +7,10 @@
       python -m jobs.rebuild_index --package $PWD/packages/... --catalog $PWD/data/catalog ...
 
 Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
-the inputs', unique ids, finite vectors, held-out recall@k >= the target, and (when a build is live)
-the comparison with the live build: embedding health, top-k overlap, held-out quality (core.compare).
-A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
+the inputs', unique ids, finite vectors, held-out recall@k >= the target, and the comparison gate: a
+quality floor on held-out data (Recall@k against popularity and random rankings; a first build too)
+and, when a build is live, the comparison with it: embedding health, top-k overlap, held-out quality
+(core.compare). A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
 2 = refused (bad input, failed gate, --timeout-s passed), 1 = unexpected error. CURRENT is untouched on
 any failure.
 """
@@ -225,12 +226,20 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
 
 
 def _brief(c: dict | None) -> dict | None:
-    """The comparison's headline numbers for the summary line (the manifest has all of it)."""
+    """The comparison's headline numbers for the summary line (the manifest has all of it): what was
+    checked, and what was not and why."""
     if not c or "skipped" in c:
         return c
+    f = c.get("quality_floor") or {}
+    floor = ({k: f.get(k) for k in ("recall_at_k", "popularity_recall_at_k", "random_recall_at_k",
+                                    "lift_over_popularity", "lift_over_random", "users")}
+             if f.get("checked") else f"not checked, {f.get('why')}")  # fmt: skip
+    out = {"passed": c["passed"], "forced": c["forced"], "checked": c["checked"], "quality_floor": floor}
+    if c["base"] is None:
+        return {"against": None, "not_compared": c["not_compared"], **out}
     h, q = c["new"]["health"], c.get("quality") or {}
-    return {"against": c["base"]["build_id"], "overlap_at_k": c["overlap_at_k"], "passed": c["passed"],
-            "forced": c["forced"], "mean_pair_cosine": h["mean_pair_cosine"], "effective_rank": h["effective_rank"],
+    return {"against": c["base"]["build_id"], "overlap_at_k": c["overlap_at_k"], **out,
+            "mean_pair_cosine": h["mean_pair_cosine"], "effective_rank": h["effective_rank"],
             "near_duplicate_share": h["near_duplicate_share"], "recall_new": q.get("recall_at_k_new"),
             "recall_live": q.get("recall_at_k_base"), "relative_drop": q.get("relative_drop")}  # fmt: skip
 
@@ -431,11 +440,13 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         help="start even if the cluster lacks the pool's resources now (autoscaling clusters)",
     )
     lim = cmp.Limits()
-    g = p.add_argument_group("comparison with the live build (before publishing)")
-    g.add_argument("--no-compare", action="store_true", help="skip the comparison gate")
+    g = p.add_argument_group("comparison gate (before publishing): quality floor, then the live build")
+    g.add_argument("--no-compare", action="store_true",
+                   help="skip the comparison gate: the quality floor and the comparison with the live build")  # fmt: skip
     g.add_argument("--force", action="store_true", help="publish even if the comparison refuses (recorded)")
     g.add_argument("--holdout", type=Path, help="held-out interactions (user_id, item_id) for the quality "
-                   "comparison (default: USERS/../interactions/test when it exists)")  # fmt: skip
+                   "floor and comparison (default: USERS/../interactions/test when it exists; without it the "
+                   "floor is not checked, and the summary says so)")  # fmt: skip
     g.add_argument("--compare-users", type=int, default=CompareOptions.users, help="users compared")
     g.add_argument("--min-overlap", type=float, default=lim.min_overlap,
                    help="lowest mean top-k overlap with the live build's retrieval")  # fmt: skip
@@ -447,6 +458,11 @@ def parse(argv: list[str] | None) -> RebuildConfig:
                    help=f"largest share of items with a near-duplicate (cosine >= {cmp.NEAR_DUP_COSINE})")  # fmt: skip
     g.add_argument("--min-effective-rank", type=float, default=lim.min_effective_rank,
                    help="smallest effective rank of the item vectors")  # fmt: skip
+    g.add_argument("--min-lift-over-popularity", type=float, default=lim.min_lift_over_popularity,
+                   help="quality floor, live build or not: held-out Recall@k at least this multiple of a "
+                   "popularity ranking's (counted from the users' histories; needs held-out data)")  # fmt: skip
+    g.add_argument("--min-lift-over-random", type=float, default=lim.min_lift_over_random,
+                   help="quality floor: held-out Recall@k at least this multiple of a random ranking's")  # fmt: skip
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
@@ -468,7 +484,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         holdout = users.parent / "interactions" / "test"
     compare = CompareOptions(
         enabled=not a.no_compare, holdout=holdout, users=a.compare_users, force=a.force,
-        limits=cmp.Limits(a.max_pair_cosine, a.max_near_duplicates, a.min_effective_rank, a.min_overlap, a.max_quality_drop),
+        limits=cmp.Limits(a.max_pair_cosine, a.max_near_duplicates, a.min_effective_rank, a.min_overlap, a.max_quality_drop,
+                          a.min_lift_over_popularity, a.min_lift_over_random),
     )  # fmt: skip
     return RebuildConfig(
         compare=compare,

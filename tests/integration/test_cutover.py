@@ -1,12 +1,18 @@
 """The comparison gate through the real rebuild job, against a live MovieLens build: a collapsed
 checkpoint and an unrelated one are refused (CURRENT untouched, the numbers named), the warm-started
-next version passes, --force publishes on record."""
+next version passes, --force publishes on record. With no live build, the quality floor refuses an
+untrained model."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from core.registry import Registry
+from core import compare as cmp
+from core.checkpoint import save_checkpoint
+from core.features import FeatureSchema
+from core.model import ModelConfig, TwoTower
+from core.registry import POINTER, Registry
 from tests.degraded import collapsed_checkpoint
 from tests.integration.conftest import rebuild, summary
 
@@ -57,3 +63,28 @@ def test_an_unrelated_checkpoint_is_refused_unless_forced_and_the_next_version_p
     m = Registry(registry).manifest(forced["build_id"])
     assert Registry(registry).current() == forced["build_id"]
     assert m.comparison["forced"] and not m.comparison["passed"] and m.comparison["refused_for"]
+
+
+def test_a_first_build_from_an_untrained_model_is_refused_by_the_quality_floor(ray_head, ml_data, tmp_path):
+    """No live build, so nothing to compare with but the floor's baselines: an untrained model of the
+    trained ones' architecture (its item vectors pass the health limits: mean pair cosine 0.69, no
+    near-duplicates, effective rank 42) would publish without the floor."""
+    torch.manual_seed(0)
+    untrained = save_checkpoint(TwoTower(FeatureSchema(), ModelConfig()), tmp_path / "ck", family="ml-two-tower",
+                                training={"untrained": True}, metrics={})  # fmt: skip
+    registry = tmp_path / "registry"  # empty: a first build (no skew check, hence --force-unchecked)
+    p = rebuild(ray_head, untrained, ml_data / "catalog", registry, "--force-unchecked", check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert Registry(registry).current() is None and not (registry / POINTER).exists()  # CURRENT untouched
+    s = summary(p)
+    assert s["published"] is False and s["committed"] is True
+    c = Registry(registry).manifest(s["build_id"]).comparison  # committed, not live
+    assert c["base"] is None and c["not_compared"] == "no live build" and c["passed"] is False
+    f = c["quality_floor"]
+    assert f["users"] > 500 and c["users"]["holdout"].endswith("interactions/test")
+    assert f["lift_over_popularity"] < 0.5 and f["popularity_recall_at_k"] > 0.02
+    failed = [line for line in p.stderr.splitlines() if line.startswith("FAILED: ")]
+    assert len(failed) == 1 and c["refused_for"] == cmp.judge_floor(f, cmp.Limits())
+    named = (f"(no live build) quality floor: held-out Recall@10 {f['recall_at_k']} over {f['users']} users "
+             f"is {f['lift_over_popularity']}x the popularity ranking's {f['popularity_recall_at_k']} (floor 0.5x)")  # fmt: skip
+    assert named in failed[0]

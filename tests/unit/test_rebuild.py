@@ -4,6 +4,7 @@ actors get) with a crash injected at every phase (what `ray job stop`'s SIGKILL 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core import compare as cmp
 from core import index as ann
 from core.build_dir import BuildDir
 from core.contract.package import read_manifest
@@ -23,6 +25,7 @@ from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dat
 from core.embed import Embedder, embedding_table, embeddings_to_numpy
 from core.queries import mix, mix_positions
 from core.rebuild import (
+    NOT_COMPARED,
     CompareOptions,
     ComparisonRefused,
     IndexOptions,
@@ -34,7 +37,7 @@ from core.rebuild import (
 from core.registry import POINTER, Registry
 from core.validate import ValidationError, check_embedded
 from core.worker import LocalPool, Worker
-from examples.movielens.features import MOVIELENS_GENRES, USER_ARROW_SCHEMA, encode_item_rows
+from examples.movielens.features import MOVIELENS_GENRES, USERS_DATASET_SCHEMA, encode_item_rows
 from tests.unit.tiny_build import CFG, SCHEMA, make_build, make_checkpoint
 
 N_ITEMS, N_USERS = 240, 60
@@ -74,8 +77,10 @@ def _items(n: int, seed: int = 0) -> pa.Table:
 def _users(n: int, item_ids: np.ndarray, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     hist = [rng.choice(item_ids, size=1 + u % SCHEMA.history_len).tolist() for u in range(n)]
+    # the tower's input (the last items) and what the user has seen (for masking and popularity)
     return pa.Table.from_pydict(
-        {"user_id": np.arange(5, 5 + 3 * n, 3), "history": hist}, schema=USER_ARROW_SCHEMA
+        {"user_id": np.arange(5, 5 + 3 * n, 3), "history": hist, "seen_item_ids": hist},
+        schema=USERS_DATASET_SCHEMA,
     )
 
 
@@ -128,14 +133,14 @@ FORCED = CompareOptions(force=True)
 
 
 def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, workers=None,
-              compare=FORCED):  # fmt: skip
+              compare=FORCED, progress=lambda _m: None):  # fmt: skip
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
     seq = reg.pointer().seq
     pool = LocalPool(workers or [Worker(str(tiny["ck_path"]), threads=1)])
     settings = embed_settings(inputs.package, "fp32", 64)
     return build_and_publish(
         inputs, pool, reg, staging, build_id, seq, opts, settings, {}, {"nice": 0}, on_phase=on_phase,
-        progress=lambda _m: None, compare=compare,
+        progress=progress, compare=compare,
     )  # fmt: skip
 
 
@@ -450,5 +455,58 @@ def test_the_comparison_gate_refuses_an_unrelated_build_commits_it_unpublished_a
     m = reg.manifest("b-unrelated")  # committed, not live: it can be canaried
     assert m.comparison == e.value.comparison and m.comparison["passed"] is False
     assert m.comparison["base"]["build_id"] == "old-build" and not m.comparison["forced"]
+    assert m.comparison["checked"] == ["live build"]  # no held-out data: the floor said it did not check
     forced = _finalize(tiny, reg, reg.staging("b-forced"), "b-forced")
     assert reg.current() == "b-forced" and forced.comparison["forced"] and not forced.comparison["passed"]
+
+
+def _popular_holdout(tiny, path):
+    """Held-out interactions for the tiny users: each user's 10 most popular items (over every user's
+    history) they have not seen, so the popularity ranking finds them all and a model that learnt
+    nothing (the tiny checkpoint is untrained) finds few."""
+    users = tiny["users"]
+    ev = cmp.EvalUsers(users["user_id"].to_numpy(), None,
+                       [np.asarray(h) for h in users["seen_item_ids"].to_pylist()], None, {})  # fmt: skip
+    popularity = cmp.item_popularity(tiny["root"] / "users")
+    top = cmp.popularity_top_k(np.sort(tiny["items"]["item_id"].to_numpy()), popularity, ev, 10)
+    t = pa.table({"user_id": np.repeat(ev.user_ids, 10), "item_id": top.reshape(-1)})
+    write_dataset(path, [t], kind="interactions", source={"test": True})
+    return path
+
+
+def test_a_first_build_from_an_untrained_model_is_refused_by_the_quality_floor_committed_unpublished(
+    tiny, tmp_path
+):
+    reg = Registry(tmp_path / "registry")  # no live build: only the floor's baselines to compare with
+    gate = CompareOptions(holdout=_popular_holdout(tiny, tmp_path / "test"))
+    refused = (r"\(no live build\) quality floor: held-out Recall@10 0\.\d+ over 60 users is 0\.\d+x the "
+               r"popularity ranking's 1\.0 \(floor 0\.5x\) and [\d.]+x a random ranking's 0\.04\d+ \(floor 10\.0x\)")  # fmt: skip
+    with pytest.raises(ComparisonRefused, match=refused) as e:
+        _finalize(tiny, reg, reg.staging("b-first"), "b-first", compare=gate)
+    assert reg.current() is None and reg.list_builds() == ["b-first"]  # committed, not live
+    c = reg.manifest("b-first").comparison
+    assert c == e.value.comparison and c["base"] is None and c["not_compared"] == "no live build"
+    assert not c["passed"] and not c["forced"] and len(c["refused_for"]) == 1
+    assert c["checked"] == ["quality floor"]
+    f = c["quality_floor"]
+    assert f["users"] == N_USERS and f["popularity_recall_at_k"] == 1.0 and f["lift_over_popularity"] < 0.5
+    forced = _finalize(
+        tiny, reg, reg.staging("b-forced"), "b-forced", compare=dataclasses.replace(gate, force=True)
+    )
+    assert reg.current() == "b-forced" and forced.comparison["forced"] and not forced.comparison["passed"]
+
+
+def test_without_held_out_data_or_with_the_gate_off_the_build_says_what_was_not_checked(tiny, tmp_path):
+    reg, said = Registry(tmp_path / "registry"), []
+    m = _finalize(
+        tiny, reg, reg.staging("b-first"), "b-first", compare=CompareOptions(), progress=said.append
+    )
+    assert reg.current() == "b-first" and m.comparison["passed"] and m.comparison["base"] is None
+    assert m.comparison["quality_floor"] == {"checked": False, "why": "no held-out data"}
+    assert m.comparison["checked"] == [] and m.comparison["not_compared"] == "no live build"
+    assert "quality floor: not checked, no held-out data" in said
+    assert "comparison gate: PASSED (checked: nothing)" in said
+    off = _finalize(tiny, reg, reg.staging("b-off"), "b-off", compare=CompareOptions(enabled=False),
+                    progress=said.append)  # fmt: skip
+    assert reg.current() == "b-off" and off.comparison == {"skipped": NOT_COMPARED}
+    assert said[-1] == NOT_COMPARED  # said, as well as recorded
