@@ -70,16 +70,25 @@ class Scorer(nn.Module):
         return (user * item).sum(1) + self.w(torch.tanh(self.a(torch.cat([user, item], 1)))).squeeze(1)
 
 
-def towers(seed: int = 0) -> tuple[ItemTower, UserTower, Scorer]:
+def towers(seed: int = 0, perturb: float = 0.0) -> tuple[ItemTower, UserTower, Scorer]:
+    """Seeded towers; `perturb` > 0 adds that much seeded noise to every weight: a "next version" close
+    to the seed's model (what a warm-started retraining gives)."""
     torch.manual_seed(seed)
-    return ItemTower().eval(), UserTower().eval(), Scorer().eval()
+    modules = ItemTower().eval(), UserTower().eval(), Scorer().eval()
+    if perturb:
+        g = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for m in modules:
+                for p in m.parameters():
+                    p.add_(perturb * torch.randn(p.shape, generator=g))
+    return modules
 
 
-def package(root: Path, seed: int = 0) -> Path:
-    item, user, scorer = towers(seed)
+def package(root: Path, seed: int = 0, perturb: float = 0.0) -> Path:
+    item, user, scorer = towers(seed, perturb)
     return write_package(root, family="shop", item_tower=item, user_tower=user, item_inputs=ITEM_INPUTS,
                          user_inputs=USER_INPUTS, similarity="inner_product", scorer=scorer,
-                         metadata={"example": "examples.shop", "seed": seed})  # fmt: skip
+                         metadata={"example": "examples.shop", "seed": seed, "perturb": perturb})  # fmt: skip
 
 
 def _ragged(rng: np.random.Generator, n: int, max_len: int) -> pa.ListArray:
@@ -113,9 +122,27 @@ def users(n: int, seed: int = 1) -> pa.Table:
                      "interests": _dense(rng, n), "searches": _ragged(rng, n, 8)})  # fmt: skip
 
 
-def write_data(out: Path, items: int, n_users: int, parts: int = 4) -> None:
-    for kind, table in (("catalog", catalog(items)), ("users", users(n_users))):
-        write_dataset(out / kind, split_table(table, parts), kind=kind,
+def planted_holdout(package_dir: Path, cat: pa.Table, usr: pa.Table, per_user: int = 3) -> pa.Table:
+    """Held-out interactions the model in `package_dir` ranks first: each user's top `per_user` items
+    by its towers. A stand-in for real data that makes this untrained model "good" on it, so the
+    quality floor, the skew check and the comparison gate have something to measure."""
+    from core.contract.towers import load_package
+
+    m = load_package(package_dir)
+    scores = m.user_vectors(usr) @ m.item_vectors(cat).T  # (U, N)
+    top = np.argsort(-scores, axis=1)[:, :per_user]
+    return pa.table({"user_id": np.repeat(usr["user_id"].to_numpy(), per_user),
+                     "item_id": cat["item_id"].to_numpy()[top.reshape(-1)]})  # fmt: skip
+
+
+def write_data(out: Path, items: int, n_users: int, parts: int = 4, holdout_from: Path | None = None) -> None:
+    """catalog/ and users/ datasets, and with `holdout_from` (a package) interactions/test/."""
+    cat, usr = catalog(items), users(n_users)
+    tables = [("catalog", cat), ("users", usr)]
+    if holdout_from is not None:
+        tables.append(("interactions/test", planted_holdout(holdout_from, cat, usr)))
+    for kind, table in tables:
+        write_dataset(out / kind, split_table(table, parts), kind=kind.split("/")[0],
                       source={"example": "examples.shop"}, overwrite=True)  # fmt: skip
 
 
@@ -126,10 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--items", type=int, default=5000)
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perturb", type=float, default=0.0, help="noise on every weight: a nearby next version")
     a = p.parse_args(argv)
-    print(package(a.out, a.seed))
+    pkg = package(a.out, a.seed, a.perturb)
+    print(pkg)
     if a.data:
-        write_data(a.data, a.items, a.users)
+        write_data(a.data, a.items, a.users, holdout_from=pkg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 
 from core import index as ann
 from core.build_dir import BuildDir
-from core.checkpoint import read_manifest
+from core.contract.package import read_manifest
 from core.registry import Registry
 
 
@@ -27,7 +27,7 @@ def check_build(registry: Path, build_id: str, *, checkpoint_version: str, catal
     ids, xb = (np.array(a) for a in bdir.open_items())
     assert len(ids) == len(set(ids.tolist())) == len(catalog_ids) and set(ids.tolist()) == catalog_ids
     assert (np.diff(ids) > 0).all() and np.isfinite(xb).all()
-    assert read_manifest(bdir.checkpoint_path)["version"] == checkpoint_version
+    assert read_manifest(bdir.checkpoint_path).version == checkpoint_version
 
     index = bdir.load_index(m)
     assert index.ntotal == len(ids)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from core import compare as cmp
-from core.checkpoint import save_checkpoint
-from core.features import FeatureSchema
-from core.model import ModelConfig, TwoTower
 from core.registry import POINTER, Registry
+from examples.movielens.export import export_model
+from examples.movielens.features import FeatureSchema
+from examples.movielens.model import ModelConfig, TwoTower
 from tests.degraded import collapsed_checkpoint
 from tests.integration.conftest import rebuild, summary
 
@@ -70,8 +70,8 @@ def test_a_first_build_from_an_untrained_model_is_refused_by_the_quality_floor(r
     trained ones' architecture (its item vectors pass the health limits: mean pair cosine 0.69, no
     near-duplicates, effective rank 42) would publish without the floor."""
     torch.manual_seed(0)
-    untrained = save_checkpoint(TwoTower(FeatureSchema(), ModelConfig()), tmp_path / "ck", family="ml-two-tower",
-                                training={"untrained": True}, metrics={})  # fmt: skip
+    untrained = export_model(TwoTower(FeatureSchema(), ModelConfig()), tmp_path / "pkg", family="ml-two-tower",
+                             metadata={"untrained": True})  # fmt: skip
     registry = tmp_path / "registry"  # empty: a first build (no skew check, hence --force-unchecked)
     p = rebuild(ray_head, untrained, ml_data / "catalog", registry, "--force-unchecked", check=False)
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]

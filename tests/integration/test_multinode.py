@@ -11,7 +11,7 @@ import numpy as np
 
 from core import index as ann
 from core.build_dir import BuildDir
-from core.checkpoint import read_manifest
+from core.contract.package import read_manifest
 from core.datasets import read_table
 from core.live_build import load_build
 from core.registry import Registry
@@ -33,7 +33,7 @@ def test_workers_run_on_pool_nodes_only_and_build_shards_on_both(ml_data, checkp
     check_build(
         registry,
         current_build(registry),
-        checkpoint_version=read_manifest(checkpoints[0])["version"],
+        checkpoint_version=read_manifest(checkpoints[0]).version,
         catalog_ids=ids,
     )
     nodes = {a["node_id"] for a in result["worker_actors"]}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import pyarrow as pa
@@ -10,10 +9,12 @@ import pytest
 import torch
 
 from core.build_dir import BuildDir
-from core.checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from core.contract.package import read_manifest
 from core.datasets import read_table, split_table, write_dataset
-from core.features import FeatureSchema
 from core.registry import POINTER, Registry
+from examples.movielens.checkpoint import load_checkpoint
+from examples.movielens.export import export_model
+from examples.movielens.train import checkpoint_of
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import rebuild, run_module, summary
 
@@ -37,7 +38,7 @@ def _assert_untouched(live, checkpoints, pointer_before: bytes):
     check_build(
         reg,
         live["build"],
-        checkpoint_version=read_manifest(checkpoints[0])["version"],
+        checkpoint_version=read_manifest(checkpoints[0]).version,
         catalog_ids=live["ids"],
     )
 
@@ -62,44 +63,48 @@ def test_sigkill_at_each_phase_leaves_current_on_a_complete_build(
     _assert_untouched(live, checkpoints, before)
 
 
-def _bad_catalog(ml_data, tmp_path, transform, schema: FeatureSchema | None = None):
-    schema = schema or FeatureSchema()
+def _bad_catalog(ml_data, tmp_path, transform):
     table = transform(read_table(ml_data / "catalog"))
     out = tmp_path / "bad" / "catalog"
-    write_dataset(
-        out,
-        split_table(table, 4) if table.num_rows else [table],
-        kind="catalog",
-        schema=schema,
-        source={"test": True},
-    )
+    parts = split_table(table, 4) if table.num_rows else [table]
+    write_dataset(out, parts, kind="catalog", source={"test": True})
     return out
 
 
-def _corrupt_copy(checkpoint, tmp_path):
-    bad = tmp_path / "corrupt" / checkpoint.name
-    shutil.copytree(checkpoint, bad)
-    data = bytearray((bad / "weights.pt").read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    (bad / "weights.pt").write_bytes(bytes(data))
+def _corrupt_copy(package, tmp_path):
+    bad = tmp_path / "corrupt" / package.name
+    shutil.copytree(package, bad)
+    graph = bad / "item.graph.json"
+    graph.write_bytes(graph.read_bytes().replace(b"aten.relu", b"aten.tanh", 1))
     return bad
 
 
-def _nan_checkpoint(checkpoint, tmp_path):
-    ck = load_checkpoint(checkpoint)
+def _nan_checkpoint(package, tmp_path):
+    """The package's model with a NaN in its item tower: every item vector is NaN."""
+    ck = load_checkpoint(checkpoint_of(package, tmp_path))
     with torch.no_grad():
         ck.model.item_tower.mlp[-1].bias[0] = float("nan")
-    return save_checkpoint(ck.model, tmp_path / "nan", family="ml-two-tower", training={}, metrics={})
+    return export_model(ck.model, tmp_path / "nan", family="ml-two-tower", metadata={})
+
+
+def _cast(t: pa.Table, name: str, typ) -> pa.Table:
+    return t.set_column(t.column_names.index(name), name, t[name].cast(typ))
+
+
+def _genre_past_vocabulary(t: pa.Table) -> pa.Table:
+    genres = t["genre_ids"].to_pylist()
+    genres[7] = [999]
+    return t.set_column(t.column_names.index("genre_ids"), "genre_ids", pa.array(genres, t["genre_ids"].type))
 
 
 BAD_INPUTS = {
-    "missing checkpoint": (
-        lambda ck, ml, tmp: (tmp / "no-such-checkpoint", ml / "catalog"),
+    "missing package": (
+        lambda ck, ml, tmp: (tmp / "no-such-package", ml / "catalog"),
         "does not exist",
     ),
-    "corrupted checkpoint": (
+    "corrupted package": (
         lambda ck, ml, tmp: (_corrupt_copy(ck, tmp), ml / "catalog"),
-        "is corrupted: weights sha256 expected",
+        "item graph sha256 is not the manifest's",
     ),
     "duplicate ids": (
         lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: pa.concat_tables([t, t.slice(0, 5)]))),
@@ -107,18 +112,19 @@ BAD_INPUTS = {
     ),
     "missing columns": (
         lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: t.drop_columns(["title_tokens"]))),
-        "missing required columns ['title_tokens']",
+        "missing declared input column(s) ['title_tokens']",
     ),
     "empty catalog": (
         lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: t.slice(0, 0))),
         "is empty (0 rows)",
     ),
-    "schema mismatch": (
-        lambda ck, ml, tmp: (
-            ck,
-            _bad_catalog(ml, tmp, lambda t: t, dataclasses.replace(FeatureSchema(), title_buckets=999)),
-        ),
-        "feature schema mismatch",
+    "column of another type": (
+        lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, lambda t: _cast(t, "year_slot", pa.float64()))),
+        "column 'year_slot': expected int64 scalar in [0, 132), found Arrow type double",
+    ),
+    "id past its vocabulary": (
+        lambda ck, ml, tmp: (ck, _bad_catalog(ml, tmp, _genre_past_vocabulary)),
+        "column 'genre_ids': expected list of int64 (at most 21) in [0, 21), found value 999 outside [0, 21)",
     ),
     "NaN embeddings": (
         lambda ck, ml, tmp: (_nan_checkpoint(ck, tmp), ml / "catalog"),
@@ -144,14 +150,6 @@ def test_bad_input_exits_nonzero_names_the_problem_and_publishes_nothing(
     _assert_untouched(live, checkpoints, before)
     assert Registry(live["registry"]).list_builds() == builds_before
     assert not [d for d in (live["registry"] / "builds").iterdir() if d.name.startswith(".tmp-")]
-
-
-def test_schema_mismatch_names_field_expected_and_actual(live, ray_head, ml_data, checkpoints, tmp_path):
-    catalog = _bad_catalog(
-        ml_data, tmp_path, lambda t: t, dataclasses.replace(FeatureSchema(), title_buckets=999)
-    )
-    p = rebuild(ray_head, checkpoints[0], catalog, live["registry"], check=False)
-    assert "title_buckets: expected 16384, got 999" in p.stderr
 
 
 def test_nan_vectors_are_reported_with_example_ids(live, ray_head, ml_data, checkpoints, tmp_path):

@@ -7,9 +7,9 @@ import urllib.request
 import uuid
 
 import pytest
-from core.checkpoint import read_manifest
 
 from core.build_dir import BuildDir
+from core.contract.package import read_manifest
 from core.datasets import read_table
 from core.rebuild import IndexOptions
 from core.registry import Registry
@@ -62,7 +62,7 @@ def test_ray_job_submit_publishes_all_items_from_one_checkpoint(
     assert "succeeded" in submitted["cli_status"].lower()  # what `ray job status` reports
 
     build = current_build(submitted["registry"])
-    version_a = read_manifest(checkpoints[0])["version"]
+    version_a = read_manifest(checkpoints[0]).version
     checked = check_build(submitted["registry"], build, checkpoint_version=version_a, catalog_ids=catalog_ids)
     assert len(catalog_ids) == 9_742
     assert checked["recall_at_10"] >= 0.95
@@ -77,12 +77,12 @@ def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(
     out = rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry)
     second = summary(out)["build_id"]
     assert current_build(registry) == second != first
-    version_b = read_manifest(checkpoints[1])["version"]
+    version_b = read_manifest(checkpoints[1]).version
     check_build(registry, second, checkpoint_version=version_b, catalog_ids=catalog_ids)
 
     run_module("jobs.registry", "--registry", registry, "rollback")
     assert current_build(registry) == first
-    version_a = read_manifest(checkpoints[0])["version"]
+    version_a = read_manifest(checkpoints[0]).version
     check_build(registry, first, checkpoint_version=version_a, catalog_ids=catalog_ids)
     listing = run_module("jobs.registry", "--registry", registry, "list").stdout
     assert f"* {first}" in listing and f"  {second}" in listing
@@ -97,7 +97,7 @@ def test_a_build_without_users_is_tuned_on_item_mixtures_and_published(
     out = rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--no-users", "--nice", "5")
     build = summary(out)["build_id"]
     assert current_build(registry) == build
-    version_a = read_manifest(checkpoints[0])["version"]
+    version_a = read_manifest(checkpoints[0]).version
     checked = check_build(registry, build, checkpoint_version=version_a, catalog_ids=catalog_ids)
     m = checked["manifest"]
     assert m.users is None and m.homogeneity["user_rows"] == 0
@@ -131,7 +131,7 @@ def test_a_kept_pool_is_reused_by_the_next_rebuild_and_released(ray_head, ml_dat
         a, b = BuildDir(reg.build_dir(first["build_id"])), BuildDir(reg.build_dir(second["build_id"]))
         assert a.open_items()[1].tobytes() == b.open_items()[1].tobytes()
         other = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry, *pool))
-        assert other["checkpoint_version"] == read_manifest(checkpoints[1])["version"]
+        assert other["checkpoint_version"] == read_manifest(checkpoints[1]).version
         assert reg.manifest(other["build_id"]).homogeneity["checkpoint_versions"] == [
             other["checkpoint_version"]
         ]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from core.checkpoint import read_manifest
+from core.contract.package import read_manifest
 from core.registry import Registry
 from tests.integration.conftest import rebuild, run_module, summary
 
@@ -45,7 +45,7 @@ def test_unrelated_versions_fail_the_check_and_the_diagonal_dominates(
 def test_warm_started_versions_pass(skew_results, checkpoints):
     (path,) = list((skew_results / "ml-two-tower").glob("*.json"))
     res = json.loads(path.read_text())
-    assert res["passed"] and res["versions"] == [read_manifest(c)["version"] for c in checkpoints]
+    assert res["passed"] and res["versions"] == [read_manifest(c).version for c in checkpoints]
     assert max(p["relative_drop"] for p in res["pairs"].values()) <= 0.2
 
 
@@ -66,7 +66,7 @@ def test_checked_version_publishes_with_the_check_on_record(ray_head, ml_data, c
     registry = new_registry("reg-gate-ok")
     out = rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry)
     gate = Registry(registry).manifest(summary(out)["build_id"]).skew_gate
-    assert gate["status"] == "passed" and read_manifest(checkpoints[1])["version"] in gate["versions"]
+    assert gate["status"] == "passed" and read_manifest(checkpoints[1]).version in gate["versions"]
 
 
 def test_skew_check_runs_through_ray_job_submit(ray_head, ml_data, checkpoints, tmp_path):

@@ -14,11 +14,12 @@ import subprocess
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from core import compare as cmp
 from core import index as ann
 from core.build_dir import BuildDir
-from core.contract.package import read_manifest
+from core.contract.package import read_manifest, write_package
 from core.contract.spec import ContractError
 from core.contract.towers import load_package
 from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dataset
@@ -37,7 +38,9 @@ from core.rebuild import (
 from core.registry import POINTER, Registry
 from core.validate import ValidationError, check_embedded
 from core.worker import LocalPool, Worker
+from examples.movielens import export
 from examples.movielens.features import MOVIELENS_GENRES, USERS_DATASET_SCHEMA, encode_item_rows
+from examples.movielens.model import TwoTower
 from tests.unit.tiny_build import CFG, SCHEMA, make_build, make_checkpoint
 
 N_ITEMS, N_USERS = 240, 60
@@ -427,6 +430,39 @@ def test_a_crash_at_each_phase_leaves_current_on_a_complete_build(phase, tiny, t
     assert reg.current() == "b-retry"
     _assert_loadable(reg, "b-retry", N_ITEMS)
     assert reg.pointer().stack[-2] == ("b-new" if phase == "published" else "old-build")
+
+
+class _NoYearItemProgram(export.ItemProgram):
+    """The same parameters, another forward (the year field zeroed): new code, same weights."""
+
+    def forward(self, item_id, genre_ids, genre_ids_offsets, year_slot, title_tokens, title_tokens_offsets,
+                tag_tokens, tag_tokens_offsets):  # fmt: skip
+        return super().forward(item_id, genre_ids, genre_ids_offsets, year_slot * 0, title_tokens,
+                               title_tokens_offsets, tag_tokens, tag_tokens_offsets)  # fmt: skip
+
+
+def _changed_code_package(root, src) -> object:
+    """The tiny model of `src` re-exported with a changed item-tower forward and the same weights."""
+    torch.manual_seed(0)  # make_checkpoint's seed: the same weights
+    model = TwoTower(SCHEMA, CFG).eval()
+    return write_package(root, family="tiny", item_tower=_NoYearItemProgram(model),
+                         user_tower=export.UserProgram(model), item_inputs=export.item_inputs(SCHEMA),
+                         user_inputs=export.user_inputs(SCHEMA), scorer_user=export.ScorerUser(model),
+                         scorer_pair=export.ScorerPair(model))  # fmt: skip
+
+
+def test_changed_code_with_the_same_weights_is_another_version_and_is_not_mixed_in(tiny, tmp_path):
+    """A changed forward is a new version (the same code and weights again keep theirs), and the
+    rebuild refuses to mix its vectors with the old version's, as it refuses other versions'."""
+    again = make_checkpoint(tmp_path / "again", seed=0)
+    assert load_package(again).version == tiny["ck"].version  # re-exported elsewhere: same version
+    changed = _changed_code_package(tmp_path / "changed", tiny["ck_path"])
+    assert load_package(changed).version != tiny["ck"].version
+    reg = _live_registry(tmp_path, tiny)
+    workers = [Worker(str(tiny["ck_path"]), threads=1), Worker(str(changed), threads=1)]
+    with pytest.raises(ValidationError, match=f"found .*'{load_package(changed).version}'"):
+        _finalize(tiny, reg, reg.staging("b-mixed"), "b-mixed", workers=workers)
+    assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
 
 
 def test_a_worker_that_embeds_with_another_checkpoint_fails_the_build_before_anything_is_written(
