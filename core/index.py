@@ -96,7 +96,7 @@ def ivf_spec(
 def auto_specs(n: int, d: int) -> list[IndexSpec]:
     """What `auto` builds, measures and chooses from (one spec: nothing to measure).
     Up to MEASURED_CHOICE_MAX_ITEMS: exact, HNSW32, and IVF-Flat at three list counts (the fastest at
-    the target depends on the data: 512 lists won on MovieLens' 9.7k items, where 4*sqrt(n) rounds to
+    the target depends on the data: 512 lists won on a 9.7k-item catalog, where 4*sqrt(n) rounds to
     512, but fewer lists were faster at 1M). Up to HNSW_MAX_ITEMS: HNSW32 and IVF-Flat at 2 and
     4*sqrt(n). Above: IVF-Flat at 2*sqrt(n), not 4: k-means costs sample x lists = 64 * lists^2, so 10M
     items train 8192 lists on 524k vectors instead of 16384 on 1M (4x less), and 1M items showed the

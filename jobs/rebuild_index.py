@@ -137,7 +137,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     settings = embed_settings(ck, cfg.precision, cfg.batch_size)
     build_id, staging = _staging(cfg, registry, inputs, settings)
     print(
-        f"rebuild {build_id}{' (resumed)' if cfg.resume else ''}: checkpoint {ck.version}, "
+        f"rebuild {build_id}{' (resumed)' if cfg.resume else ''}: package {ck.version}, "
         f"{inputs.catalog_manifest['row_count']:,} items in {len(inputs.catalog_files)} partitions, "
         f"registry {cfg.registry} (seq {expected_seq})",
         flush=True,
@@ -219,7 +219,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     print(
         f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} rows/s embedding), "
         f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f}, "
-        f"checkpoint {ck.version}"
+        f"package {ck.version}"
     )
     print("SUMMARY " + json.dumps(summary), flush=True)
     return summary
@@ -284,10 +284,13 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         dest="checkpoint",
         type=Path,
         required=True,
-        help="model package directory (core.contract.package.write_package; its version tags every vector)",
+        help="model package directory (core.contract.package.write_package; every vector carries its version)",
     )
     p.add_argument(
-        "--catalog", type=Path, required=True, help="catalog dataset directory (jobs.prepare_data)"
+        "--catalog",
+        type=Path,
+        required=True,
+        help="catalog dataset directory (core.datasets.write_dataset: the item id + the item tower's declared columns)",
     )
     p.add_argument(
         "--users",

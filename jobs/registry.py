@@ -68,7 +68,7 @@ def _show(reg: Registry, build_id: str) -> dict:
 
 
 def default_holdout(users: Path) -> Path | None:
-    """Held-out interactions beside a users dataset, as jobs.prepare_data lays them out."""
+    """Held-out interactions beside a users dataset, (USERS/../interactions/test)."""
     test = Path(users).parent / "interactions" / "test"
     return test if (test / DATASET_MANIFEST).exists() else None
 

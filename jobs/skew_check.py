@@ -45,7 +45,7 @@ def _heatmap(result: dict, path: Path) -> bool:
         return False
     short = [v.rsplit("-", 1)[-1][:8] for v in result["versions"]]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(short), 3 + 0.6 * len(short)))
-    for ax, key, title in (
+    for ax, key, label in (
         (axes[0], "recall", f"Recall@{result['k']}"),
         (axes[1], "overlap", f"overlap@{result['k']} with (i, i)"),
     ):
@@ -54,14 +54,14 @@ def _heatmap(result: dict, path: Path) -> bool:
         ax.set_yticks(range(len(short)), short)
         ax.set_xlabel("index (item tower) version")
         ax.set_ylabel("query (user tower) version")
-        ax.set_title(title)
+        ax.text(0.5, 1.03, label, transform=ax.transAxes, ha="center")
         for q, row in enumerate(result[key]):
             for i, v in enumerate(row):
                 ax.text(i, q, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(
-        f"{result['family']}: {'PASSED' if result['passed'] else 'FAILED'} (max relative drop {result['max_relative_drop']})"
-    )
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    fig.text(0.5, 0.99, f"{result['family']}: {verdict} (max relative drop {result['max_relative_drop']})",
+             ha="center", va="top")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
