@@ -117,7 +117,7 @@ def stage_breakdown(tables: list[pa.Table], emb: Embedder, autocast) -> dict[str
         sync(emb.device)
         t2 = time.perf_counter()
         with autocast():
-            y = emb.model.programs["item"](**x)
+            y = emb.model.call("item", **x)
         sync(emb.device)
         t3 = time.perf_counter()
         embedding_table(table.column(id_name).to_numpy(), y.float().cpu().numpy(), emb.version, id_name)

@@ -44,17 +44,17 @@ def _check_values(spec: InputSpec, values: pa.Array) -> np.ndarray:
     return out
 
 
-def _list_parts(spec: InputSpec, col: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """A list column -> (flat values, per-row lengths); refuses nulls and non-list types."""
+def _list_parts(spec: InputSpec, col: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """A list column -> (flat values, per-row lengths, per-row starts); refuses nulls and non-list types."""
     if pa.types.is_fixed_size_list(col.type):
         col = col.cast(pa.list_(col.type.value_type))
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
         raise _fail(spec, "got", f"a column of type {col.type}")
     if col.null_count:
         raise _fail(spec, "found", f"{col.null_count} null list(s)")
-    offsets = col.offsets.to_numpy()
+    offsets = col.offsets.to_numpy().astype(np.int64, copy=False)
     values = col.values.slice(offsets[0], offsets[-1] - offsets[0])
-    return values, np.diff(offsets).astype(np.int64)
+    return values, np.diff(offsets), offsets[:-1] - offsets[0]
 
 
 def column_arrays(spec: InputSpec, col: pa.Array | pa.ChunkedArray) -> dict[str, np.ndarray]:
@@ -70,18 +70,16 @@ def column_arrays(spec: InputSpec, col: pa.Array | pa.ChunkedArray) -> dict[str,
         ):
             raise _fail(spec, "got", f"a column of type {col.type}")
         return {spec.name: _check_values(spec, col)}
-    values, lengths = _list_parts(spec, col)
+    values, lengths, starts = _list_parts(spec, col)
     flat = _check_values(spec, values)
     if spec.shape == "fixed":
-        bad = np.flatnonzero(lengths != spec.length)
-        if len(bad):
-            raise _fail(spec, "found", f"a list of {lengths[bad[0]]} value(s) (row {bad[0]})")
+        if n and (lengths.min() != spec.length or lengths.max() != spec.length):
+            bad = int(np.flatnonzero(lengths != spec.length)[0])
+            raise _fail(spec, "found", f"a list of {lengths[bad]} value(s) (row {bad})")
         return {spec.name: flat.reshape(n, spec.length)}
-    too_long = np.flatnonzero(lengths > spec.max_len)
-    if len(too_long):
-        raise _fail(spec, "found", f"a list of {lengths[too_long[0]]} value(s) (row {too_long[0]})")
-    starts = np.zeros(n, np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
+    if n and lengths.max() > spec.max_len:
+        bad = int(np.flatnonzero(lengths > spec.max_len)[0])
+        raise _fail(spec, "found", f"a list of {lengths[bad]} value(s) (row {bad})")
     return {spec.name: flat, spec.name + OFFSETS_SUFFIX: starts}
 
 

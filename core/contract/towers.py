@@ -62,6 +62,10 @@ class ModelPackage:
         """A scorer split into a user-only part (run once per unique user) and a pair part."""
         return "scorer_user" in self.programs
 
+    def call(self, role: str, **tensors: torch.Tensor) -> torch.Tensor:
+        """One program on keyword tensors (already validated): its one output."""
+        return self.programs[role](**tensors)[0]
+
     # ------------------------------------------------------------------------------- embedding
 
     @torch.inference_mode()
@@ -69,7 +73,7 @@ class ModelPackage:
         self, tower: str, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu"
     ) -> np.ndarray:
         """Already-validated keyword arrays -> (N, D) float32."""
-        out = self.programs[tower](**encode.to_tensors(arrays, device))
+        out = self.call(tower, **encode.to_tensors(arrays, device))
         return out.float().cpu().numpy()
 
     def vectors(
@@ -103,15 +107,15 @@ class ModelPackage:
     @torch.inference_mode()
     def user_side(self, u: torch.Tensor) -> torch.Tensor:
         """(U, D) -> (U, H): the scorer's user-only part, once per unique user."""
-        return self.programs["scorer_user"](user=u)
+        return self.call("scorer_user", user=u)
 
     @torch.inference_mode()
     def pair_scores(self, u: torch.Tensor, u_side: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
         """(R, D) user rows, their (R, H) broadcast user side (split scorers), (R, D) items -> (R,)."""
         if "scorer_pair" in self.programs:
-            return self.programs["scorer_pair"](user=u, user_side=u_side, item=i)
+            return self.call("scorer_pair", user=u, user_side=u_side, item=i)
         if "scorer" in self.programs:
-            return self.programs["scorer"](user=u, item=i)
+            return self.call("scorer", user=u, item=i)
         return (u * i).sum(1)  # the towers' similarity: inner product (cosine on unit vectors)
 
     @torch.inference_mode()
