@@ -11,7 +11,7 @@ echo "[skewless] 2/4 training the two-tower example, and its next version warm-s
 PKG=$(python -m examples.movielens.train --seed 0 | tee /dev/stderr | sed -n 's/^package: //p')
 NEXT=$(python -m examples.movielens.train --seed 1 --epochs 2 --lr 5e-4 --init-from "$PKG" | tee /dev/stderr | sed -n 's/^package: //p')
 echo "[skewless] 3/4 version-skew check of the family ($PKG vs $NEXT) -> registry/skew/"
-python -m jobs.skew_check --packages "$PKG" "$NEXT" --registry registry
+python -m jobs.skew_check --packages "$PKG" "$NEXT" --data data/movielens --registry registry
 # --address local: a new local Ray even if this machine runs (or once ran) a `ray start` cluster, whose
 # leftover /tmp/ray/ray_current_cluster would otherwise be picked up by ray.init()
 echo "[skewless] 4/4 rebuilding the index with $PKG on a local Ray -> registry/"
