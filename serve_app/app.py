@@ -1,13 +1,16 @@
 """The skewless Serve application.
 
-    POST   /score        scores of candidates for one user (by id or recent history), or of (user, item) rows
-    POST   /retrieve     top-k items for one user (by id or recent history): base index + fresh-item sidecar
+    POST   /score        scores of candidates for one user (by id and/or features), or of (user, item) rows
+    POST   /retrieve     top-k items for one user (by id and/or features): base index + fresh-item sidecar
     GET    /healthz      200 once this replica serves a build, else 503
     GET    /version      the build this replica serves, its age, its sidecar, the canary (build, percent),
                          the last refused build
     GET    /stats        this replica's scoring counters
     GET    /items/{id}   where an item is served from and which checkpoint version embedded it
+    GET    /openapi.json the request schemas, with `features` and the items as the live build's model
+                         package declares them (serve_app/features.py)
     POST   /items        upsert fresh items into the sidecar     (Authorization: Bearer <admin token>)
+                         (each: item_id and the item tower's declared columns)
     DELETE /items/{id}   hide an item                            (Authorization: Bearer <admin token>)
 
     serve run serve_app.app:build_app registry=/abs/path/registry
@@ -18,8 +21,10 @@ Each replica follows the registry's CURRENT pointer and the sidecar log in a bac
 view, and the canary build + its own while one is ramped in); every request reads it once, is routed
 by a stable hash of its user id (`core.canary`: one user sees one build on every replica), and is
 served by that build from start to end; the answer names it (`build_id`, header x-skewless-build). The routes validate the
-body and await `@serve.batch` methods with plain data; inside a scoring batch each unique user is
-looked up (or embedded from its history) once and broadcast to its rows.
+body (a user's features and fresh items field by field against the package of the build that serves
+them, so a malformed one is a 422 naming its field and never reaches a batch) and await `@serve.batch`
+methods with plain data; inside a scoring batch each unique user is looked up (or embedded from its
+features by the build's own user tower) once and broadcast to its rows.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real body types through
@@ -45,8 +50,10 @@ from ray.serve import Application
 from core import index as ann
 from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.compact_body import ARROW_STREAM, BodyError, decode_rows
+from core.contract.spec import ContractError
 from core.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
 from core.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
+from serve_app import features
 from serve_app.auth import AdminAuth
 from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
 from serve_app.metrics import ReplicaMetrics
@@ -73,8 +80,29 @@ def _into_replica_log() -> None:
         lg.setLevel(logging.INFO)
 
 
-api = FastAPI(title="skewless", description="Two-tower scoring and retrieval on version-homogeneous builds")
+api = FastAPI(
+    summary="skewless: scoring and retrieval on version-homogeneous builds",
+    description="Two-tower scoring and retrieval; request features and fresh items are validated against "
+    "the live build's model package, whose declared inputs this document shows",
+)
 ItemId = Annotated[int, PathParam(ge=INT64_MIN, le=INT64_MAX)]
+
+# /openapi.json: FastAPI calls `api.openapi()`, which has no way to the replica; the replica registers
+# its state with serve_app.features (`features.REPLICA`), and the document is rebuilt when the live
+# build's package version changes. A module-level function: Serve serves a pickled copy of `api`, which
+# refers to this function by name.
+_openapi_cache: dict = {"version": None, "document": None}
+
+
+def _openapi() -> dict:
+    package = features.live_package()
+    version = None if package is None else package.version
+    if _openapi_cache["document"] is None or _openapi_cache["version"] != version:
+        _openapi_cache.update(document=features.openapi(FastAPI.openapi(api), package), version=version)
+    return _openapi_cache["document"]
+
+
+api.openapi = _openapi
 
 
 @api.exception_handler(RequestValidationError)
@@ -134,6 +162,7 @@ class Recommender:
             on_bad_entry=lambda entry, why: self.metrics.sidecar_skipped.inc(1, self.metrics._t()),
         )
         self.sidecar_log = self.rs.sidecar.log
+        features.REPLICA["state"] = self.rs  # /openapi.json shows its live build's package
         self._stop, self._wake = threading.Event(), threading.Event()
         self._tick()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
@@ -166,10 +195,13 @@ class Recommender:
             )
         return routing
 
-    def _state(self, user_id: int | None = None) -> ServingState:
+    def _state(self, user_id: int | None = None, user_features=None) -> ServingState:
         """The one state reference a request uses from start to end: the build its user is routed to
-        (a request of several users goes by its first), the live build when it names no user."""
+        (a request of several users goes by its first; one that sends only features, by the id column
+        its features hold, if any), the live build when it names no user."""
         routing = self._routing()
+        if user_id is None and user_features is not None:
+            user_id = features.feature_user_id(routing.live.build.model, user_features)
         return routing.live if user_id is None else routing.route(user_id)
 
     def _answered(self, response: Response, state: ServingState, t0: float, top: float | None) -> None:
@@ -177,16 +209,28 @@ class Recommender:
         response.headers["x-skewless-replica"] = self.replica
         self.metrics.answered(state.build.build_id, (time.perf_counter() - t0) * 1000, top)
 
-    def _history(self, state: ServingState, history: list[int]) -> tuple[np.ndarray, int]:
-        """The history's ids the build knows, and how many were dropped; 422 if none is known."""
-        ids = np.asarray(history, dtype=np.int64)
-        known = state.history_known(ids)
-        if not known.any():
+    def _features(self, state: ServingState, raw: dict, user_id: int | None):
+        """The request's user features, validated against the package of the build that serves it:
+        the one-row table its user tower reads. A malformed field is a 422 naming it."""
+        try:
+            return features.user_features(state.build.model, raw, user_id)
+        except RequestValidationError:
             self.metrics.error(422, state.build.build_id)
-            raise HTTPException(
-                422, f"none of the {len(ids)} history item ids is in build {state.build.build_id}"
-            )
-        return ids[known], int((~known).sum())
+            raise
+        except ContractError as e:
+            self.metrics.error(422, state.build.build_id)
+            raise HTTPException(422, f"features: {e}") from None
+
+    def _unknown_user(self, state: ServingState, user_id: int) -> HTTPException:
+        self.metrics.error(404, state.build.build_id)
+        return HTTPException(
+            404, f"unknown user_id {user_id} in build {state.build.build_id}: {self._send_features(state)}"
+        )
+
+    @staticmethod
+    def _send_features(state: ServingState) -> str:
+        cols = [s.name for s in state.build.model.user_inputs]
+        return f"send the user's `features` ({', '.join(cols)}: see /openapi.json) to serve a user not in its user table"
 
     # ---- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -259,37 +303,44 @@ class Recommender:
                 self.metrics.error(e.status)
                 raise HTTPException(e.status, str(e)) from None
             state = self._state(int(users[0]) if len(users) else 0)
-            return await self._score(state, ScoreRequest(users, items), None, response, t0)
+            return await self._score(state, ScoreRequest(users, items), response, t0)
         body = parse_json_body(ScoreBody, raw)
-        state = self._state(body.rows[0][0] if body.rows else (body.user_id or 0))
+        state = self._state(body.rows[0][0] if body.rows else body.user_id, body.features)
         n = body.n_rows()
         if n > self.args.max_candidates:
             self.metrics.error(413, state.build.build_id)
             raise HTTPException(413, f"{n} rows exceed the limit of {self.args.max_candidates} per request")
-        dropped = None
         if body.rows is not None:
             arr = np.asarray(body.rows, dtype=np.int64)  # (R, 2)
             req = ScoreRequest(arr[:, 0].copy(), arr[:, 1].copy())
         else:
-            history = None
-            if body.history is not None:
-                history, dropped = self._history(state, body.history)
-            uid = 0 if body.user_id is None else body.user_id
-            req = ScoreRequest(np.full(n, uid, np.int64), np.asarray(body.item_ids, np.int64), history)
-        return await self._score(state, req, dropped, response, t0)
+            table = None if body.features is None else self._features(state, body.features, body.user_id)
+            uid = body.user_id
+            if uid is None and body.features is not None:  # its features' id column, if it has one
+                uid = features.feature_user_id(state.build.model, body.features)
+            uid = 0 if uid is None else uid
+            req = ScoreRequest(np.full(n, uid, np.int64), np.asarray(body.item_ids, np.int64), table)
+        return await self._score(state, req, response, t0)
 
     async def _score(
-        self, state: ServingState, req: ScoreRequest, dropped: int | None, response: Response, t0: float
+        self, state: ServingState, req: ScoreRequest, response: Response, t0: float
     ) -> ScoreResponse:
         result, state = await self._score_batch((state, req))
-        if result.error is not None:
-            self.metrics.error(result.status, state.build.build_id)
-            headers = {"Retry-After": "1"} if result.status in (429, 503) else None
-            raise HTTPException(result.status, result.error, headers=headers)
+        error, status = result.error, result.status
+        if error is None and req.features is not None and not np.isfinite(result.scores).all():
+            # the features are in their declared ranges, yet the model gives no finite score for them
+            error, status = "the user's features give non-finite scores under this build's model", 422
+        if error is not None:
+            self.metrics.error(status, state.build.build_id)
+            if status == 404 and "unknown user_id" in error:
+                error = f"{error}: {self._send_features(state)}"
+            headers = {"Retry-After": "1"} if status in (429, 503) else None
+            raise HTTPException(status, error, headers=headers)
         b = state.build
         self._answered(response, state, t0, float(result.scores.max()) if len(result.scores) else None)
-        return ScoreResponse(scores=result.scores.tolist(), build_id=b.build_id,
-                             checkpoint_version=b.checkpoint_version, history_items_dropped=dropped)  # fmt: skip
+        return ScoreResponse(
+            scores=result.scores.tolist(), build_id=b.build_id, checkpoint_version=b.checkpoint_version
+        )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _score_batch(
@@ -343,29 +394,30 @@ class Recommender:
         t0 = time.perf_counter()
         if body.k > self.args.max_k:
             raise HTTPException(422, f"k={body.k} exceeds the limit of {self.args.max_k}")
-        state = self._state(body.user_id or 0)
-        b, dropped = state.build, None
-        if body.history is not None:
-            history, dropped = self._history(state, body.history)
-            query = RetrieveQuery(body.k, user_id=body.user_id or 0, history=history)
+        state = self._state(body.user_id, body.features)
+        b = state.build
+        if body.features is not None:
+            table = self._features(state, body.features, body.user_id)
+            uid = (
+                body.user_id if body.user_id is not None else features.feature_user_id(b.model, body.features)
+            )
+            query = RetrieveQuery(body.k, user_id=uid or 0, features=table)
         else:
             rows, unknown = b.user_rows(np.array([body.user_id], dtype=np.int64))
             if unknown[0]:
-                self.metrics.error(404, b.build_id)
-                raise HTTPException(
-                    404,
-                    f"unknown user_id {body.user_id} in build {b.build_id}: send the user's recent history to serve it",
-                )
+                raise self._unknown_user(state, body.user_id)
             query = RetrieveQuery(body.k, user_row=int(rows[0]))
         res = await self._retrieve_batch((state, query))
         if isinstance(res, Exception):
             self.metrics.error(500, b.build_id)
             raise HTTPException(500, f"retrieval failed: {type(res).__name__}")
+        if body.features is not None and not np.isfinite(res.scores).all():
+            self.metrics.error(422, b.build_id)  # in their declared ranges, yet no finite query vector
+            raise HTTPException(422, "the user's features give non-finite scores under this build's model")
         self._answered(response, state, t0, res.scores[0] if res.scores else None)
         return RetrieveResponse(
             item_ids=res.item_ids, scores=res.scores, sources=res.sources, build_id=b.build_id,
-            checkpoint_version=b.checkpoint_version, user_source="table" if body.history is None else "history",
-            history_items_dropped=dropped,
+            checkpoint_version=b.checkpoint_version, user_source="table" if body.features is None else "features",
         )  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -397,6 +449,9 @@ class Recommender:
         except SidecarFull as e:
             self.metrics.error(507)
             raise HTTPException(507, str(e)) from None
+        except ValueError as e:  # beyond the log's own bounds (core.sidecar_log): nothing was written
+            self.metrics.error(422)
+            raise HTTPException(422, str(e)) from None
         self.metrics.sidecar_ops.inc(len(entries), self.metrics._t(op=op))
         self._wake.set()  # the follower applies it now instead of at its next poll
         return pos, await self.rs.until_applied(pos, self.args.sidecar_apply_timeout_s)
@@ -414,14 +469,21 @@ class Recommender:
 
     @api.post("/items")
     async def upsert_items(self, body: ItemsBody, authorization: Annotated[str | None, Header()] = None):
+        """Each item: its item_id and the item tower's declared columns, validated against the live
+        build's package (422 naming items.<i>.<field>; nothing of the request is written then)."""
         self.auth.check(authorization)
-        self._state()  # 503 before anything is written when no build is live
-        entries = [
-            {"op": "upsert", "item_id": it.item_id, "item": it.model_dump(exclude={"item_id"})}
-            for it in body.items
-        ]
+        state = self._state()  # 503 before anything is written when no build is live
+        try:
+            valid = features.items(state.build.model, body.items)
+        except RequestValidationError:
+            self.metrics.error(422, state.build.build_id)
+            raise
+        except ContractError as e:
+            self.metrics.error(422, state.build.build_id)
+            raise HTTPException(422, f"items: {e}") from None
+        entries = [{"op": "upsert", "item_id": i, "item": item} for i, item in valid]
         pos, applied = await self._write_sidecar(entries, "upsert")
-        return self._written({"upserted": [it.item_id for it in body.items]}, pos, applied)
+        return self._written({"upserted": [i for i, _ in valid]}, pos, applied)
 
     @api.delete("/items/{item_id}")
     async def delete_item(self, item_id: ItemId, authorization: Annotated[str | None, Header()] = None):

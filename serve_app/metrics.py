@@ -21,33 +21,33 @@ class ReplicaMetrics:
     def __init__(self, application: str, replica: str):
         self.application, self.replica = application, replica
         self._last_canary = None
-        tags = ("application", "replica")
-        by_build = (*tags, "build_id")
+        keys = ("application", "replica")
+        by_build = (*keys, "build_id")
         self.rows = metrics.Counter("skewless_scored_rows", "Candidate rows scored", tag_keys=by_build)
         self.unique_users = metrics.Counter(
-            "skewless_batch_unique_users", "Unique users looked up once per batch", tag_keys=tags
+            "skewless_batch_unique_users", "Unique users looked up once per batch", tag_keys=keys
         )
         self.user_lookups = metrics.Counter(
-            "skewless_user_table_lookups", "Rows gathered from the user-embedding table", tag_keys=tags
+            "skewless_user_table_lookups", "Rows gathered from the user-embedding table", tag_keys=keys
         )
         self.item_lookups = metrics.Counter(
             "skewless_item_table_lookups",
             "Rows gathered from the item-embedding table (shared candidates once per batch)",
-            tag_keys=tags,
+            tag_keys=keys,
         )
         self.batch_rows = metrics.Histogram(
-            "skewless_batch_rows", "Rows per scoring batch", boundaries=_SIZES, tag_keys=tags
+            "skewless_batch_rows", "Rows per scoring batch", boundaries=_SIZES, tag_keys=keys
         )
         self.batch_unique = metrics.Histogram(
             "skewless_batch_unique_users_hist",
             "Unique users per scoring batch",
             boundaries=_SIZES,
-            tag_keys=tags,
+            tag_keys=keys,
         )
         self.cap_events = metrics.Counter(
             "skewless_cap_events",
             "Batches/requests past the unique-user cap, by policy",
-            tag_keys=(*tags, "policy"),
+            tag_keys=(*keys, "policy"),
         )
         self.request_errors = metrics.Counter(
             "skewless_request_errors",
@@ -55,17 +55,17 @@ class ReplicaMetrics:
             tag_keys=(*by_build, "status"),
         )
         self.swaps = metrics.Counter(
-            "skewless_build_swaps", "Build loads, by outcome (swapped / refused)", tag_keys=(*tags, "outcome")
+            "skewless_build_swaps", "Build loads, by outcome (swapped / refused)", tag_keys=(*keys, "outcome")
         )
         self.live_build = metrics.Gauge(
             "skewless_live_build",
             "1 for each build this replica serves, by role (live / canary)",
-            tag_keys=(*tags, "build_id", "checkpoint_version", "role"),
+            tag_keys=(*keys, "build_id", "checkpoint_version", "role"),
         )
         self.canary_percent = metrics.Gauge(
             "skewless_canary_percent",
             "Percent of users the canary build serves (0: no canary)",
-            tag_keys=tags,
+            tag_keys=keys,
         )
         self.request_ms = metrics.Histogram(
             "skewless_request_latency_ms",
@@ -80,28 +80,30 @@ class ReplicaMetrics:
             tag_keys=by_build,
         )
         self.sidecar_items = metrics.Gauge(
-            "skewless_sidecar_items", "Fresh items served from the sidecar", tag_keys=tags
+            "skewless_sidecar_items", "Fresh items served from the sidecar", tag_keys=keys
         )
         self.sidecar_ops = metrics.Counter(
-            "skewless_sidecar_ops", "Sidecar writes accepted, by op (upsert / delete)", tag_keys=(*tags, "op")
+            "skewless_sidecar_ops", "Sidecar writes accepted, by op (upsert / delete)", tag_keys=(*keys, "op")
         )
         self.skew_passed = metrics.Gauge(
             "skewless_skew_check_passed",
             "1 if the live checkpoint version has a passed skew check",
-            tag_keys=(*tags, "family", "checkpoint_version"),
+            tag_keys=(*keys, "family", "checkpoint_version"),
         )
         self.build_age_s = metrics.Gauge(
             "skewless_live_build_age_seconds",
             "Seconds since the live build's manifest was written (a stalled rebuild cadence shows here)",
-            tag_keys=(*tags, "build_id"),
+            tag_keys=(*keys, "build_id"),
         )
         self.sidecar_skipped = metrics.Counter(
             "skewless_sidecar_entries_skipped",
             "Sidecar log entries this replica could not apply (malformed or not embeddable)",
-            tag_keys=tags,
+            tag_keys=keys,
         )
         self.history_users = metrics.Counter(
-            "skewless_history_users", "Unique users embedded from their history, per batch", tag_keys=tags
+            "skewless_history_users",
+            "Unique users embedded from their request features by the user tower",
+            tag_keys=keys,
         )
         self.latency_ms = metrics.Histogram(
             "skewless_score_latency_ms", "Scoring batch compute time", boundaries=_MS, tag_keys=by_build

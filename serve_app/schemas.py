@@ -4,34 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray.serve.config import BackpressureConfig
 
-from core.sidecar_log import (
-    GENRES_MAX,
-    INT64_MAX,
-    INT64_MIN,
-    TAGS_MAX,
-    TITLE_MAX,
-    YEAR_MAX,
-    YEAR_MIN,
-)
+from core.sidecar_log import INT64_MAX, INT64_MIN
 
 # Ids are int64 end to end (numpy tables, faiss ids): a larger JSON integer is a 422 here, not an
 # overflow deep in a batch where it would fail the batch's other requests.
 Int64 = Annotated[int, Field(strict=True, ge=INT64_MIN, le=INT64_MAX)]
-MAX_HISTORY = 1000  # items per history; the user tower keeps the schema's most recent history_len
+MAX_ITEMS = 1000  # per POST /items
+MAX_KEYS = 1024  # per features or item object (the model's declared columns are checked per build)
 
-
-def _utf8(v: str) -> str:
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"must be valid UTF-8 text ({e.reason} at position {e.start})") from None
-    return v
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
+# Where /openapi.json shows a schema generated from the live build's model package (serve_app/features.py
+# splices it in place of the generic object these fields validate as here).
+GENERATED = "x-skewless-generated"
 
 # The deployment's request limits; benchmarks/noop_app.py deploys its baseline with these
 # same ones (kept here, not in app.py, so the baseline does not import torch).
@@ -78,35 +64,35 @@ class AppArgs(BaseModel):
     faiss_threads: int = Field(1, ge=1)
 
 
-History = Annotated[
-    list[Int64],
+Features = Annotated[
+    dict,
     Field(
-        min_length=1,
-        max_length=MAX_HISTORY,
-        description="the user's recent item ids, most recent last: the build's own user tower embeds the "
-        "user from them (for users not in the build's user table, or instead of it)",
+        max_length=MAX_KEYS,
+        description="the user's features: the user tower's declared columns (one value or list per column, "
+        "as the live build's package declares them), for a user not in the build's user table or instead of it",
+        json_schema_extra={GENERATED: "user"},
     ),
 ]
 
 
 class ScoreBody(BaseModel):
-    """One user (by id, or by recent history) with candidates, or explicit (user_id, item_id) rows."""
+    """One user (by id, and/or by features) with candidates, or explicit (user_id, item_id) rows."""
 
     model_config = ConfigDict(extra="forbid")
 
     user_id: Int64 | None = None
-    history: History | None = None
+    features: Features | None = None
     item_ids: list[Int64] | None = Field(None, min_length=1)
     rows: list[tuple[Int64, Int64]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreBody:
-        single = self.user_id is not None or self.item_ids is not None or self.history is not None
+        single = self.user_id is not None or self.item_ids is not None or self.features is not None
         if single and self.rows is not None:
-            raise ValueError("send either {user_id and/or history, item_ids} or {rows}, not both")
-        if self.rows is None and (self.item_ids is None or (self.user_id is None and self.history is None)):
+            raise ValueError("send either {user_id and/or features, item_ids} or {rows}, not both")
+        if self.rows is None and (self.item_ids is None or (self.user_id is None and self.features is None)):
             raise ValueError(
-                "expected {user_id: int, item_ids: [int, ...]}, {history: [int, ...], item_ids: [int, ...]} "
+                "expected {user_id: int, item_ids: [int, ...]}, {features: {...}, item_ids: [int, ...]} "
                 "or {rows: [[user_id, item_id], ...]}"
             )
         return self
@@ -119,22 +105,21 @@ class ScoreResponse(BaseModel):
     scores: list[float]
     build_id: str
     checkpoint_version: str
-    history_items_dropped: int | None = None  # history given: ids unknown to the build, left out
 
 
 class RetrieveBody(BaseModel):
-    """A user by id (in the build's user table), or by recent history (any user)."""
+    """A user by id (in the build's user table), and/or by features (any user)."""
 
     model_config = ConfigDict(extra="forbid")
 
     user_id: Int64 | None = None
-    history: History | None = None
+    features: Features | None = None
     k: StrictInt = Field(10, ge=1, le=INT64_MAX)
 
     @model_validator(mode="after")
     def _a_user(self) -> RetrieveBody:
-        if self.user_id is None and self.history is None:
-            raise ValueError("expected user_id and/or history")
+        if self.user_id is None and self.features is None:
+            raise ValueError("expected user_id and/or features")
         return self
 
 
@@ -144,23 +129,21 @@ class RetrieveResponse(BaseModel):
     sources: list[str]  # "base" or "sidecar" per item
     build_id: str
     checkpoint_version: str
-    user_source: Literal["table", "history"]
-    history_items_dropped: int | None = None
+    user_source: Literal["table", "features"]
 
 
-class ItemIn(BaseModel):
-    """A fresh or changed item, with the same raw features as the catalog."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    item_id: Int64
-    title: Text = Field(min_length=1, max_length=TITLE_MAX)
-    genres: Text = Field("", max_length=GENRES_MAX, description="pipe-separated, e.g. 'Comedy|Drama'")
-    year: Annotated[int, Field(strict=True, ge=YEAR_MIN, le=YEAR_MAX)] | None = None
-    tags: Text = Field("", max_length=TAGS_MAX)
+Item = Annotated[
+    dict,
+    Field(
+        max_length=MAX_KEYS,
+        description="a fresh or changed item: its item_id and the item tower's declared columns, as the "
+        "live build's package declares them",
+        json_schema_extra={GENERATED: "item"},
+    ),
+]
 
 
 class ItemsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: list[ItemIn] = Field(min_length=1, max_length=1000)
+    items: list[Item] = Field(min_length=1, max_length=MAX_ITEMS)

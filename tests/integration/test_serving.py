@@ -2,7 +2,9 @@
 
 Several applications share one registry: the main one (2 replicas, broadcast on), a per-row
 reference (broadcast off), one per cap policy (cap of 2 unique users per batch) and a metered one.
-A last one serves a build made without users (`--no-users`) from its own registry: by history only.
+A last one serves a build made without users (`--no-users`) from its own registry: by features only.
+The builds run the MovieLens example's model packages: a user's features are its user tower's declared
+columns (user_id, history), validated against the package and shown in /openapi.json.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from core.checkpoint import read_manifest
+from core.contract.package import read_manifest
 from core.datasets import read_table
 from tests.integration.builds import current_build
 from tests.integration.conftest import rebuild, run_module, serve_deploy, summary, wait_for
@@ -100,7 +102,7 @@ def post(serving, app, path, body, **kw):
 
 
 def test_score_and_retrieve_answer_on_the_movielens_build(serving, checkpoints):
-    version = read_manifest(checkpoints[0])["version"]
+    version = read_manifest(checkpoints[0]).version
     items = serving["items"][:20].tolist()
     r = post(serving, "main", "/score", {"user_id": int(serving["users"][0]), "item_ids": items})
     assert r.status_code == 200, r.text
@@ -156,7 +158,12 @@ BAD = {
     "unknown user": (
         dict(json={"user_id": 987654321, "item_ids": [1]}),
         404,
-        "unknown user_id(s) [987654321]",
+        "unknown user_id(s) [987654321] in build",
+    ),
+    "unknown user, how to send features": (
+        dict(json={"user_id": 987654321, "item_ids": [1]}),
+        404,
+        "send the user's `features` (user_id, history",
     ),
     "unknown item": (
         dict(json={"user_id": 1, "item_ids": [1, 424242424]}),
@@ -188,8 +195,26 @@ BAD = {
         422,
         "user_id",
     ),
-    "empty history": (dict(json={"history": [], "item_ids": [1]}), 422, "history"),
-}
+    # user features, validated against the serving build's package: 422 naming the field
+    "features not an object": (dict(json={"features": [1, 2], "item_ids": [1]}), 422, "features"),
+    "features float id": (dict(json={"features": {"user_id": 1, "history": [1.5]}, "item_ids": [1]}), 422,
+                          '"features", "history", 0'),
+    "features past the vocab": (dict(json={"features": {"user_id": 1, "history": [-1]}, "item_ids": [1]}),
+                                422, '"features", "history", 0'),
+    "features history too long": (
+        dict(json={"features": {"user_id": 1, "history": list(range(51))}, "item_ids": [1]}), 422,
+        '"features", "history"'),
+    "features missing a column": (dict(json={"features": {"user_id": 1}, "item_ids": [1]}), 422,
+                                  '"features", "history"'),
+    "features undeclared column": (
+        dict(json={"features": {"user_id": 1, "history": [], "age": 3}, "item_ids": [1]}), 422,
+        '"features", "age"'),
+    "features NaN": (dict(data='{"features": {"user_id": 1, "history": [NaN]}, "item_ids": [1]}', headers=JSON),
+                     422, '"features", "history", 0'),
+    "features of another user": (
+        dict(json={"user_id": 2, "features": {"user_id": 1, "history": []}, "item_ids": [1]}), 422,
+        "differs from the request's user_id 2"),
+}  # fmt: skip
 
 
 def test_each_bad_input_gets_its_4xx_while_concurrent_good_requests_succeed(serving):
@@ -365,7 +390,8 @@ def test_retrieve_refuses_non_finite_k_and_ids_beyond_int64_with_a_4xx(serving):
         ('{"user_id": 1, "k": Infinity}', "k"),
         ('{"user_id": 1, "k": NaN}', "k"),
         ('{"user_id": 18446744073709551616, "k": 3}', "user_id"),
-        ('{"history": [1e400], "k": 3}', "history"),
+        ('{"features": {"user_id": 1, "history": [1e400]}, "k": 3}', "history"),
+        ('{"features": {"user_id": 1.5, "history": []}, "k": 3}', "user_id"),
     ):
         r = requests.post(url(serving, "main", "/retrieve"), data=data, headers=JSON, timeout=10)
         assert r.status_code == 422 and field in r.text, (data, r.status_code, r.text)
@@ -374,65 +400,101 @@ def test_retrieve_refuses_non_finite_k_and_ids_beyond_int64_with_a_4xx(serving):
         assert r.status_code == 422, (path, r.status_code, r.text)
 
 
-def _history_reference(registry, build_id, user_id, history, items):
-    """What the build's own towers give, computed in-process from the published artifacts."""
+def _features_reference(registry, build_id, user_id, history, items):
+    """What the build's own towers give for these features, computed in-process from the published
+    artifacts."""
     import torch
 
+    from core.contract.encode import rows_table
     from core.live_build import load_build
     from core.registry import Registry
 
     b = load_build(Registry(registry).build_dir(build_id))
-    u = b.history_vectors(np.array([user_id]), [np.asarray(history, np.int64)])
+    u = b.feature_vectors(rows_table([{"user_id": user_id, "history": history}], b.model.user_inputs, {}))
     rows, missing = b.item_rows(np.asarray(items, np.int64))
     assert not missing.any()
     with torch.inference_mode():
-        scores = b.scorer(
+        scores = b.model.scores(
             torch.from_numpy(np.repeat(u, len(items), 0)), torch.from_numpy(np.asarray(b.item_emb[rows]))
         )
     return b, u[0], scores.numpy()
 
 
-def test_a_build_without_users_is_served_by_history_over_http(serving):
+def test_a_build_without_users_is_served_by_features_over_http(serving):
     nu = serving["nousers"]
-    history = [int(i) for i in serving["items"][[5, 17, 42, 99]]]
+    history = [int(i) for i in serving["items"][[5, 17, 42, 99]]] + [987654321]  # any id: hashed
+    features = {"user_id": 0, "history": history}
     items = serving["items"][200:230].tolist()
-    r = post(serving, "nousers", "/retrieve", {"history": [*history, 987654321], "k": 10})
+    r = post(serving, "nousers", "/retrieve", {"features": features, "k": 10})
     assert r.status_code == 200, r.text
     got = r.json()
-    assert (
-        got["build_id"] == nu["build"]
-        and got["user_source"] == "history"
-        and got["history_items_dropped"] == 1
-    )
-    b, u, ref_scores = _history_reference(nu["registry"], nu["build"], 0, history, items)
-    assert not b.manifest.has_users and b.manifest.quality["queries"]["source"] == "sampled_histories"
+    assert got["build_id"] == nu["build"] and got["user_source"] == "features"
+    b, u, ref_scores = _features_reference(nu["registry"], nu["build"], 0, history, items)
+    assert not b.manifest.has_users and b.manifest.quality["queries"]["source"] == "item_mixtures"
     ids, scores = b.search(u[None, :], 10)  # the same index, search setting and query tower, in-process
     assert got["item_ids"] == ids[0].tolist()
     np.testing.assert_allclose(got["scores"], scores[0], atol=1e-4)
-    r = post(serving, "nousers", "/score", {"history": history, "item_ids": items})
+    r = post(serving, "nousers", "/score", {"features": features, "item_ids": items})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["scores"], ref_scores, atol=1e-4)
     r = post(serving, "nousers", "/retrieve", {"user_id": int(serving["users"][0]), "k": 5})
-    assert r.status_code == 404 and "send the user's recent history" in r.text
-    r = post(serving, "nousers", "/score", {"history": [987654321], "item_ids": items})
-    assert r.status_code == 422 and "none of the 1 history item ids" in r.text
+    assert r.status_code == 404 and "send the user's `features` (user_id, history" in r.text
+    r = post(
+        serving, "nousers", "/score", {"features": {"user_id": 0, "history": [2**62]}, "item_ids": items}
+    )
+    assert r.status_code == 422 and '"features", "history", 0' in r.text and "less than" in r.text
 
 
-def test_a_user_missing_from_the_table_is_scored_by_history_in_a_batch_with_table_users(serving):
+def test_a_user_missing_from_the_table_is_scored_by_features_in_a_batch_with_table_users(serving):
     new_user = 10**12  # not in the build's user table
     history = [int(i) for i in serving["items"][[1, 2, 3]]]
     items = serving["items"][:40].tolist()
     known = {"user_id": int(serving["users"][4]), "item_ids": items}
-    bodies = [{"user_id": new_user, "history": history, "item_ids": items}, known] * 8
-    with ThreadPoolExecutor(16) as pool:
+    by_features = {
+        "user_id": new_user,
+        "features": {"user_id": new_user, "history": history},
+        "item_ids": items,
+    }
+    bad = {"features": {"user_id": 5, "history": [-3]}, "item_ids": items}  # fails alone, never its batch
+    bodies = [by_features, known, bad] * 6
+    with ThreadPoolExecutor(len(bodies)) as pool:
         res = list(pool.map(lambda b: post(serving, "main", "/score", b), bodies))
-    assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200]
-    _, _, ref = _history_reference(serving["registry"], serving["build_a"], new_user, history, items)
-    for r in res[0::2]:
+    assert all(r.status_code == 200 for r in res[0::3] + res[1::3]), [
+        r.text for r in res if r.status_code != 200
+    ]
+    assert all(r.status_code == 422 and "history" in r.text for r in res[2::3])
+    _, _, ref = _features_reference(serving["registry"], serving["build_a"], new_user, history, items)
+    for r in res[0::3]:
         np.testing.assert_allclose(r.json()["scores"], ref, atol=1e-4)
     expected_known = post(serving, "perrow", "/score", known).json()["scores"]
-    for r in res[1::2]:
+    for r in res[1::3]:
         np.testing.assert_allclose(r.json()["scores"], expected_known, atol=1e-5)
+    # a table user sending its own features is embedded from them instead of its table row
+    u = int(serving["users"][4])
+    own = serving["histories"][4]
+    r = post(serving, "main", "/retrieve", {"user_id": u, "features": {"user_id": u, "history": own}, "k": 5})
+    assert r.status_code == 200 and r.json()["user_source"] == "features", r.text
+
+
+def test_openapi_shows_the_live_builds_declared_inputs(serving):
+    doc = requests.get(url(serving, "main", "/openapi.json"), timeout=10).json()
+    schemas = doc["components"]["schemas"]
+    user = schemas["UserFeatures"]
+    assert user["required"] == ["user_id", "history"] and user["additionalProperties"] is False
+    assert user["properties"]["history"]["maxItems"] == 50 and serving["build_a"]  # the package's history_len
+    assert set(schemas["Item"]["properties"]) == {
+        "item_id",
+        "genre_ids",
+        "year_slot",
+        "title_tokens",
+        "tag_tokens",
+    }
+    ref = "#/components/schemas/UserFeatures"
+    assert schemas["RetrieveBody"]["properties"]["features"]["anyOf"][0]["$ref"] == ref
+    score = doc["paths"]["/score"]["post"]["requestBody"]["content"]
+    assert score["application/json"]["schema"]["properties"]["features"]["anyOf"][0]["$ref"] == ref
+    assert "application/vnd.apache.arrow.stream" in score
+    assert schemas["ItemsBody"]["properties"]["items"]["items"]["$ref"] == "#/components/schemas/Item"
 
 
 def test_state_gauges_stay_on_the_dashboard_long_after_they_were_set(serving, ray_head, checkpoints):
@@ -441,7 +503,7 @@ def test_state_gauges_stay_on_the_dashboard_long_after_they_were_set(serving, ra
     # are there in every window, long after the swap (one scrape may still land on an export the agent
     # received late on a loaded machine: each window waits up to 30 s for a complete scrape).
     time.sleep(max(0.0, serving["ready_at"] + 35 - time.monotonic()))
-    build_a, version_a = serving["build_a"], read_manifest(checkpoints[0])["version"]
+    build_a, version_a = serving["build_a"], read_manifest(checkpoints[0]).version
 
     def complete():
         text = _scrape(ray_head)

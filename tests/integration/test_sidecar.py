@@ -1,5 +1,7 @@
 """The fresh-item sidecar through real HTTP: upsert, retrieve within a second, delete, survive replica
-restarts, and move to the next build re-embedded by its checkpoint."""
+restarts, and move to the next build re-embedded by its model package. An item is its item_id and the
+item tower's declared columns (the MovieLens example: genre_ids, year_slot, title_tokens, tag_tokens),
+validated against the live build's package."""
 
 from __future__ import annotations
 
@@ -9,13 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import requests
 
-from core.checkpoint import read_manifest
-from core.datasets import read_dataset_manifest, read_table, write_dataset
-from core.features import FeatureSchema, encode_item_rows
+from core.contract.package import read_manifest
+from core.datasets import read_table, write_dataset
 from core.live_build import load_build
 from core.registry import Registry
 from core.sidecar import embed_items
@@ -26,6 +28,13 @@ FRESH_ID = 9_000_001
 POLL_S = 0.2
 TOKEN = secrets.token_urlsafe(24)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# The example package's declared item columns (small values: inside every declared vocabulary)
+COLUMNS = ("genre_ids", "year_slot", "title_tokens", "tag_tokens")
+GOOD = {"genre_ids": [1, 3], "year_slot": 40, "title_tokens": [5, 9], "tag_tokens": []}
+
+
+def _item(item_id: int, **kw) -> dict:
+    return {"item_id": item_id, **GOOD, **kw}
 
 
 def _app(registry, token_file, max_k: int = 1000) -> dict:
@@ -82,13 +91,7 @@ def _twin_of_top_item(app, user) -> dict:
     """A new item with the same features as this user's current top result: relevant to them."""
     top = _retrieve(app, user, k=1)["item_ids"][0]
     row = app["catalog"].filter(pc.equal(app["catalog"]["item_id"], top)).to_pylist()[0]
-    return {
-        "item_id": FRESH_ID,
-        "title": row["title"],
-        "genres": row["genres"],
-        "year": row["year"],
-        "tags": row["tags"],
-    }
+    return {"item_id": FRESH_ID, **{c: row[c] for c in COLUMNS}}
 
 
 def _all_replicas(app, path, n=2, tries=60):
@@ -138,13 +141,11 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
 
 
 def test_bad_items_and_a_full_sidecar_get_clear_errors(app):
-    r = requests.post(
-        f"{app['base']}/items", json={"items": [{"item_id": "x", "title": "t"}]}, headers=AUTH, timeout=10
-    )
-    assert r.status_code == 422 and "item_id" in r.text
+    r = requests.post(f"{app['base']}/items", json={"items": [_item("x")]}, headers=AUTH, timeout=10)
+    assert r.status_code == 422 and '"items", 0, "item_id"' in r.text
     r = requests.post(f"{app['base']}/items", json={"items": []}, headers=AUTH, timeout=10)
     assert r.status_code == 422
-    many = [{"item_id": 9_100_000 + i, "title": f"filler {i}"} for i in range(6)]
+    many = [_item(9_100_000 + i, year_slot=i) for i in range(6)]
     r = requests.post(f"{app['base']}/items", json={"items": many}, headers=AUTH, timeout=10)
     assert r.status_code == 507 and "sidecar is full" in r.text and "of 5 items" in r.text
 
@@ -176,7 +177,7 @@ def test_swap_re_embeds_sidecar_items_with_the_new_checkpoint(app, ray_head, ml_
         requests.post(f"{app['base']}/items", json={"items": [item]}, headers=AUTH, timeout=10).status_code
         == 200
     )
-    version_b = read_manifest(checkpoints[1])["version"]
+    version_b = read_manifest(checkpoints[1]).version
     build_b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", app["registry"]))["build_id"]
     wait_for(
         lambda: {r.json()["build_id"] for r in _all_replicas(app, "/version").values()} == {build_b},
@@ -196,7 +197,7 @@ def test_swap_re_embeds_sidecar_items_with_the_new_checkpoint(app, ray_head, ml_
 
 
 def test_sidecar_writes_need_the_admin_token_which_no_log_line_shows(app, ray_head):
-    item = {"item_id": 9_200_000, "title": "token check"}
+    item = _item(9_200_000)
     url = f"{app['base']}/items"
     r = requests.post(url, json={"items": [item]}, timeout=10)
     assert r.status_code == 401 and r.headers.get("www-authenticate") == "Bearer", r.text
@@ -218,12 +219,17 @@ def test_sidecar_writes_need_the_admin_token_which_no_log_line_shows(app, ray_he
     assert leaked == []
 
 
-# Features that passed the old schema but could not be encoded (they poisoned every replica's follower)
+# Items the item tower cannot take (in a log, they would poison every replica's follower): a 422 names
+# the field, and nothing of the request is written
 UNENCODABLE = {
-    "id beyond int64": ({"item_id": 2**63, "title": "t"}, "item_id"),
-    "id far beyond int64": ({"item_id": 10**30, "title": "t"}, "item_id"),
-    "year out of range": ({"item_id": 9_300_001, "title": "t", "year": 10**10}, "year"),
-    "lone surrogate": ({"item_id": 9_300_002, "title": "bad \ud800 text"}, "title"),
+    "id beyond int64": (_item(2**63), '"items", 0, "item_id"'),
+    "id far beyond int64": (_item(10**30), '"items", 0, "item_id"'),
+    "negative id (the tower hashes ids in [0, 2^62))": (_item(-5), '"items", 0, "item_id"'),
+    "year slot past its vocabulary": (_item(9_300_001, year_slot=10**10), '"items", 0, "year_slot"'),
+    "text for tokens": (_item(9_300_002, title_tokens="bad \ud800 text"), '"items", 0, "title_tokens"'),
+    "a float id in a list": (_item(9_300_003, genre_ids=[1.5]), '"items", 0, "genre_ids", 0'),
+    "a declared column missing": ({"item_id": 9_300_004, "genre_ids": [1]}, '"items", 0, "year_slot"'),
+    "an undeclared column": (_item(9_300_005, title="t"), '"items", 0, "title"'),
 }
 
 
@@ -238,15 +244,20 @@ def test_unencodable_items_get_422_and_a_poisoned_log_never_stops_later_writes_o
 ):
     log_path = SidecarLog(app["registry"]).path
     before = log_path.read_bytes()
-    for name, (item, field) in UNENCODABLE.items():
-        r = _post_raw(app, {"items": [item, {"item_id": 9_300_100, "title": "a good neighbour"}]})
-        assert r.status_code == 422 and field in r.text, (name, r.status_code, r.text)
+    for name, (item, loc) in UNENCODABLE.items():
+        r = _post_raw(app, {"items": [item, _item(9_300_100)]})
+        assert r.status_code == 422 and loc in r.text, (name, r.status_code, r.text)
+        assert '"items", 1' not in r.text  # the good neighbour is not named
     assert log_path.read_bytes() == before  # nothing written, not even the good neighbour
-    # A log that already holds such entries (written by an older version, or by hand):
+    # A log that already holds such entries (written by an older version, or by hand); the undeclared
+    # column alone would still embed (the tower reads only its declared columns), so it is left out:
+    poison = [item for name, (item, _) in UNENCODABLE.items() if name != "an undeclared column"]
     with open(log_path, "ab") as f:
-        for item, _ in UNENCODABLE.values():
-            f.write((json.dumps({"op": "upsert", "item_id": item["item_id"], "item": item}) + "\n").encode())
-    fresh = {"item_id": 9_300_200, "title": "visible despite the poison", "genres": "Drama"}
+        for item in poison:
+            features = {k: v for k, v in item.items() if k != "item_id"}
+            entry = {"op": "upsert", "item_id": item["item_id"], "item": features}
+            f.write((json.dumps(entry) + "\n").encode())
+    fresh = _item(9_300_200, title_tokens=[7, 7, 7])
     r = requests.post(f"{app['base']}/items", json={"items": [fresh]}, headers=AUTH, timeout=10)
     assert r.status_code == 200 and r.json()["applied"] is True, r.text
     t0 = time.monotonic()
@@ -257,7 +268,7 @@ def test_unencodable_items_get_422_and_a_poisoned_log_never_stops_later_writes_o
     )  # fmt: skip
     assert time.monotonic() - t0 < 1.0
     versions = [r.json() for r in _all_replicas(app, "/version").values()]
-    assert all(v["sidecar_skipped_entries"] >= len(UNENCODABLE) for v in versions), versions
+    assert all(v["sidecar_skipped_entries"] >= len(poison) for v in versions), versions
     # a newly published build reaches /score AND /retrieve on every replica
     build_c = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", app["registry"]))["build_id"]
     user = app["users"][3]
@@ -280,33 +291,25 @@ def test_a_rebuild_whose_catalog_holds_the_sidecar_items_folds_them_and_frees_th
     app, ray_head, ml_data, checkpoints, tmp_path
 ):
     url = f"{app['base']}/items"
-    fillers = [{"item_id": 9_400_000 + i, "title": f"fresh filler {i}", "genres": "Comedy"} for i in range(5)]
+    fillers = [_item(9_400_000 + i, tag_tokens=[i + 1]) for i in range(5)]
     for f in fillers:  # fill the cap (5) with what is not yet in the base
         r = requests.post(url, json={"items": [f]}, headers=AUTH, timeout=10)
         if r.status_code == 507:
             break
         assert r.status_code == 200, r.text
-    r = requests.post(
-        url, json={"items": [{"item_id": 9_499_999, "title": "one too many"}]}, headers=AUTH, timeout=10
-    )
+    r = requests.post(url, json={"items": [_item(9_499_999)]}, headers=AUTH, timeout=10)
     assert r.status_code == 507 and "sidecar is full" in r.text
-    # The next catalog: the old one plus every item the sidecar serves, with the same raw features
+    # The next catalog: the old one plus every item the sidecar serves, with the same features
     log = SidecarLog(app["registry"])
     latest: dict[int, dict | None] = {}
     for e in log.read(Position()).entries:
         if entry_problem(e) is None:
             latest[e["item_id"]] = e["item"] if e["op"] == "upsert" else None
     latest = {i: it for i, it in latest.items() if it is not None}
-    schema = FeatureSchema.from_dict(read_dataset_manifest(ml_data / "catalog", "catalog")["feature_schema"])
-    fresh = encode_item_rows([{**it, "item_id": i} for i, it in latest.items()], schema)
+    base = read_table(ml_data / "catalog")
+    fresh = pa.Table.from_pylist([{**it, "item_id": i} for i, it in latest.items()], schema=base.schema)
     catalog = tmp_path / "movielens-next" / "catalog"
-    write_dataset(
-        catalog,
-        [read_table(ml_data / "catalog"), fresh],
-        kind="catalog",
-        schema=schema,
-        source={"test": True},
-    )
+    write_dataset(catalog, [base, fresh], kind="catalog", source={"test": True})
     p = rebuild(ray_head, checkpoints[0], catalog, app["registry"], "--users", ml_data / "users")
     s = summary(p)
     assert s["sidecar"]["folded"] >= len(latest), s
@@ -315,8 +318,6 @@ def test_a_rebuild_whose_catalog_holds_the_sidecar_items_folds_them_and_frees_th
                     for r in _all_replicas(app, "/version").values()),
         60, "every replica on the new base with an empty sidecar",
     )  # fmt: skip
-    r = requests.post(
-        url, json={"items": [{"item_id": 9_499_999, "title": "room again"}]}, headers=AUTH, timeout=10
-    )
+    r = requests.post(url, json={"items": [_item(9_499_999)]}, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
     assert len(log.path.read_bytes().splitlines()) <= 3  # header + what is not served by the base

@@ -97,8 +97,21 @@ def test_a_build_of_another_format_or_kind_is_refused_naming_both(tmp_path, fiel
         Registry(tmp_path / "reg").manifest("b1")
 
 
-def test_a_build_without_users_loads_and_answers_by_history(tmp_path):
+def test_a_build_without_users_loads_and_answers_by_features(tmp_path):
+    import pyarrow as pa
+
+    from core.contract.encode import rows_table
+
     b = load_build(make_build(tmp_path / "reg", "nu", make_checkpoint(tmp_path / "ck"), n_users=0))
     assert not b.manifest.has_users and b.user_rows(np.array([5]))[1].all()  # every user id is unknown
-    ids, _ = b.search(b.history_vectors(np.array([0]), [np.asarray(b.item_ids[:3])]), 5)
-    assert (ids >= 0).all()
+    rows = [{"user_id": 0, "history": b.item_ids[:3].tolist()}, {"user_id": 9, "history": []}]
+    features = rows_table(rows, b.model.user_inputs, {})
+    assert features.schema.field("history").type == pa.list_(pa.int64())
+    vecs = b.feature_vectors(features)  # the build's own user tower
+    ids, _ = b.search(vecs, 5)
+    assert vecs.shape == (2, b.dim) and (ids >= 0).all()
+    # a batch's repeated (user, features) is embedded once
+    one = [features.slice(0, 1), features.slice(1, 1), features.slice(0, 1)]
+    slots, uniq = b.unique_feature_vectors([0, 9, 0], one)
+    assert slots.tolist() == [0, 1, 0] and len(uniq) == 2
+    np.testing.assert_allclose(uniq, vecs, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The replica's state machine driven directly: follow CURRENT, swap, tail the sidecar, serve by history."""
+"""The replica's state machine driven directly: follow CURRENT, swap, tail the sidecar, serve by features."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.contract.encode import rows_table
 from core.live_build import load_build
 from core.registry import Registry
 from core.serving_state import ReplicaState, RetrieveQuery, retrieve
@@ -14,13 +15,17 @@ from core.sidecar import embed_items
 from core.sidecar_log import SidecarLog
 from tests.unit.tiny_build import make_build, make_checkpoint
 
-FRESH = {"title": "A brand new space opera", "genres": "Sci-Fi|Adventure", "year": 2026, "tags": "space"}
+# An item as the tiny package's item tower declares it (item_id comes from the log entry's key)
+FRESH = {"genre_ids": [1, 4], "year_slot": 30, "title_tokens": [5, 17, 99], "tag_tokens": [3]}
 
-# What the sidecar log held after bad POST /items that passed the old schema: unencodable features.
+# What a sidecar log could hold (an older version, a hand edit): entries no replica can apply, either
+# malformed for the log itself or refused by the package's own check where the item is embedded.
 POISON = [
     {"op": "upsert", "item_id": 2**64, "item": FRESH},
-    {"op": "upsert", "item_id": 11, "item": {**FRESH, "year": 10**11}},
-    {"op": "upsert", "item_id": 12, "item": {**FRESH, "title": "\ud800"}},
+    {"op": "upsert", "item_id": 11, "item": {**FRESH, "year_slot": 10**11}},  # beyond the declared vocab
+    {"op": "upsert", "item_id": 12, "item": {**FRESH, "title_tokens": "\ud800"}},
+    {"op": "upsert", "item_id": 13, "item": {**FRESH, "genre_ids": None}},  # not a declared column's type
+    {"op": "upsert", "item_id": 14, "item": {"year_slot": 3}},  # declared columns missing
     {"op": "delete", "item_id": "x"},
 ]
 
@@ -116,52 +121,65 @@ def no_users(tmp_path):
     return root
 
 
-def test_a_build_without_users_serves_retrieval_and_scoring_by_history(no_users):
+def _features(build, user_id: int, history) -> object:
+    """One user's features as a route hands them to core: a one-row table of the declared columns."""
+    return rows_table(
+        [{"user_id": user_id, "history": [int(i) for i in history]}], build.model.user_inputs, {}
+    )
+
+
+def test_a_build_without_users_serves_retrieval_and_scoring_by_features(no_users):
     rs = ReplicaState(no_users)
     state = rs.tick()
     b = state.build
     assert not b.manifest.has_users and len(b.user_ids) == 0
-    history = np.asarray(b.item_ids[[3, 7, 9]])
-    u = b.history_vectors(np.array([42]), [history])[0]  # the build's own user tower
-    (res,), embedded = retrieve(state, [RetrieveQuery(10, user_id=42, history=history)])
+    feats = _features(b, 42, b.item_ids[[3, 7, 9]])
+    u = b.feature_vectors(feats)[0]  # the build's own user tower
+    (res,), embedded = retrieve(state, [RetrieveQuery(10, user_id=42, features=feats)])
     exact = np.argsort(-(np.asarray(b.item_emb) @ u))[:10]
     assert res.item_ids == b.item_ids[exact].tolist() and embedded == 1
 
     items = np.asarray(b.item_ids[:20])
-    req = ScoreRequest(np.full(20, 42, np.int64), items, history)
-    twin = ScoreRequest(np.full(5, 42, np.int64), items[:5], history)  # same user again in the batch
+    req = ScoreRequest(np.full(20, 42, np.int64), items, feats)
+    twin = ScoreRequest(np.full(5, 42, np.int64), items[:5], _features(b, 42, b.item_ids[[3, 7, 9]]))
     (r1, r2), stats = score_batch(b, [req, twin], BroadcastConfig())
     with torch.inference_mode():
-        ref = b.scorer(torch.from_numpy(np.tile(u, (20, 1))), torch.from_numpy(np.asarray(b.item_emb[:20])))
+        ref = b.model.scores(
+            torch.from_numpy(np.tile(u, (20, 1))), torch.from_numpy(np.asarray(b.item_emb[:20]))
+        )
     np.testing.assert_allclose(r1.scores, ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(r2.scores, r1.scores[:5], atol=1e-6)
-    assert stats.history_users == 1  # one user-tower pass for the batch's one unique (user, history)
+    assert stats.history_users == 1  # one user-tower pass for the batch's one unique (user, features)
+    off, _ = score_batch(b, [req, twin], BroadcastConfig(enabled=False))  # the per-row path agrees
+    np.testing.assert_allclose(off[0].scores, r1.scores, atol=1e-5)
 
 
-def test_history_drops_unknown_and_deleted_items(reg):
-    rs = ReplicaState(reg)
-    b = rs.tick().build
-    known = int(b.item_ids[0])
-    SidecarLog(reg).write([{"op": "delete", "item_id": int(b.item_ids[1])}], max_items=10)
-    state = rs.tick()
-    mask = state.history_known(np.array([known, int(b.item_ids[1]), 10**12], np.int64))
-    assert mask.tolist() == [True, False, False]
-
-
-def test_table_and_history_queries_in_one_batch_match_the_build(reg):
+def test_features_of_ids_the_build_does_not_hold_are_still_embedded(reg):
+    # any history of ids in the declared vocabulary is a valid input (no "known items" filter): the
+    # package decides what its tower takes
     state = ReplicaState(reg).tick()
     b = state.build
-    hist = np.asarray(b.item_ids[:4])
+    feats = _features(b, 10**12, [int(b.item_ids[0]), 987654321, 2**61])
+    (res,), embedded = retrieve(state, [RetrieveQuery(5, user_id=10**12, features=feats)])
+    assert len(res.item_ids) == 5 and embedded == 1
+
+
+def test_table_and_feature_queries_in_one_batch_match_the_build(reg):
+    state = ReplicaState(reg).tick()
+    b = state.build
+    feats = _features(b, 1, b.item_ids[:4])
     res, embedded = retrieve(
         state,
         [
             RetrieveQuery(5, user_row=3),
-            RetrieveQuery(7, user_id=1, history=hist),
+            RetrieveQuery(7, user_id=1, features=feats),
             RetrieveQuery(5, user_row=4),
         ],
     )
     assert [len(r.item_ids) for r in res] == [5, 7, 5] and embedded == 1
     assert res[0].item_ids == b.retrieve(np.array([3]), 5)[0][0].tolist()
+    alone, _ = retrieve(state, [RetrieveQuery(7, user_id=1, features=feats)])
+    assert res[1].item_ids == alone[0].item_ids
     assert load_build(reg / "builds" / "a").build_id == b.build_id
 
 
@@ -196,7 +214,7 @@ def test_a_compaction_does_not_re_embed_unchanged_items(reg, embedded):
     log.write([{"op": "upsert", "item_id": 100 + i, "item": FRESH} for i in range(20)], max_items=50)
     rs.tick()
     log.compact()  # a new generation with the same entries
-    log.write([{"op": "upsert", "item_id": 100, "item": {**FRESH, "title": "changed"}}], max_items=50)
+    log.write([{"op": "upsert", "item_id": 100, "item": {**FRESH, "title_tokens": [8]}}], max_items=50)
     s = rs.tick()
     assert sorted(embedded) == sorted([*range(100, 120), 100])  # only the changed one again
     assert s.sidecar.ids.tolist() == list(range(100, 120))

@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from core.build_dir import BuildDir
@@ -8,7 +9,8 @@ from core.sidecar import Sidecar, embed_items
 from core.sidecar_log import SidecarFull, SidecarLog
 from tests.unit.tiny_build import make_build, make_checkpoint
 
-FRESH = {"title": "A brand new space opera", "genres": "Sci-Fi|Adventure", "year": 2026, "tags": "space"}
+# An item as the tiny package's item tower declares it (item_id comes from the log entry's key)
+FRESH = {"genre_ids": [1, 4], "year_slot": 30, "title_tokens": [5, 17, 99], "tag_tokens": [3]}
 
 
 @pytest.fixture
@@ -63,7 +65,7 @@ def test_delete_hides_a_base_item_and_upsert_shadows_one(env):
 def test_restart_replays_the_durable_log_and_a_new_build_reembeds_everything(env):
     reg, a, b = env
     log = SidecarLog(reg)
-    log.write([_upsert(1), _upsert(2, title="Second")], max_items=10)
+    log.write([_upsert(1), _upsert(2, title_tokens=[7])], max_items=10)
     first = Sidecar(log).snapshot(a, None)
     restarted = Sidecar(SidecarLog(reg)).snapshot(a, None)  # a replica restart: nothing lost
     assert restarted.ids.tolist() == first.ids.tolist() == [1, 2]
@@ -74,7 +76,7 @@ def test_restart_replays_the_durable_log_and_a_new_build_reembeds_everything(env
     assert s_b.checkpoint_version == b.checkpoint_version != s_a.checkpoint_version
     np.testing.assert_allclose(
         s_b.emb,
-        embed_items(b, [{**FRESH, "item_id": 1}, {**FRESH, "title": "Second", "item_id": 2}]),
+        embed_items(b, [{**FRESH, "item_id": 1}, {**FRESH, "title_tokens": [7], "item_id": 2}]),
         atol=1e-6,
     )
 
@@ -83,7 +85,7 @@ def test_size_bound_answers_a_clear_error(env):
     reg, _, _ = env
     log = SidecarLog(reg)
     log.write([_upsert(1), _upsert(2)], max_items=2)
-    log.write([_upsert(2, title="changed")], max_items=2)  # an update of a known id does not grow it
+    log.write([_upsert(2, title_tokens=[8])], max_items=2)  # an update of a known id does not grow it
     with pytest.raises(
         SidecarFull, match="sidecar is full: 2 of 2 items not yet served by the base build, 1 new"
     ):
@@ -116,24 +118,28 @@ def test_upsert_identical_to_the_base_entry_is_folded(env, tmp_path):
     assert snap.ids.tolist() == [10**9] and snap.folded == 1 and target not in snap.hidden
 
 
-def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env, tmp_path):
+def _catalog(path, build, rows: list[dict]) -> list:
+    """A catalog dataset of these rows (item_id and the declared columns), as a prepared one stores them."""
+    from core.contract.encode import rows_table
     from core.datasets import partition_files, write_dataset
-    from core.features import encode_item_rows
+
+    specs = tuple(s for s in build.model.item_inputs if s.name != "item_id")
+    write_dataset(path, [rows_table(rows, specs, {"item_id": pa.int64()})], kind="catalog", source={})
+    return partition_files(path)
+
+
+def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env, tmp_path):
     from core.registry import Registry
     from core.sidecar import fold_into_base
-    from tests.unit.tiny_build import SCHEMA
 
-    reg, _, _ = env
+    reg, a, _ = env
     log = SidecarLog(reg)
     log.write([_upsert(1), _upsert(2), {"op": "delete", "item_id": 3}], max_items=2)
     with pytest.raises(SidecarFull):
         log.write([_upsert(4)], max_items=2)
     # the next catalog holds item 1 exactly as upserted, item 2 with other features, no item 3
-    rows = [{**FRESH, "item_id": 1}, {**FRESH, "item_id": 2, "title": "old title"}, {**FRESH, "item_id": 9}]
-    write_dataset(
-        tmp_path / "cat", [encode_item_rows(rows, SCHEMA)], kind="catalog", schema=SCHEMA, source={}
-    )
-    files = partition_files(tmp_path / "cat")
+    rows = [{**FRESH, "item_id": 1}, {**FRESH, "item_id": 2, "title_tokens": [1]}, {**FRESH, "item_id": 9}]
+    files = _catalog(tmp_path / "cat", a, rows)
     Registry(reg).publish("b", expected_seq=0)
     assert fold_into_base(reg, "a", files)["folded"] == 0  # "a" is not live: nothing is dropped
     stats = fold_into_base(reg, "b", files)
@@ -142,12 +148,9 @@ def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env
 
 
 def test_a_rollback_restores_what_the_build_it_left_had_folded(env, tmp_path, capsys):
-    from core.datasets import partition_files, write_dataset
-    from core.features import encode_item_rows
     from core.registry import Registry
     from core.sidecar import fold_into_base
     from jobs import registry as cli
-    from tests.unit.tiny_build import SCHEMA
 
     reg, a, _ = env
     log = SidecarLog(reg)
@@ -155,12 +158,10 @@ def test_a_rollback_restores_what_the_build_it_left_had_folded(env, tmp_path, ca
     before = Sidecar(SidecarLog(reg)).snapshot(a, None)
     assert before.ids.tolist() == [10**9] and int(a.item_ids[0]) in before.deleted
     rows = [{**FRESH, "item_id": 10**9}]  # build b's catalog: holds the fresh item, not the deleted one
-    write_dataset(
-        tmp_path / "cat", [encode_item_rows(rows, SCHEMA)], kind="catalog", schema=SCHEMA, source={}
-    )
+    files = _catalog(tmp_path / "cat", a, rows)
     Registry(reg).publish("a", expected_seq=0)
     Registry(reg).publish("b", expected_seq=1)
-    assert fold_into_base(reg, "b", partition_files(tmp_path / "cat"))["folded"] == 2
+    assert fold_into_base(reg, "b", files)["folded"] == 2
     assert Sidecar(SidecarLog(reg)).snapshot(a, None).ids.tolist() == []  # on a, they would be lost
     assert cli.main(["--registry", str(reg), "rollback"]) == 0
     assert "sidecar entries restored: 2" in capsys.readouterr().out
