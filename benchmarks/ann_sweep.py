@@ -1,7 +1,7 @@
-"""recall@10 vs QPS of the index families core.index can build, on a published build's own vectors.
+"""recall@10 vs QPS of the index families core.ann.index can build, on a published build's own vectors.
 
 Items are the build's item_embeddings.npy, queries are its user_embeddings.npy (the real queries). Every
-family is built with core.index.build and searched with per-call parameters; recall is core.index's
+family is built with core.ann.index.build and searched with per-call parameters; recall is core.ann.index's
 tie-tolerant recall@k against exact search. Timing: each repeat visits every (family, params) point once
 (A B C ... A B C, so the noise of a shared machine spreads over all points); batch QPS = queries / time
 of searching them `--batch` at a time; each batch timing loops over the query set for >= --min-time-s; single-query latency = one query per
@@ -27,9 +27,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from core import index as ann
-from core import ivf_lists
-from core.build_dir import BuildDir
+from core.ann import index as ann
+from core.ann import ivf_lists
+from core.storage.build_dir import BuildDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ def run(cfg: SweepConfig) -> dict:
     found = ann.search(indexes["build"], auto.spec, auto.params, xq, cfg.k)[1]
     auto.recall = ann.recall_at_k(xb, ids, xq, found, cfg.k, exact)
     points.append(auto)
-    if ann.approximate(auto.spec):  # and as served: its hits rescored in float32 (core.live_build)
+    if ann.approximate(auto.spec):  # and as served: its hits rescored in float32 (core.serving.live_build)
         indexes["build_served"] = Rescored(indexes["build"], ids, xb)
         points.append(dataclasses.replace(auto, family="build_served", batch_s=[], single_s=[]))
 

@@ -1,6 +1,6 @@
 """Two-sided dedup in process: a scoring batch with and without gathering shared candidate items once.
 
-On the live build of --registry, `core.broadcast.score_batch` with broadcast on, dedup_items on vs off,
+On the live build of --registry, `core.serving.broadcast.score_batch` with broadcast on, dedup_items on vs off,
 timed in turn (A B A B ..., median of --repeats) on three batch shapes of --requests requests each:
   popular-1   each request one user and ONE candidate from a set of --popular items (popular items
               scored for many users)
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
-from core.live_build import load_build
-from core.registry import Registry
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.serving.live_build import load_build
+from core.storage.registry import Registry
 
 
 def shapes(build, rng, requests: int, candidates: int, popular: int) -> dict[str, list[ScoreRequest]]:

@@ -1,6 +1,6 @@
 """Item-embedding throughput of a plain single-process loop (no Ray): the baseline for the rebuild job.
 
-Reads the catalog partitions with pyarrow in record batches, embeds each with `core.embed.Embedder.items`
+Reads the catalog partitions with pyarrow in record batches, embeds each with `core.rebuild.embed.Embedder.items`
 (the package's exported item tower) and times "read" (parquet -> Arrow) apart from "embed" (Arrow ->
 validated arrays -> item tower -> Arrow). After one untimed warm-up pass and --repeats timed passes it
 runs two diagnostics: one pass split into stages (prep: Arrow -> validated tensors, h2d, tower, out: d2h
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from core.contract import encode
-from core.datasets import partition_files
-from core.embed import Embedder, embedding_table
+from core.rebuild.embed import Embedder, embedding_table
+from core.storage.datasets import partition_files
 from examples.movielens.checkpoint import load_checkpoint
 from examples.movielens.model import TwoTower
 from examples.movielens.train import checkpoint_of

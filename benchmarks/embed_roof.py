@@ -6,7 +6,7 @@
    EmbeddingBags, cat, each Linear and ReLU, normalize, output table.
 3. bf16: the whole catalog embedded (Embedder.items: the package's exported tower) in fp32 and under bf16 autocast (interleaved, median of --repeats),
    then retrieval recall@10 of EXACT search over the bf16 item vectors against exact search over the fp32
-   ones, for the same user queries (user embeddings of a build; tie-tolerant, core.index.recall_at_k).
+   ones, for the same user queries (user embeddings of a build; tie-tolerant, core.ann.index.recall_at_k).
 All timings are medians of --repeats, variants interleaved.
 
 python -m benchmarks.embed_roof --package packages/<v> --catalog data/synth-1m/catalog \
@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.embed_plain import catalog_batches, eager_model, mlp_flops_per_item
-from core import index as ann
-from core.build_dir import BuildDir
-from core.datasets import partition_files
-from core.embed import Embedder, embedding_table, embeddings_to_numpy
+from core.ann import index as ann
+from core.rebuild.embed import Embedder, embedding_table, embeddings_to_numpy
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import partition_files
 from examples.movielens.model import TwoTower, item_inputs_from_arrow
 
 

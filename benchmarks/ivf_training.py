@@ -1,8 +1,8 @@
 """How the coarse quantizer's training changes IVF-Flat's search cost, on a build's own vectors.
 
 Each config is LISTS:POINTS_PER_LIST:ITERATIONS[:refit]: k-means on POINTS_PER_LIST x LISTS sampled item
-vectors for ITERATIONS iterations (core.index.build, the rebuild's own recipe), optionally followed by
-the refit (every centroid moved to its list's unit-norm mean after the add, core.index.refit_centroids).
+vectors for ITERATIONS iterations (core.ann.index.build, the rebuild's own recipe), optionally followed by
+the refit (every centroid moved to its list's unit-norm mean after the add, core.ann.index.refit_centroids).
 For each it reports the train and add seconds, the first nprobe of the rebuild's grid whose recall@10
 (tie-tolerant, vs exact search, the build's user vectors as queries) reaches --target, the vectors
 scanned per query there ("ndis", from faiss' IVF statistics: it does not depend on the machine's
@@ -24,8 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from core import index as ann
-from core.build_dir import BuildDir
+from core.ann import index as ann
+from core.storage.build_dir import BuildDir
 
 
 def parse_config(text: str) -> tuple[int, int, int, bool]:

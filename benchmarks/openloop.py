@@ -18,13 +18,13 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from core.build_dir import BuildDir
-from core.compact_body import ARROW_STREAM, encode_rows
+from core.serving.compact_body import ARROW_STREAM, encode_rows
+from core.storage.build_dir import BuildDir
 
 # on_b is a second, identical copy of on: the A/A control (what two apps running the same code differ by)
 APPS = ("on", "off", "noop", "on_b")
 HEADERS = {"content-type": "application/json"}
-BODIES = ("json", "arrow")  # /score's two body formats (core/compact_body.py)
+BODIES = ("json", "arrow")  # /score's two body formats (core/serving/compact_body.py)
 TIMEOUT_STATUS, CLIENT_ERROR_STATUS = -1, -2  # recorded in place of an HTTP status
 
 

@@ -21,14 +21,14 @@ floor, ... for --repeats rounds; medians reported, ratios taken within this one 
            descendant's it waited for if larger). Each rebuild gets a fresh registry, deleted after.
   floor    the same work in this process, no Ray, no files written, on --threads threads (default:
            the job's --num-workers x --torch-threads; torch.set_num_threads and faiss via
-           core.index.configure): (1) embed_s: load the package (core.embed.Embedder) and embed every
+           core.ann.index.configure): (1) embed_s: load the package (core.rebuild.embed.Embedder) and embed every
            catalog and users partition in a plain pyarrow iter_batches loop (the job's --batch-size and
-           --precision), collecting ids and vectors in memory; (2) train_s: core.index.build of the
+           --precision), collecting ids and vectors in memory; (2) train_s: core.ann.index.build of the
            index the rebuild chose, trained on its manifest's train_sample rows for its kmeans_iters
            (seeded; skipped when 0); (3) add_s: add_with_ids of every item vector (and the centroid
            refit when the manifest says refit); (4) recall_s: up to 4000 user vectors
            (seeded) split into tuning / held-out halves, exact top-10 (faiss.knn) of both, ONE search of
-           each at the rebuild's chosen search setting, recall@10 (core.index.recall_at_k).
+           each at the rebuild's chosen search setting, recall@10 (core.ann.index.recall_at_k).
            floor_s = embed_s + train_s + add_s + recall_s. The floor does not search for a setting: it
            is given the one the rebuild found. Its peak RSS is this process's ru_maxrss (it holds every
            vector; a high-water mark, so with --repeats it is the max over the rounds so far).
@@ -74,11 +74,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from core import index as ann
-from core.build_dir import BuildDir
-from core.datasets import partition_files
-from core.embed import Embedder, embeddings_to_numpy
-from core.rebuild import MIN_USER_QUERIES, IndexOptions
+from core.ann import index as ann
+from core.rebuild.build import MIN_USER_QUERIES, IndexOptions
+from core.rebuild.embed import Embedder, embeddings_to_numpy
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import partition_files
 from jobs import rebuild_index
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
 """Item-embedding throughput: the rebuild job's worker pool vs a plain single-process loop.
 
-Both do the SAME per-partition work on the same catalog: core.parts.embed_part over every catalog
-partition (read the item feature columns in batches of B rows, core.embed.Embedder.items, the
-per-partition gates of core.validate.check_embedded, commit parts/<key>/ids.npy, vectors.npy,
+Both do the SAME per-partition work on the same catalog: core.rebuild.parts.embed_part over every catalog
+partition (read the item feature columns in batches of B rows, core.rebuild.embed.Embedder.items, the
+per-partition gates of core.rebuild.validate.check_embedded, commit parts/<key>/ids.npy, vectors.npy,
 part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
   ray-bB[-P]     the job's own path: jobs.worker_pool.RayPool(RebuildConfig) (one RebuildWorker per
-                 actor, each reserving 1 CPU), then core.assemble.embed_all(pool, plan("items", files),
+                 actor, each reserving 1 CPU), then core.rebuild.assemble.embed_all(pool, plan("items", files),
                  ...). 1 worker x --cpus torch threads
   ray-bB-wN      the same with N = --cpus workers x 1 torch thread each
   ray-bB-wN-kept the same through a kept pool (the job's --pool NAME): started once in the untimed
@@ -15,7 +15,7 @@ part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
                  "local") for each partition in turn, in a fresh process per run (spawned, with the
                  OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed)
   ray-bB-noop, plain-bB-noop  the same with Embedder.items replaced by zero vectors of the same shape
-                 (core.embed.embedding_table): read, output table, gates and commit are kept; the
+                 (core.rebuild.embed.embedding_table): read, output table, gates and commit are kept; the
                  Arrow -> tensor conversion and the tower are skipped. ray-noop - plain-noop is the
                  pool's own fixed cost (actor start, dispatch)
 P: fp32, or bf16 autocast. Ray is started once in-process (ray.init(address="local", num_cpus=--cpus))
@@ -68,12 +68,12 @@ import ray
 import torch
 
 from benchmarks.embed_plain import eager_model, mlp_flops_per_item
-from core import parts as partmod
-from core.assemble import embed_all
 from core.contract.towers import load_package
-from core.datasets import partition_files
-from core.embed import Embedder, embedding_table
-from core.rebuild import embed_settings
+from core.rebuild import parts as partmod
+from core.rebuild.assemble import embed_all
+from core.rebuild.build import embed_settings
+from core.rebuild.embed import Embedder, embedding_table
+from core.storage.datasets import partition_files
 from jobs.worker_pool import RayPool, RebuildWorker, release
 
 
@@ -155,7 +155,7 @@ def wait_cpus_free(cpus: int, timeout_s: float = 60.0) -> None:
 
 
 def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
-    # imported here: jobs.rebuild_index pulls pandas in (core.sidecar -> pyarrow.dataset), which the
+    # imported here: jobs.rebuild_index pulls pandas in (core.serving.sidecar -> pyarrow.dataset), which the
     # plain loop's process (it imports this module) would then get untimed while the job's actors
     # import it inside their first part (pyarrow's to_numpy does, lazily)
     from jobs.rebuild_index import RebuildConfig

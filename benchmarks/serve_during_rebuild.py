@@ -69,7 +69,7 @@ import numpy as np
 
 from benchmarks.openloop import _CLK, LoadConfig, Runner, Workload, _machine_busy_s, _send, summarize
 from benchmarks.serve_load import _app_arg, build_facts, free_port, machine_facts, wait_ready
-from core.registry import Registry
+from core.storage.registry import Registry
 
 APP = "live"  # Serve application name and route prefix
 REPO = Path(__file__).resolve().parents[1]

@@ -60,7 +60,7 @@ import aiohttp
 from benchmarks.openloop import APPS, BODIES, LoadConfig, Runner, Workload
 from benchmarks.serve_compare import aa_spread, cost_model, run_modes
 from benchmarks.serve_plot import plot
-from core.registry import Registry
+from core.storage.registry import Registry
 from serve_app.ingress import MODES, haproxy_pattern, ingress_env
 
 # ---- Serve ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Nothing is published unless every gate passes: one checkpoint version on every r
 the inputs', unique ids, finite vectors, held-out recall@k >= the target, and the comparison gate: a
 quality floor on held-out data (Recall@k against popularity and random rankings; a first build too)
 and, when a build is live, the comparison with it: embedding health, top-k overlap, held-out quality
-(core.compare). A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
+(core.quality.compare). A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
 2 = refused (bad input, failed gate, --timeout-s passed), 1 = unexpected error. CURRENT is untouched on
 any failure.
 """
@@ -28,15 +28,11 @@ from pathlib import Path
 
 import ray
 
-from core import assemble as asm
-from core import compare as cmp
-from core import index as ann
-from core import skew_gate
-from core.build_dir import BuildDir
-from core.datasets import DATASET_MANIFEST, DatasetError
-from core.embed import PRECISIONS
-from core.fsutil import write_json_atomic
-from core.rebuild import (
+from core.ann import index as ann
+from core.quality import compare as cmp
+from core.quality import skew_gate
+from core.rebuild import assemble as asm
+from core.rebuild.build import (
     CompareOptions,
     ComparisonRefused,
     IndexOptions,
@@ -49,9 +45,13 @@ from core.rebuild import (
     preflight,
     resume_record,
 )
-from core.registry import Registry
-from core.sidecar import fold_into_base
-from core.validate import ValidationError
+from core.rebuild.embed import PRECISIONS
+from core.rebuild.validate import ValidationError
+from core.serving.sidecar import fold_into_base
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import DATASET_MANIFEST, DatasetError
+from core.storage.fsutil import write_json_atomic
+from core.storage.registry import Registry
 from jobs.common import lower_priority, run_main
 from jobs.worker_pool import RayPool
 
@@ -290,7 +290,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--catalog",
         type=Path,
         required=True,
-        help="catalog dataset directory (core.datasets.write_dataset: the item id + the item tower's declared columns)",
+        help="catalog dataset directory (core.storage.datasets.write_dataset: the item id + the item tower's declared columns)",
     )
     p.add_argument(
         "--users",

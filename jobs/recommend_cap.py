@@ -4,7 +4,7 @@
 
 Reads the Ray metrics endpoint (any node's `--metrics-export-port`; each node exports its own replicas,
 so pass one --metrics per node), sums the application's unique-users-per-batch histogram over its
-replicas, and recommends the smallest boundary covering --coverage of the batches (core/cap.py). With
+replicas, and recommends the smallest boundary covering --coverage of the batches (core/serving/cap.py). With
 --registry it then scores, in this process, batches of that many unique users on the live build, each
 user with the observed rows per user, and reports the median batch latency: what the cap costs at
 worst. Prints one JSON object.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core import cap as capmod
+from core.serving import cap as capmod
 from jobs.common import run_main
 
 
@@ -36,9 +36,9 @@ def time_batch(registry: Path, n_users: int, rows_per_user: int, repeats: int) -
     """Median ms to score one batch of n_users unique users x rows_per_user candidates (live build)."""
     import torch
 
-    from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
-    from core.live_build import load_build
-    from core.registry import Registry
+    from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
+    from core.serving.live_build import load_build
+    from core.storage.registry import Registry
 
     reg = Registry(registry)
     build_id = reg.current()

@@ -23,12 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from core import compare as cmp
-from core.datasets import DATASET_MANIFEST, partition_files
-from core.live_build import load_build
-from core.registry import Registry
-from core.sidecar import fold_into_base
-from core.sidecar_log import Position, SidecarLog, entry_problem
+from core.quality import compare as cmp
+from core.serving.live_build import load_build
+from core.serving.sidecar import fold_into_base
+from core.storage.datasets import DATASET_MANIFEST, partition_files
+from core.storage.registry import Registry
+from core.storage.sidecar_log import Position, SidecarLog, entry_problem
 from jobs.common import run_main
 
 

@@ -19,8 +19,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from core import datasets, skew, skew_gate
 from core.contract.towers import load_package
+from core.quality import skew, skew_gate
+from core.storage import datasets
 from jobs.common import run_main
 
 

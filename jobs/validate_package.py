@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core.contract.check import check_dataset
 from core.contract.towers import load_package
-from core.datasets import partition_files
+from core.storage.datasets import partition_files
 from jobs.common import run_main
 
 

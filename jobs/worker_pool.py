@@ -1,4 +1,4 @@
-"""The rebuild's worker pool on Ray: one core.worker.Worker per actor, spread over the cluster's nodes.
+"""The rebuild's worker pool on Ray: one core.rebuild.worker.Worker per actor, spread over the cluster's nodes.
 
 ONE pool serves the whole rebuild (items, users, training, shard adds, tuning searches), so the
 checkpoint is loaded once per actor and the pool's start is paid once, not once per Ray Data execution
@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from core.worker import Worker
+from core.rebuild.worker import Worker
 from jobs.common import lower_priority
 
 # the namespace of kept pools (--pool NAME): named, detached actors that outlive the job

@@ -17,9 +17,9 @@
     serve deploy serve_app/config.yaml        # or: serve run serve_app/config.yaml
 
 Each replica follows the registry's CURRENT pointer and the sidecar log in a background thread
-(`core.serving_state.ReplicaState`), and publishes ONE routing reference (the live build + its sidecar
+(`core.serving.serving_state.ReplicaState`), and publishes ONE routing reference (the live build + its sidecar
 view, and the canary build + its own while one is ramped in); every request reads it once, is routed
-by a stable hash of its user id (`core.canary`: one user sees one build on every replica), and is
+by a stable hash of its user id (`core.serving.canary`: one user sees one build on every replica), and is
 served by that build from start to end; the answer names it (`build_id`, header x-skewless-build). The routes validate the
 body (a user's features and fresh items field by field against the package of the build that serves
 them, so a malformed one is a 422 naming its field and never reaches a batch) and await `@serve.batch`
@@ -47,12 +47,12 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
-from core import index as ann
-from core.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
-from core.compact_body import ARROW_STREAM, BodyError, decode_rows
+from core.ann import index as ann
 from core.contract.spec import ContractError
-from core.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
-from core.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
+from core.serving.compact_body import ARROW_STREAM, BodyError, decode_rows
+from core.serving.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
+from core.storage.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
 from serve_app import features
 from serve_app.auth import AdminAuth
 from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
@@ -287,7 +287,7 @@ class Recommender:
         "/score", response_model=ScoreResponse, response_model_exclude_none=True, openapi_extra=SCORE_BODIES
     )
     async def score(self, request: Request, response: Response):
-        """JSON (ScoreBody) or, by content-type, the compact Arrow rows (core/compact_body.py): both
+        """JSON (ScoreBody) or, by content-type, the compact Arrow rows (core/serving/compact_body.py): both
         become the same ScoreRequest and may share a batch."""
         t0 = time.perf_counter()
         raw = await request.body()
@@ -449,7 +449,7 @@ class Recommender:
         except SidecarFull as e:
             self.metrics.error(507)
             raise HTTPException(507, str(e)) from None
-        except ValueError as e:  # beyond the log's own bounds (core.sidecar_log): nothing was written
+        except ValueError as e:  # beyond the log's own bounds (core.storage.sidecar_log): nothing was written
             self.metrics.error(422)
             raise HTTPException(422, str(e)) from None
         self.metrics.sidecar_ops.inc(len(entries), self.metrics._t(op=op))

@@ -13,7 +13,7 @@ from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from core.compact_body import ARROW_STREAM, COLUMNS
+from core.serving.compact_body import ARROW_STREAM, COLUMNS
 from serve_app.schemas import ScoreBody
 
 # The request body of /score in /openapi.json: both forms (clients and the fuzz test read it from there)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from core.contract import encode
 from core.contract.spec import InputSpec
 from core.contract.towers import ModelPackage
-from core.sidecar_log import INT64_MAX, INT64_MIN
+from core.storage.sidecar_log import INT64_MAX, INT64_MIN
 from serve_app.schemas import GENERATED
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -36,7 +36,7 @@ USER_MODEL, ITEM_MODEL = "UserFeatures", "Item"
 REF = "#/components/schemas/{model}"
 ITEM_ID = "item_id"  # an item's key in POST /items and in the sidecar log
 
-# The serving replica's state (a core.serving_state.ReplicaState), registered by the replica for
+# The serving replica's state (a core.serving.serving_state.ReplicaState), registered by the replica for
 # /openapi.json (Serve runs one replica per process). Kept here rather than in serve_app.app: Serve runs
 # a by-value copy of the deployment class, whose module globals are copies of their own, while an
 # imported module is the process's one.

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from ray.serve.config import BackpressureConfig
 
-from core.sidecar_log import INT64_MAX, INT64_MIN
+from core.storage.sidecar_log import INT64_MAX, INT64_MIN
 
 # Ids are int64 end to end (numpy tables, faiss ids): a larger JSON integer is a 422 here, not an
 # overflow deep in a batch where it would fail the batch's other requests.
@@ -48,7 +48,7 @@ class AppArgs(BaseModel):
     max_unique_users_per_batch: int = Field(1024, ge=1)
     cap_policy: Literal["split", "reject", "fallback"] = "split"
     # Two-sided dedup: candidate items shared by a batch's rows are gathered and run through the
-    # scorer's item side once (core/broadcast.py); only with broadcast on. Off by default (measured).
+    # scorer's item side once (core/serving/broadcast.py); only with broadcast on. Off by default (measured).
     dedup_items: bool = False
     max_candidates: int = Field(2000, ge=1)
     max_k: int = Field(1000, ge=1)

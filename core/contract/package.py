@@ -33,7 +33,7 @@ from torch._export.serde import serialize as serde
 from core.contract import spec as sp
 from core.contract.examples import example_arrays
 from core.contract.spec import ContractError, InputSpec
-from core.fsutil import commit_dir, staging_dir
+from core.storage.fsutil import commit_dir, staging_dir
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from core.fsutil import commit_dir, sha256_file, staging_dir
+from core.storage.fsutil import commit_dir, sha256_file, staging_dir
 from examples.movielens.features import FeatureSchema, schema_diff
 from examples.movielens.model import ModelConfig, TwoTower
 

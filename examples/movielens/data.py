@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from core.fsutil import sha256_file
+from core.storage.fsutil import sha256_file
 from examples.movielens.features import USERS_DATASET_SCHEMA, FeatureSchema, encode_item_rows
 
 log = logging.getLogger(__name__)

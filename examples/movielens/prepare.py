@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.datasets import split_table, write_dataset
+from core.storage.datasets import split_table, write_dataset
 from examples.movielens import data as movielens
 from examples.movielens import synthetic
 from examples.movielens.features import FeatureSchema

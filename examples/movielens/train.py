@@ -16,8 +16,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from core import datasets
 from core.contract.package import KIND as PACKAGE_KIND
+from core.storage import datasets
 from examples.movielens import checkpoint
 from examples.movielens.export import export
 from examples.movielens.features import FeatureSchema, schema_diff

@@ -15,7 +15,7 @@ from torch import nn
 
 from core.contract.package import write_package
 from core.contract.spec import InputSpec
-from core.datasets import split_table, write_dataset
+from core.storage.datasets import split_table, write_dataset
 
 DIM, CATEGORIES, VOCAB, DENSE, SEGMENTS = 16, 40, 1000, 8, 12
 ITEM_INPUTS = [

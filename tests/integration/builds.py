@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core import index as ann
-from core.build_dir import BuildDir
+from core.ann import index as ann
 from core.contract.package import read_manifest
-from core.registry import Registry
+from core.storage.build_dir import BuildDir
+from core.storage.registry import Registry
 
 
 def current_build(registry: Path) -> str:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from core.compact_body import ARROW_STREAM, encode_rows
-from core.datasets import read_table
+from core.serving.compact_body import ARROW_STREAM, encode_rows
+from core.storage.datasets import read_table
 from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
 
 ARROW = {"content-type": ARROW_STREAM}

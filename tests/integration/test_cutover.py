@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import compare as cmp
-from core.registry import POINTER, Registry
+from core.quality import compare as cmp
+from core.storage.registry import POINTER, Registry
 from examples.movielens.export import export_model
 from examples.movielens.features import FeatureSchema
 from examples.movielens.model import ModelConfig, TwoTower

@@ -9,12 +9,12 @@ import json
 import faiss
 import numpy as np
 
-from core import index as ann
-from core.build_dir import BuildDir
+from core.ann import index as ann
 from core.contract.package import read_manifest
-from core.datasets import read_table
-from core.live_build import load_build
-from core.registry import Registry
+from core.serving.live_build import load_build
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import read_table
+from core.storage.registry import Registry
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import run_module
 
@@ -47,7 +47,7 @@ def test_workers_run_on_pool_nodes_only_and_build_shards_on_both(ml_data, checkp
     assert m.index.layout == "sharded" and len(m.index.shards) == 4
     assert {s["node"] for s in m.index.shards} == nodes  # the manifest says where each shard was built
     assert set(m.parts["nodes"]) == nodes
-    # served (core.live_build, what every replica loads) vs ONE index over the same vectors, same setting
+    # served (core.serving.live_build, what every replica loads) vs ONE index over the same vectors, same setting
     live = load_build(reg.build_dir(build))
     bdir = BuildDir(reg.build_dir(build))
     one = ann.load(bdir.shard_index_path(0))

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from core.build_dir import BuildDir
 from core.contract.package import read_manifest
-from core.datasets import read_table, split_table, write_dataset
-from core.registry import POINTER, Registry
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import read_table, split_table, write_dataset
+from core.storage.registry import POINTER, Registry
 from examples.movielens.checkpoint import load_checkpoint
 from examples.movielens.export import export_model
 from examples.movielens.train import checkpoint_of

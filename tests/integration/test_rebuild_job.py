@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from core.build_dir import BuildDir
 from core.contract.package import read_manifest
-from core.datasets import read_table
-from core.rebuild import IndexOptions
-from core.registry import Registry
+from core.rebuild.build import IndexOptions
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import read_table
+from core.storage.registry import Registry
 from tests.conftest import REPO
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import ray_cli, rebuild, run_module, summary, wait_for

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from core.contract.package import read_manifest
-from core.datasets import read_table
+from core.storage.datasets import read_table
 from tests.integration.builds import current_build
 from tests.integration.conftest import rebuild, run_module, serve_deploy, summary, wait_for
 
@@ -406,8 +406,8 @@ def _features_reference(registry, build_id, user_id, history, items):
     import torch
 
     from core.contract.encode import rows_table
-    from core.live_build import load_build
-    from core.registry import Registry
+    from core.serving.live_build import load_build
+    from core.storage.registry import Registry
 
     b = load_build(Registry(registry).build_dir(build_id))
     u = b.feature_vectors(rows_table([{"user_id": user_id, "history": history}], b.model.user_inputs, {}))
@@ -571,9 +571,9 @@ def _replicas_report(serving, want) -> bool:
 def test_canary_routes_a_stable_share_of_users_under_load_then_abort_and_promote(
     ray_head, serving, ml_data, checkpoints
 ):
-    from core import canary
-    from core.live_build import load_build
-    from core.registry import Registry
+    from core.serving import canary
+    from core.serving.live_build import load_build
+    from core.storage.registry import Registry
 
     registry, build_a = serving["registry"], serving["build_a"]
     build_b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry))["build_id"]

@@ -13,8 +13,8 @@ import requests
 import torch
 
 from core.contract.towers import load_package
-from core.datasets import read_table
-from core.registry import Registry
+from core.storage.datasets import read_table
+from core.storage.registry import Registry
 from examples.shop import model as shop
 from tests.integration.conftest import rebuild, run_module, serve_deploy, summary, wait_for
 

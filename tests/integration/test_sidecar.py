@@ -17,11 +17,11 @@ import pytest
 import requests
 
 from core.contract.package import read_manifest
-from core.datasets import read_table, write_dataset
-from core.live_build import load_build
-from core.registry import Registry
-from core.sidecar import embed_items
-from core.sidecar_log import Position, SidecarLog, entry_problem
+from core.serving.live_build import load_build
+from core.serving.sidecar import embed_items
+from core.storage.datasets import read_table, write_dataset
+from core.storage.registry import Registry
+from core.storage.sidecar_log import Position, SidecarLog, entry_problem
 from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
 
 FRESH_ID = 9_000_001

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from core.contract.package import read_manifest
-from core.registry import Registry
+from core.storage.registry import Registry
 from tests.integration.conftest import rebuild, run_module, summary
 
 

@@ -11,18 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core import assemble as asm
-from core import index as ann
-from core import ivf_lists
-from core import shards as sh
-from core.build_dir import BuildDir
-from core.datasets import split_table, write_dataset
-from core.embed import Embedder, embeddings_to_numpy
-from core.live_build import load_build
-from core.rebuild import IndexOptions, build_and_publish, embed_settings, preflight
-from core.registry import Registry
-from core.validate import ValidationError
-from core.worker import LocalPool, Worker
+from core.ann import index as ann
+from core.ann import ivf_lists
+from core.rebuild import assemble as asm
+from core.rebuild import shards as sh
+from core.rebuild.build import IndexOptions, build_and_publish, embed_settings, preflight
+from core.rebuild.embed import Embedder, embeddings_to_numpy
+from core.rebuild.validate import ValidationError
+from core.rebuild.worker import LocalPool, Worker
+from core.serving.live_build import load_build
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import split_table, write_dataset
+from core.storage.registry import Registry
 from tests.unit.test_rebuild import Killed, _items, _users
 from tests.unit.tiny_build import make_checkpoint
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from core.compact_body import ARROW_STREAM
+from core.serving.compact_body import ARROW_STREAM
 from serve_app.bodies import parse_json_body
 from serve_app.schemas import ScoreBody
 

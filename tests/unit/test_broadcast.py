@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
-from core.live_build import load_build
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.serving.live_build import load_build
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 

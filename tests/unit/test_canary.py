@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from core import canary
-from core.registry import POINTER, PublishConflict, Registry, RegistryError
-from core.serving_state import ReplicaState, RetrieveQuery, retrieve
+from core.serving import canary
+from core.serving.serving_state import ReplicaState, RetrieveQuery, retrieve
+from core.storage.registry import POINTER, PublishConflict, Registry, RegistryError
 from tests.unit.test_registry import _build
 from tests.unit.tiny_build import make_build, make_checkpoint
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from core.cap import Histogram, counter_sum, parse_histogram, recommend
+from core.serving.cap import Histogram, counter_sum, parse_histogram, recommend
 from jobs import recommend_cap
 
 BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]

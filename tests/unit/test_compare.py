@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core import compare as cmp
-from core.live_build import load_build
+from core.quality import compare as cmp
+from core.serving.live_build import load_build
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 

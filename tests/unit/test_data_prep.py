@@ -1,7 +1,7 @@
 import pyarrow.compute as pc
 import pytest
 
-from core.datasets import read_dataset_manifest, read_table
+from core.storage.datasets import read_dataset_manifest, read_table
 from examples.movielens.features import FeatureSchema
 from examples.movielens.prepare import MovieLensConfig, SyntheticConfig, prepare_movielens, prepare_synthetic
 

@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from core import index as ann
-from core import ivf_lists
+from core.ann import index as ann
+from core.ann import ivf_lists
 
 
 def _data(n=20_000, d=32, seed=0):

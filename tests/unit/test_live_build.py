@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from core.build_dir import FORMAT_VERSION, BuildDir, BuildFormatError
-from core.live_build import BuildRefused, BuildWatcher, load_build
-from core.registry import Registry
+from core.serving.live_build import BuildRefused, BuildWatcher, load_build
+from core.storage.build_dir import FORMAT_VERSION, BuildDir, BuildFormatError
+from core.storage.registry import Registry
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 
@@ -22,7 +22,7 @@ def test_query_tower_of_another_version_is_refused(tmp_path):
 
 
 def test_query_tower_of_another_version_is_served_only_if_the_pair_passed_a_skew_check(tmp_path):
-    from core import skew_gate as skew
+    from core.quality import skew_gate as skew
 
     reg = tmp_path / "reg"
     ck_a, ck_b = make_checkpoint(tmp_path / "ck", seed=0), make_checkpoint(tmp_path / "ck", seed=1)

@@ -1,5 +1,5 @@
 """The Ray-free half of the rebuild, in-process: preflight, the gates, the embedder, and
-build_and_publish on an in-process worker pool (core.worker.LocalPool, the same calls the job's Ray
+build_and_publish on an in-process worker pool (core.rebuild.worker.LocalPool, the same calls the job's Ray
 actors get) with a crash injected at every phase (what `ray job stop`'s SIGKILL can interrupt)."""
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from core import compare as cmp
-from core import index as ann
-from core.build_dir import BuildDir
+from core.ann import index as ann
 from core.contract.package import read_manifest, write_package
 from core.contract.spec import ContractError
 from core.contract.towers import load_package
-from core.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dataset
-from core.embed import Embedder, embedding_table, embeddings_to_numpy
-from core.queries import mix, mix_positions
-from core.rebuild import (
+from core.quality import compare as cmp
+from core.rebuild.build import (
     NOT_COMPARED,
     CompareOptions,
     ComparisonRefused,
@@ -35,9 +31,13 @@ from core.rebuild import (
     preflight,
     query_sets,
 )
-from core.registry import POINTER, Registry
-from core.validate import ValidationError, check_embedded
-from core.worker import LocalPool, Worker
+from core.rebuild.embed import Embedder, embedding_table, embeddings_to_numpy
+from core.rebuild.queries import mix, mix_positions
+from core.rebuild.validate import ValidationError, check_embedded
+from core.rebuild.worker import LocalPool, Worker
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import DATASET_MANIFEST, DatasetError, split_table, write_dataset
+from core.storage.registry import POINTER, Registry
 from examples.movielens import export
 from examples.movielens.features import MOVIELENS_GENRES, USERS_DATASET_SCHEMA, encode_item_rows
 from examples.movielens.model import TwoTower

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import ray
 
-from core import parts
-from core import worker as core_worker
-from core.datasets import split_table, write_dataset
-from core.embed import Embedder, embeddings_to_numpy
-from core.rebuild import IndexOptions, embed_settings
+from core.rebuild import parts
+from core.rebuild import worker as core_worker
+from core.rebuild.build import IndexOptions, embed_settings
+from core.rebuild.embed import Embedder, embeddings_to_numpy
+from core.storage.datasets import split_table, write_dataset
 from examples.movielens.features import encode_item_rows
 from jobs import rebuild_index
 from jobs.common import lower_priority, run_main

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from core.build_dir import BuildDir
-from core.registry import POINTER, PublishConflict, Registry, RegistryError
+from core.storage.build_dir import BuildDir
+from core.storage.registry import POINTER, PublishConflict, Registry, RegistryError
 
 
 def _build(reg: Registry, build_id: str) -> str:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.broadcast import BroadcastConfig, ScoreRequest, score_batch
 from core.contract.encode import rows_table
-from core.live_build import load_build
-from core.registry import Registry
-from core.serving_state import ReplicaState, RetrieveQuery, retrieve
-from core.sidecar import embed_items
-from core.sidecar_log import SidecarLog
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.serving.live_build import load_build
+from core.serving.serving_state import ReplicaState, RetrieveQuery, retrieve
+from core.serving.sidecar import embed_items
+from core.storage.registry import Registry
+from core.storage.sidecar_log import SidecarLog
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 # An item as the tiny package's item tower declares it (item_id comes from the log entry's key)
@@ -43,7 +43,7 @@ def reg(tmp_path):
 @pytest.fixture
 def embedded(monkeypatch) -> list[int]:
     """Every item id the sidecar sends to a tower, in order."""
-    import core.sidecar as sc
+    import core.serving.sidecar as sc
 
     ids, real = [], sc.embed_items
     monkeypatch.setattr(
@@ -186,7 +186,7 @@ def test_table_and_feature_queries_in_one_batch_match_the_build(reg):
 def test_until_applied_says_when_the_replica_did_not_catch_up(reg):
     import asyncio
 
-    from core.sidecar_log import Position
+    from core.storage.sidecar_log import Position
 
     rs = ReplicaState(reg)
     rs.tick()
@@ -221,7 +221,7 @@ def test_a_compaction_does_not_re_embed_unchanged_items(reg, embedded):
 
 
 def test_an_item_that_fails_to_embed_is_retried_by_the_next_build(reg, monkeypatch):
-    import core.sidecar as sc
+    import core.serving.sidecar as sc
 
     real = sc.embed_items
 

@@ -2,11 +2,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core.build_dir import BuildDir
-from core.live_build import load_build
-from core.serving_state import RetrieveQuery, ServingState, retrieve
-from core.sidecar import Sidecar, embed_items
-from core.sidecar_log import SidecarFull, SidecarLog
+from core.serving.live_build import load_build
+from core.serving.serving_state import RetrieveQuery, ServingState, retrieve
+from core.serving.sidecar import Sidecar, embed_items
+from core.storage.build_dir import BuildDir
+from core.storage.sidecar_log import SidecarFull, SidecarLog
 from tests.unit.tiny_build import make_build, make_checkpoint
 
 # An item as the tiny package's item tower declares it (item_id comes from the log entry's key)
@@ -121,7 +121,7 @@ def test_upsert_identical_to_the_base_entry_is_folded(env, tmp_path):
 def _catalog(path, build, rows: list[dict]) -> list:
     """A catalog dataset of these rows (item_id and the declared columns), as a prepared one stores them."""
     from core.contract.encode import rows_table
-    from core.datasets import partition_files, write_dataset
+    from core.storage.datasets import partition_files, write_dataset
 
     specs = tuple(s for s in build.model.item_inputs if s.name != "item_id")
     write_dataset(path, [rows_table(rows, specs, {"item_id": pa.int64()})], kind="catalog", source={})
@@ -129,8 +129,8 @@ def _catalog(path, build, rows: list[dict]) -> list:
 
 
 def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env, tmp_path):
-    from core.registry import Registry
-    from core.sidecar import fold_into_base
+    from core.serving.sidecar import fold_into_base
+    from core.storage.registry import Registry
 
     reg, a, _ = env
     log = SidecarLog(reg)
@@ -148,8 +148,8 @@ def test_fold_into_base_drops_what_the_live_catalog_serves_and_frees_the_cap(env
 
 
 def test_a_rollback_restores_what_the_build_it_left_had_folded(env, tmp_path, capsys):
-    from core.registry import Registry
-    from core.sidecar import fold_into_base
+    from core.serving.sidecar import fold_into_base
+    from core.storage.registry import Registry
     from jobs import registry as cli
 
     reg, a, _ = env

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from core.sidecar_log import (
+from core.storage.sidecar_log import (
     COMPACT_FLOOR,
     COMPACT_RATIO,
     MAX_FIELD_NAME,
@@ -125,7 +125,7 @@ def test_log_stays_bounded_under_a_long_stream_of_updates(tmp_path):
 
 _CRASH = """
 import os, signal, sys
-from core.sidecar_log import SidecarLog, served_by_catalog
+from core.storage.sidecar_log import SidecarLog, served_by_catalog
 log = SidecarLog(sys.argv[1])
 log.compact(served_by_catalog({1: {"item_id": 1, "year_slot": 1}, 3: {"year_slot": 3}}), base_build="b9",
             before_replace=lambda tmp: os.kill(os.getpid(), signal.SIGKILL))

@@ -1,5 +1,5 @@
 """A small but real build directory (model package copy, faiss index, id tables), written without Ray
-through the build directory's owner (core.build_dir), as the rebuild writes it. The package is the
+through the build directory's owner (core.storage.build_dir), as the rebuild writes it. The package is the
 MovieLens example model at a tiny size, exported through the public contract."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core import index as ann
-from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
+from core.ann import index as ann
 from core.contract.package import read_manifest
+from core.storage.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from examples.movielens.export import export_model
 from examples.movielens.features import FeatureSchema
 from examples.movielens.model import ModelConfig, TwoTower

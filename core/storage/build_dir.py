@@ -8,8 +8,8 @@
     builds/<build_id>/shards/NNNNN.faiss    a sharded build's indexes instead of index.faiss (one per
                                             id range, manifest.index.shards; searched as one)
     builds/<build_id>/checkpoint/           the checkpoint copy: query tower travels with its index
-    (staging only) parts/, rebuild.json     committed embedded partitions (core.parts) and what they
-                                            were embedded from (core.rebuild): what --resume reuses
+    (staging only) parts/, rebuild.json     committed embedded partitions (core.rebuild.parts) and what they
+                                            were embedded from (core.rebuild.build): what --resume reuses
 
 Every other module (rebuild, serving, registry, jobs, tests, benchmarks) goes through `BuildDir` and
 `BuildManifest`; no file name or manifest key is spelled anywhere else.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core import index as ann
-from core.fsutil import write_json_atomic
+from core.ann import index as ann
+from core.storage.fsutil import write_json_atomic
 
 KIND = "skewless.build"
 # 2: user tables optional (a build without users is servable by history), quality.queries records
@@ -83,7 +83,9 @@ class IndexInfo:
     layout: str = "merged"  # "merged": index.faiss | "sharded": shards/NNNNN.faiss, one per entry below
     shards: tuple = ()  # per id range: shard, rows, id_lo, id_hi, row_offset, node, checkpoint_version
     kmeans_iters: int = 10  # the coarse quantizer's training (IVF)
-    refit: bool = False  # centroids moved to their lists' means after the add (core.index.refit_centroids)
+    refit: bool = (
+        False  # centroids moved to their lists' means after the add (core.ann.index.refit_centroids)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +97,13 @@ class BuildManifest:
     users: DatasetRef | None  # None: no user table; served by history only
     homogeneity: dict  # checkpoint_versions (exactly one), item_rows, user_rows
     index: IndexInfo
-    quality: dict  # recall gate: params, sweeps, held-out recall, which queries (core.index.build_tuned)
+    quality: dict  # recall gate: params, sweeps, held-out recall, which queries (core.ann.index.build_tuned)
     timings: dict
     skew_gate: dict | None
     run: dict
     based_on_seq: int
     parts: dict = dataclasses.field(default_factory=dict)  # embedded partitions: counts, reused
-    # the cut-over comparison with the build live when this one was built (core.compare): health,
+    # the cut-over comparison with the build live when this one was built (core.quality.compare): health,
     # overlap, held-out quality, verdict, forced; None when nothing was live or it was not run
     comparison: dict | None = None
 
@@ -178,12 +180,12 @@ class BuildDir:
 
     @property
     def parts_dir(self) -> Path:
-        """Staging only: the rebuild's committed embedded partitions (core.parts)."""
+        """Staging only: the rebuild's committed embedded partitions (core.rebuild.parts)."""
         return self.root / _PARTS_DIR
 
     @property
     def resume_path(self) -> Path:
-        """Staging only: what the staged parts were embedded from (core.rebuild.resume_record)."""
+        """Staging only: what the staged parts were embedded from (core.rebuild.build.resume_record)."""
         return self.root / _RESUME_FILE
 
     def shard_index_path(self, shard: int) -> Path:

@@ -28,7 +28,7 @@ def refit_centroids(indexes: list[faiss.Index], sums: np.ndarray, counts: np.nda
     """Move every list's centroid to the (unit-norm) mean of the vectors the add put in it, in each of
     `indexes` (shards of one trained index). The vectors stay where they are: only which lists a query
     probes changes, never the scores it gets, and the recall gate measures the result. One full-data
-    centroid step gives back what a k-means cut short on a sample loses (core.index.prior_spec)."""
+    centroid step gives back what a k-means cut short on a sample loses (core.ann.index.prior_spec)."""
     q = faiss.downcast_index(faiss.extract_index_ivf(indexes[0]).quantizer)
     cents = q.reconstruct_n(0, q.ntotal)
     norms = np.linalg.norm(sums, axis=1)

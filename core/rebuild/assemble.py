@@ -1,4 +1,4 @@
-"""The rebuild's distributed middle, driven through a worker pool (core.worker): embed every partition,
+"""The rebuild's distributed middle, driven through a worker pool (core.rebuild.worker): embed every partition,
 gate, write the id-sorted tables, train once, add shards, tune the search setting where the shards
 live, and write the index merged or as shards.
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core import index as ann
-from core import parts as partmod
-from core import shards as sh
-from core.build_dir import BuildDir
-from core.validate import ValidationError
+from core.ann import index as ann
+from core.rebuild import parts as partmod
+from core.rebuild import shards as sh
+from core.rebuild.validate import ValidationError
+from core.storage.build_dir import BuildDir
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from core.live_build import LiveBuild
+from core.serving.live_build import LiveBuild
 
 POLICIES = ("split", "reject", "fallback")
 # Items are gathered once only when this share of rows or fewer are unique items: a batch with little

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from core.fsutil import locked, write_bytes_atomic
+from core.storage.fsutil import locked, write_bytes_atomic
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # An item is the item tower's declared columns (validated against the live build's package where it is

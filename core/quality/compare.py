@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.datasets import SEEN_COLUMN, partition_files
-from core.live_build import LiveBuild
-from core.queries import mix, mix_positions
+from core.rebuild.queries import mix, mix_positions
+from core.serving.live_build import LiveBuild
+from core.storage.datasets import SEEN_COLUMN, partition_files
 
 # Two vectors at cosine >= this are the same point for retrieval: their scores against any unit
 # query differ by at most sqrt(2 * (1 - 0.99)) ~= 0.14 of the score range.

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.embed import embeddings_to_numpy
+from core.rebuild.embed import embeddings_to_numpy
 
 
 class ValidationError(ValueError):

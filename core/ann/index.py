@@ -16,7 +16,7 @@ import time
 import faiss
 import numpy as np
 
-from core import ivf_lists
+from core.ann import ivf_lists
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class IndexSpec:
     factory: str
     train_sample: int  # 0 = no training
     kmeans_iters: int = 10  # of the coarse quantizer (faiss' default)
-    refit: bool = False  # IVF: centroids moved to their lists' means after the add (core.ivf_lists)
+    refit: bool = False  # IVF: centroids moved to their lists' means after the add (core.ann.ivf_lists)
 
 
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -83,7 +83,7 @@ def ivf_spec(
 ) -> IndexSpec:  # fmt: skip
     """IVF with ~lists_per_sqrt_n * sqrt(n) lists (a power of 2, or step x a power of 2), or exactly
     `nlist` if given, its k-means run `iters` times over `per_list` points per list; `codes` "Flat"
-    (float32) or "SQfp16" (half the bytes per vector, scored exactly afterwards: `core.ivf_lists.rescore`)."""
+    (float32) or "SQfp16" (half the bytes per vector, scored exactly afterwards: `core.ann.ivf_lists.rescore`)."""
     nlist = nlist or _lists(lists_per_sqrt_n * math.sqrt(max(n, 1)), steps)
     # 64 training points per list: within faiss' 39-256 guidance and 3-4x faster than training on all.
     sample = min(n, per_list * nlist)

@@ -4,8 +4,8 @@ from the index's version, for every pair of packages of one family.
 cell (q, i) = users embedded by package q's user tower, items by package i's item tower.
 Recall@K is measured on held-out interactions; overlap@K against the matched-version retrieval (i, i).
 A family passes when every off-diagonal cell's relative recall drop stays within a threshold. Results
-live in the registry (`skew/<family>/<check_id>.json`, written by `core.skew_gate`) and gate publishing
-and serving; serving only reads verdicts through `core.skew_gate`.
+live in the registry (`skew/<family>/<check_id>.json`, written by `core.quality.skew_gate`) and gate publishing
+and serving; serving only reads verdicts through `core.quality.skew_gate`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from core.contract.towers import ModelPackage
-from core.datasets import SEEN_COLUMN
+from core.storage.datasets import SEEN_COLUMN
 
 
 def _seen_rows(users: pa.Table, row_of: dict[int, int]) -> list[list[int]]:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.validate import check_embedded
+from core.rebuild.validate import check_embedded
 
 _IDS, _VECTORS, _RECORD = "ids.npy", "vectors.npy", "part.json"
 # Ids sampled evenly from every part: the driver places shard boundaries by them when the parts'
@@ -94,7 +94,7 @@ def reusable(parts: Path, task: PartTask, settings: EmbedSettings) -> dict | Non
 
 
 def embed_part(embedder, task: PartTask, parts: Path, settings: EmbedSettings, node: str) -> dict:
-    """Embed one partition file, gate it and commit it; returns its record. `embedder`: core.embed.Embedder
+    """Embed one partition file, gate it and commit it; returns its record. `embedder`: core.rebuild.embed.Embedder
     (its `items`/`users` turn an Arrow batch into an embedding table stamped with its package version)."""
     t0 = time.perf_counter()
     columns = embedder.columns(task.what)

@@ -1,7 +1,7 @@
 """The persisted half of the version-skew check: verdicts, their storage in the registry, and the gates
 that read them (publishing a checkpoint, serving a query tower against another version's index).
 
-Plain numpy and JSON: serving imports this, never the evaluation in `core.skew` (which trains nothing
+Plain numpy and JSON: serving imports this, never the evaluation in `core.quality.skew` (which trains nothing
 but imports the training loop's embedding helpers).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.fsutil import write_json_atomic
+from core.storage.fsutil import write_json_atomic
 
 
 def judge(result: dict, max_relative_drop: float) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.fsutil import commit_dir, sha256_file, staging_dir
+from core.storage.fsutil import commit_dir, sha256_file, staging_dir
 
 DATASET_MANIFEST = "_dataset.json"
 # An optional list column of a users dataset: the items each user has already seen, left out of their
@@ -90,7 +90,7 @@ def read_dataset_manifest(path: Path, kind: str) -> dict:
     mf = path / DATASET_MANIFEST
     if not mf.is_file():
         raise DatasetError(
-            f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (write it with core.datasets.write_dataset)"
+            f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (write it with core.storage.datasets.write_dataset)"
         )
     manifest = json.loads(mf.read_text())
     if manifest.get("kind") != kind:

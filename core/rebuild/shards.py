@@ -15,9 +15,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from core import index as ann
-from core import parts as partmod
-from core.validate import ValidationError
+from core.ann import index as ann
+from core.rebuild import parts as partmod
+from core.rebuild.validate import ValidationError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from core import canary as canary_mod
-from core import skew_gate
-from core.live_build import BuildWatcher, LiveBuild
-from core.sidecar import Sidecar, SidecarSnapshot, merge_topk
-from core.sidecar_log import Position, SidecarLog
+from core.quality import skew_gate
+from core.serving import canary as canary_mod
+from core.serving.live_build import BuildWatcher, LiveBuild
+from core.serving.sidecar import Sidecar, SidecarSnapshot, merge_topk
+from core.storage.sidecar_log import Position, SidecarLog
 
 log = logging.getLogger(__name__)
 

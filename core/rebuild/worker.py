@@ -3,7 +3,7 @@
 A `Worker` holds ONE checkpoint (loaded once) and, after the add, the shard indexes it built, so the
 search-parameter tuning can query every shard where it lives. jobs.rebuild_index runs one Worker per
 Ray actor (`RayPool`); the unit tests run them in-process (`LocalPool`). Both pools hand out the same
-calls, so the rebuild's orchestration (core.rebuild) is the same code with or without Ray.
+calls, so the rebuild's orchestration (core.rebuild.build) is the same code with or without Ray.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from core import index as ann
-from core import ivf_lists
-from core import parts as partmod
-from core import shards as sh
-from core.embed import Embedder
+from core.ann import index as ann
+from core.ann import ivf_lists
+from core.rebuild import parts as partmod
+from core.rebuild import shards as sh
+from core.rebuild.embed import Embedder
 
 
 class Worker:
@@ -159,7 +159,7 @@ class Worker:
 
     def build_small(self, table: tuple[str, str], xq_tune, xq_hold, opts, out: str) -> tuple:
         """The whole (small) catalog in this worker: every candidate family built and measured
-        (core.index.build_tuned), the winner written to `out`."""
+        (core.ann.index.build_tuned), the winner written to `out`."""
         ids, x = np.load(table[0], mmap_mode="r"), np.load(table[1], mmap_mode="r")
         idx, spec, quality, timings = ann.build_tuned(
             np.array(x),

@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from core.build_dir import BuildDir, BuildManifest
-from core.fsutil import locked, write_json_atomic
+from core.storage.build_dir import BuildDir, BuildManifest
+from core.storage.fsutil import locked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Pointer:
     seq: int
     stack: tuple[str, ...]  # live builds, oldest first; stack[-1] == build_id
     log: tuple[dict, ...]
-    canary: str | None = None  # a build serving `percent` % of users (core.canary routes them)
+    canary: str | None = None  # a build serving `percent` % of users (core.serving.canary routes them)
     percent: float = 0.0
 
     def to_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """Fresh-item sidecar, replica side: items created, changed or deleted since the live base build.
 
-Each replica tails the durable log (`core.sidecar_log`) and embeds upserts with its LIVE build's own
+Each replica tails the durable log (`core.storage.sidecar_log`) and embeds upserts with its LIVE build's own
 item tower, so the served index plus sidecar is still one checkpoint version. Each entry is embedded
 once per build: new entries as they arrive, every entry again (once) when the replica moves to another
 build. An upsert whose vector equals the base's vector for that id is folded (the base already serves
@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from core.contract.encode import rows_table
-from core.live_build import LiveBuild
-from core.registry import Registry
-from core.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
+from core.serving.live_build import LiveBuild
+from core.storage.registry import Registry
+from core.storage.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from core import index as ann
-from core import ivf_lists, skew_gate
-from core.build_dir import BuildDir, BuildManifest
+from core.ann import index as ann
+from core.ann import ivf_lists
 from core.contract.towers import ModelPackage, load_package
-from core.registry import Registry
+from core.quality import skew_gate
+from core.storage.build_dir import BuildDir, BuildManifest
+from core.storage.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """The Ray-free half of an index rebuild: checks before embedding, then gates, index, publish.
 
     preflight()          -> verify checkpoint, catalog/users datasets, schemas, columns, counts
-    build_and_publish()  -> on a worker pool (core.worker; Ray actors in jobs.rebuild_index): embed
+    build_and_publish()  -> on a worker pool (core.rebuild.worker; Ray actors in jobs.rebuild_index): embed
                             every partition (reusing committed ones on --resume), gate, assemble and
-                            tune the index (core.assemble) on user-tower queries (the users', else
-                            item mixtures'), compare with the live build (core.compare), then
+                            tune the index (core.rebuild.assemble) on user-tower queries (the users', else
+                            item mixtures'), compare with the live build (core.quality.compare), then
                             commit and publish
 
 `on_phase(name)` is called after each step; tests use it to crash the process at known points.
@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from core import assemble as asm
-from core import compare as cmp
-from core import parts
-from core.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.contract.check import check_schema
 from core.contract.towers import ModelPackage, load_package
-from core.datasets import DatasetError, partition_files, read_dataset_manifest
-from core.fsutil import commit_dir
-from core.live_build import load_build
-from core.queries import mix, mix_positions
-from core.registry import Registry
-from core.validate import ValidationError
+from core.quality import compare as cmp
+from core.rebuild import assemble as asm
+from core.rebuild import parts
+from core.rebuild.queries import mix, mix_positions
+from core.rebuild.validate import ValidationError
+from core.serving.live_build import load_build
+from core.storage.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
+from core.storage.datasets import DatasetError, partition_files, read_dataset_manifest
+from core.storage.fsutil import commit_dir
+from core.storage.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,15 @@ class IndexOptions:
     # split evenly into tuning and held-out queries, both of which the chosen setting must pass
     max_queries: int = 4000
     seed: int = 0
-    layout: str = "auto"  # core.assemble.LAYOUTS
+    layout: str = "auto"  # core.rebuild.assemble.LAYOUTS
     memory_budget: int = 4 << 30  # bytes one process may hold of the index (auto layout, shard size)
     shards: int = 0  # 0: from the budget and the number of workers
-    nlist: int = 0  # IVF lists; 0: from the catalog size (core.index.prior_spec / choose_spec)
+    nlist: int = 0  # IVF lists; 0: from the catalog size (core.ann.index.prior_spec / choose_spec)
 
 
 @dataclasses.dataclass(frozen=True)
 class CompareOptions:
-    """The cut-over gate against the live build (core.compare): on unless `enabled` is False."""
+    """The cut-over gate against the live build (core.quality.compare): on unless `enabled` is False."""
 
     enabled: bool = True
     limits: cmp.Limits = cmp.Limits()
@@ -205,7 +205,7 @@ def build_and_publish(
     compare: CompareOptions = CompareOptions(),
 ) -> BuildManifest:
     """Embed (reusing committed parts), gate, assemble, tune, commit and publish; returns the manifest.
-    Raises before anything is published if a gate fails. `pool`: core.worker.Pool; `share`: puts a large
+    Raises before anything is published if a gate fails. `pool`: core.rebuild.worker.Pool; `share`: puts a large
     argument where every worker reads it once (Ray's object store; identity in-process)."""
     phase = on_phase or (lambda _name: None)
     ck = inputs.package
@@ -366,7 +366,7 @@ NOT_COMPARED = "--no-compare: not compared with the live build, quality floor no
 
 
 def _floor(inputs: Inputs, new, users: cmp.EvalUsers, k: int) -> dict:
-    """The quality floor of the new build (core.compare.quality_floor), popularity counted from the
+    """The quality floor of the new build (core.quality.compare.quality_floor), popularity counted from the
     users dataset's seen items; not checked without held-out data."""
     popularity = None
     if users.relevant is not None and inputs.user_files:

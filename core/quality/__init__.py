@@ -1,0 +1,1 @@
+"""Is a build fit to serve: the comparison gate and quality floor, and the version-skew check."""
