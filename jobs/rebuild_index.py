@@ -29,6 +29,7 @@ from pathlib import Path
 import ray
 
 from core.ann import index as ann
+from core.contract.spec import ContractError
 from core.quality import compare as cmp
 from core.quality import skew_gate
 from core.rebuild import assemble as asm
@@ -177,8 +178,8 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
                    "committed": True, "comparison": e.comparison}  # fmt: skip
         print("SUMMARY " + json.dumps(summary), flush=True)
         raise
-    except (ValidationError, DatasetError):
-        # a refused build: resuming cannot change the verdict, so nothing of it is kept
+    except (ValidationError, DatasetError, ContractError):
+        # a refused build (a gate, a dataset, or data that breaks the package's declared inputs): resuming cannot change the verdict, so nothing of it is kept
         shutil.rmtree(staging, ignore_errors=True)
         raise
     except BaseException:
@@ -189,7 +190,13 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     # frees their slots under the cap. A failure here leaves the log as it was (`jobs.registry
     # sidecar-fold` redoes it); it never un-publishes the build.
     try:
-        folded = fold_into_base(cfg.registry, build_id, inputs.catalog_files, inputs.package.manifest.item_id)
+        folded = fold_into_base(
+            cfg.registry,
+            build_id,
+            inputs.catalog_files,
+            inputs.package.manifest.item_id,
+            inputs.package.item_inputs,
+        )
     except Exception as e:  # noqa: BLE001 - the build is live; folding is housekeeping
         log.error(
             "build %s is live but folding the sidecar into it failed: %s: %s", build_id, type(e).__name__, e

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from core.contract.encode import rows_table
+from core.contract.encode import rows_table, table_arrays
+from core.contract.spec import ContractError, InputSpec
 from core.serving.live_build import LiveBuild
 from core.storage.registry import Registry
 from core.storage.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
@@ -178,11 +179,18 @@ def catalog_rows(
 
 
 def fold_into_base(
-    registry: Path, build_id: str, catalog_files: list[Path], id_column: str = "item_id", before_replace=None
+    registry: Path,
+    build_id: str,
+    catalog_files: list[Path],
+    id_column: str = "item_id",
+    item_inputs: tuple[InputSpec, ...] | None = None,
+    before_replace=None,
 ) -> dict:
     """After `build_id` went live: drop from the sidecar log the entries its catalog already serves
-    (same raw features; deletes of ids it no longer holds), archived, so they stop counting against
-    the cap. Nothing is dropped unless `build_id` is still the live build when the log is rewritten."""
+    (same features; deletes of ids it no longer holds) and, given the live package's `item_inputs`,
+    the upserts that package cannot embed (no replica applies them: they were skipped and counted),
+    archived, so they stop counting against the cap. Nothing is dropped unless `build_id` is still
+    the live build when the log is rewritten."""
     log = SidecarLog(registry)
     if not log.path.exists():
         return {"folded": 0, "kept": 0}
@@ -192,10 +200,24 @@ def fold_into_base(
             return [False] * len(entries)  # another build went live meanwhile: it decides, not this one
         fields = sorted({k for e in entries if e["op"] == "upsert" for k in e["item"]})
         rows = catalog_rows(catalog_files, sorted({int(e["item_id"]) for e in entries}), fields, id_column)
-        return served_by_catalog(rows)(entries)
+        done = served_by_catalog(rows)(entries)
+        if item_inputs is None:
+            return done
+        return [d or (e["op"] == "upsert" and not embeddable(e, item_inputs, id_column))
+                for d, e in zip(done, entries, strict=True)]  # fmt: skip
 
     stats = log.compact(served, base_build=build_id, before_replace=before_replace)
     return {"folded": stats["served"], "kept": stats["kept"], "generation": stats["generation"]}
+
+
+def embeddable(entry: dict, item_inputs: tuple[InputSpec, ...], id_column: str) -> bool:
+    """Whether an upsert's features pass the package's validation (what its item tower would read)."""
+    try:
+        row = entry["item"] | {id_column: int(entry["item_id"])}
+        table_arrays(rows_table([row], item_inputs, {}), item_inputs, "sidecar item")
+    except (ContractError, ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def merge_topk(

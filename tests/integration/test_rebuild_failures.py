@@ -14,6 +14,7 @@ from core.storage.datasets import read_table, split_table, write_dataset
 from core.storage.registry import POINTER, Registry
 from examples.movielens.checkpoint import load_checkpoint
 from examples.movielens.export import export_model
+from examples.movielens.features import bucket_ids
 from examples.movielens.train import checkpoint_of
 from tests.integration.builds import check_build, current_build
 from tests.integration.conftest import rebuild, run_module, summary
@@ -79,11 +80,18 @@ def _corrupt_copy(package, tmp_path):
     return bad
 
 
-def _nan_checkpoint(package, tmp_path):
-    """The package's model with a NaN in its item tower: every item vector is NaN."""
+def _nan_checkpoint(package, tmp_path, ml_data=None):
+    """The package's model with NaN in its item tower: in the id-embedding rows of five catalog items
+    (their vectors are NaN, the rest are fine: the gate names them), else in a bias (every vector is
+    NaN: the package's own trial batch refuses it before any partition is embedded)."""
     ck = load_checkpoint(checkpoint_of(package, tmp_path))
+    tower = ck.model.item_tower
     with torch.no_grad():
-        ck.model.item_tower.mlp[-1].bias[0] = float("nan")
+        if ml_data is None:
+            tower.mlp[-1].bias[0] = float("nan")
+        else:
+            ids = read_table(ml_data / "catalog")["item_id"].to_numpy()[:5]
+            tower.id_emb.weight[torch.from_numpy(bucket_ids(ids, ck.schema.item_id_buckets))] = float("nan")
     return export_model(ck.model, tmp_path / "nan", family="ml-two-tower", metadata={})
 
 
@@ -127,8 +135,12 @@ BAD_INPUTS = {
         "column 'genre_ids': expected list of int64 (at most 21) in [0, 21), found value 999 outside [0, 21)",
     ),
     "NaN embeddings": (
-        lambda ck, ml, tmp: (_nan_checkpoint(ck, tmp), ml / "catalog"),
+        lambda ck, ml, tmp: (_nan_checkpoint(ck, tmp, ml), ml / "catalog"),
         "vectors contain NaN or infinity",
+    ),
+    "a package that embeds to NaN": (
+        lambda ck, ml, tmp: (_nan_checkpoint(ck, tmp), ml / "catalog"),
+        "item tower gives (2, 64) (finite: False) for 2 rows",
     ),
 }
 
@@ -155,7 +167,7 @@ def test_bad_input_exits_nonzero_names_the_problem_and_publishes_nothing(
 def test_nan_vectors_are_reported_with_example_ids(live, ray_head, ml_data, checkpoints, tmp_path):
     p = rebuild(
         ray_head,
-        _nan_checkpoint(checkpoints[0], tmp_path),
+        _nan_checkpoint(checkpoints[0], tmp_path, ml_data),
         ml_data / "catalog",
         live["registry"],
         "--no-users",

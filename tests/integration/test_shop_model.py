@@ -137,6 +137,9 @@ def test_a_sidecar_item_with_the_models_features_is_served(shop_world):
 
     body = wait_for(served, 30, "the sidecar item in the top-3 of the user whose top-1 it copies")
     assert body["sources"][body["item_ids"].index(new_id)] == "sidecar"
+    r = requests.delete(f"{w['base']}/shop-on/items/{new_id}", headers=AUTH, timeout=30)
+    assert r.status_code in (200, 202), r.text
+    wait_for(lambda: not served(), 30, "the deleted sidecar item gone")  # the next tests see the base alone
 
 
 @pytest.mark.parametrize(

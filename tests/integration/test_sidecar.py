@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from core.contract.package import read_manifest
+from core.contract.towers import load_package
 from core.serving.live_build import load_build
-from core.serving.sidecar import embed_items
+from core.serving.sidecar import embed_items, embeddable
 from core.storage.datasets import read_table, write_dataset
 from core.storage.registry import Registry
 from core.storage.sidecar_log import Position, SidecarLog, entry_problem
@@ -77,14 +78,16 @@ def _retrieve(app, user, k=50):
     return r.json()
 
 
-def _relevant_user(app, item: dict) -> int:
+def _relevant_user(app, item: dict) -> tuple[int, int]:
     """The user for whom this item ranks highest against the base catalog (by the live build's own
-    towers): a user whose history makes it relevant."""
+    towers), and a top-k depth that holds it: (user id, k). A twin under a new id embeds apart from
+    its original (the id is a tower input), so its best rank is not always in the first few."""
     b = load_build(Registry(app["registry"]).build_dir(app["build_a"]))
     v = embed_items(b, [item])[0]
     u = np.asarray(b.user_emb)  # (U, D)
     rank = ((u @ np.asarray(b.item_emb).T) > (u @ v)[:, None]).sum(axis=1)  # base items scoring above it
-    return int(b.user_ids[int(np.argmin(rank))])
+    best = int(np.argmin(rank))
+    return int(b.user_ids[best]), max(50, int(rank[best]) + 10)
 
 
 def _twin_of_top_item(app, user) -> dict:
@@ -107,7 +110,7 @@ def _all_replicas(app, path, n=2, tries=60):
 
 def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
     item = _twin_of_top_item(app, app["users"][0])
-    user = _relevant_user(app, item)
+    user, k = _relevant_user(app, item)
     r = requests.post(f"{app['base']}/items", json={"items": [item]}, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
     t0 = time.monotonic()
@@ -123,7 +126,7 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
     # every answer checked, in runs of 6 (the router may send a short run to one replica only; an
     # answer checked after the wait could come from the other, which had not ticked yet)
     wait_for(
-        lambda: all(from_sidecar(_retrieve(app, user)) for _ in range(6)),
+        lambda: all(from_sidecar(_retrieve(app, user, k)) for _ in range(6)),
         1.0,
         "the fresh item, from the sidecar, on every replica",
         interval_s=0.05,
@@ -133,7 +136,7 @@ def test_upsert_is_retrieved_within_a_second_then_delete_removes_it(app):
     r = requests.delete(f"{app['base']}/items/{FRESH_ID}", headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
     wait_for(
-        lambda: all(FRESH_ID not in _retrieve(app, user)["item_ids"] for _ in range(6)),
+        lambda: all(FRESH_ID not in _retrieve(app, user, k)["item_ids"] for _ in range(6)),
         1.0,
         "the deleted item to vanish",
         interval_s=0.05,
@@ -305,7 +308,10 @@ def test_a_rebuild_whose_catalog_holds_the_sidecar_items_folds_them_and_frees_th
     for e in log.read(Position()).entries:
         if entry_problem(e) is None:
             latest[e["item_id"]] = e["item"] if e["op"] == "upsert" else None
-    latest = {i: it for i, it in latest.items() if it is not None}
+    # what the live package can embed; the rest (the poisoned entries above) the fold archives too
+    inputs = load_package(checkpoints[0]).item_inputs
+    latest = {i: it for i, it in latest.items() if it is not None and embeddable(
+        {"item_id": i, "item": it}, inputs, "item_id")}  # fmt: skip
     base = read_table(ml_data / "catalog")
     fresh = pa.Table.from_pylist([{**it, "item_id": i} for i, it in latest.items()], schema=base.schema)
     catalog = tmp_path / "movielens-next" / "catalog"
