@@ -52,6 +52,7 @@ from core.contract.spec import ContractError
 from core.serving.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.serving.compact_body import ARROW_STREAM, BodyError, decode_rows
 from core.serving.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
+from core.serving.sidecar import embeddable
 from core.storage.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
 from serve_app import features
 from serve_app.auth import AdminAuth
@@ -150,6 +151,7 @@ class Recommender:
             "need the admin token" if self.auth.enabled else "are off",
         )
         self._user_buf: np.ndarray | None = None
+        self._slot_cache: dict[tuple, bool] = {}  # (package version, item id, logged at) -> takes a slot
         self.totals: collections.Counter = collections.Counter()  # this replica's counters, for GET /stats
         for batched in (self._score_batch, self._retrieve_batch):
             batched.set_max_batch_size(self.args.max_batch_size)
@@ -443,9 +445,27 @@ class Recommender:
             return e
 
     # ---- fresh-item sidecar ----------------------------------------------------------------------
+    def _takes_a_slot(self):
+        """A logged upsert takes a sidecar slot unless the live package cannot embed it (a poisoned
+        entry, skipped by every replica): judged once per entry and package version."""
+        m = self._state().build.model
+        id_column, cache = m.manifest.item_id, self._slot_cache
+
+        def counts(entry: dict) -> bool:
+            key = (m.version, int(entry["item_id"]), entry.get("at"))
+            if key not in cache:
+                if len(cache) > 4 * self.args.max_sidecar_items:
+                    cache.clear()
+                cache[key] = embeddable(entry, m.item_inputs, id_column)
+            return cache[key]
+
+        return counts
+
     async def _write_sidecar(self, entries: list[dict], op: str) -> tuple[Position, bool]:
         try:
-            pos = await asyncio.to_thread(self.sidecar_log.write, entries, self.args.max_sidecar_items)
+            pos = await asyncio.to_thread(
+                self.sidecar_log.write, entries, self.args.max_sidecar_items, self._takes_a_slot()
+            )
         except SidecarFull as e:
             self.metrics.error(507)
             raise HTTPException(507, str(e)) from None

@@ -151,16 +151,19 @@ class SidecarLog:
     def live_upserts(self) -> int:
         return sum(1 for e in self._view.values() if e["op"] == "upsert")
 
-    def write(self, entries: list[dict], max_items: int) -> Position:
+    def write(
+        self, entries: list[dict], max_items: int, counts: Callable[[dict], bool] | None = None
+    ) -> Position:
         """Append upserts/deletes unless that would take the sidecar past `max_items` upserted ids;
         returns the position that includes them. Checked under the lock against the writer's view,
-        which reads only what was appended since this writer last looked."""
+        which reads only what was appended since this writer last looked. `counts(entry)`: whether a
+        logged upsert takes a slot (an entry the live model cannot embed serves nothing, so it does not)."""
         bad = [p for p in map(entry_problem, entries) if p]
         if bad:
             raise ValueError(f"refusing to log {len(bad)} malformed entries, e.g. {bad[0]}")
         with self.locked():
             self._catch_up()
-            live = {i for i, e in self._view.items() if e["op"] == "upsert"}
+            live = {i for i, e in self._view.items() if e["op"] == "upsert" and (counts is None or counts(e))}
             new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
             if len(live) + len(new_ids) > max_items:
                 raise SidecarFull(
