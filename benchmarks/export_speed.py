@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.contract.encode import rows_table
 from core.contract.towers import load_package
 from examples.movielens import export, synthetic
 from examples.movielens.checkpoint import load_checkpoint, save_checkpoint
@@ -39,6 +40,7 @@ def measure(repeats: int, threads: int) -> dict:
     s = ck.schema
     cat = next(synthetic.catalog_chunks(8192, 1, s))
     users = next(synthetic.user_chunks(8192, 8192, 1))
+    rows8 = users.slice(0, 8).select(["user_id", "history"]).to_pylist()
     cases = {
         "items x8192 (rebuild batch)": (lambda: item_vectors(ck.model.item_tower, cat, s), lambda: m.item_vectors(cat)),
         "items x32 (sidecar)": (lambda: item_vectors(ck.model.item_tower, cat.slice(0, 32), s),
@@ -49,6 +51,12 @@ def measure(repeats: int, threads: int) -> dict:
         "users x8 (history users per serving batch)": (
             lambda: user_vectors(ck.model.user_tower, users["user_id"].to_numpy()[:8], users["history"][:8], s),
             lambda: m.user_vectors(users.slice(0, 8))),
+        # what a serving batch does with 8 users sent in JSON: before, ids + histories as numpy arrays into
+        # the eager tower; now, the features rows into an Arrow table (rows_table), validated, the program
+        "users x8 from JSON rows (serving path)": (
+            lambda: user_vectors(ck.model.user_tower, np.array([r["user_id"] for r in rows8], np.int64),
+                                 [np.asarray(r["history"], np.int64) for r in rows8], s),
+            lambda: m.user_vectors(rows_table(rows8, m.user_inputs, {}))),
     }  # fmt: skip
     out = {}
     for name, (eager, exported) in cases.items():

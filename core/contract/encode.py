@@ -114,10 +114,19 @@ def arrow_type(spec: InputSpec) -> pa.DataType:
     return value if spec.shape == "scalar" else pa.list_(value)
 
 
+def _has_float(v) -> bool:
+    if isinstance(v, list):
+        return any(_has_float(x) for x in v)
+    return isinstance(v, float)
+
+
 def rows_table(rows: list[dict], inputs: tuple[InputSpec, ...], extra: dict[str, pa.DataType]) -> pa.Table:
     """JSON-like rows (already type-checked at the boundary) -> an Arrow table of the declared columns
     plus `extra` (e.g. the id column). Values that do not convert are reported per column."""
     cols = {}
+    for s in inputs:  # Arrow would truncate 1.5 into an int64 column without a word
+        if s.dtype == "int64" and any(_has_float(r.get(s.name)) for r in rows):
+            raise ContractError(f"column {s.name!r}: expected {s.describe()}, found a non-integer number")
     for name, typ in [*extra.items(), *((s.name, arrow_type(s)) for s in inputs)]:
         try:
             cols[name] = pa.array([r.get(name) for r in rows], type=typ)

@@ -598,9 +598,13 @@ def test_canary_routes_a_stable_share_of_users_under_load_then_abort_and_promote
             assert b["build_id"] == r.headers["x-skewless-build"]
             log.append((time.monotonic(), u, b["build_id"], r.headers["x-skewless-replica"], b["item_ids"]))
 
-    def window(seconds: float) -> list:
+    def window(seconds: float, users: int = 0) -> list:
+        """What was answered from now on: `seconds` of it, or until `users` distinct users (at most 60 s),
+        so a slower machine still sees enough users for the share to mean something."""
         t0 = time.monotonic()
         time.sleep(seconds)
+        while len({x[1] for x in log if x[0] >= t0}) <= users and time.monotonic() - t0 < 60:
+            time.sleep(0.5)
         return [x for x in log if x[0] >= t0]
 
     def registry_cmd(*args):
@@ -613,7 +617,7 @@ def test_canary_routes_a_stable_share_of_users_under_load_then_abort_and_promote
         registry_cmd("canary", build_b, "--percent", "10")
         wait_for(lambda: _replicas_report(serving, lambda v: (v["canary"] or {}).get("percent") == 10.0), 60,
                  "both replicas to serve the canary")  # fmt: skip
-        during = window(12)
+        during = window(12, users=450)
         registry_cmd("abort")
         wait_for(lambda: _replicas_report(serving, lambda v: v["canary"] is None), 60, "the canary to end")
         aborted = window(4)

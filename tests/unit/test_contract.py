@@ -204,3 +204,11 @@ def test_validate_package_command_exits_2_naming_the_column(tmp_path, shop_pkg):
     assert bad.returncode == 2
     failed = [line for line in bad.stderr.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "['category', 'price', 'dense', 'tokens']" in failed[0], bad.stderr
+
+
+def test_rows_from_json_refuse_a_float_where_an_int_is_declared():
+    """Arrow would truncate 1.5 into an int64 column; a sidecar entry or request row never gets there."""
+    tokens = InputSpec("tokens", "int64", "ragged", max_len=4, vocab=10)
+    with pytest.raises(ContractError, match="'tokens'.*non-integer"):
+        encode.rows_table([{"tokens": [1, 1.5]}], (tokens,), {})
+    assert encode.rows_table([{"tokens": [1, 2]}], (tokens,), {})["tokens"].to_pylist() == [[1, 2]]
