@@ -76,8 +76,10 @@ def measure(repeats: int, threads: int) -> dict:
             "exported_over_eager": round(float(np.median(r)), 3),
             "ratio_iqr": [round(float(lo), 3), round(float(hi), 3)],
         }
-        print(f"{name:45s} eager {e:8.3f} ms  exported {x:8.3f} ms  ratio {np.median(r):.3f} "
-              f"(pairs' IQR {lo:.3f}-{hi:.3f})")
+        print(
+            f"{name:45s} eager {e:8.3f} ms  exported {x:8.3f} ms  ratio {np.median(r):.3f} "
+            f"(pairs' IQR {lo:.3f}-{hi:.3f})"
+        )
     return {"repeats": repeats, "threads": threads, "torch": torch.__version__, "cases": out}
 
 

@@ -53,6 +53,7 @@ from core.storage.build_dir import BuildDir
 from core.storage.datasets import DATASET_MANIFEST, DatasetError
 from core.storage.fsutil import write_json_atomic
 from core.storage.registry import Registry
+from jobs import embed_data
 from jobs.common import lower_priority, run_main
 from jobs.worker_pool import RayPool
 
@@ -67,6 +68,7 @@ class RebuildConfig:
     registry: Path = Path("registry")
     address: str | None = None
     num_workers: int = 1
+    max_workers: int = 0  # the embedding pool grows up to this many actors (0: --num-workers, a fixed pool)
     cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     resources_per_worker: tuple[tuple[str, float], ...] = ()
@@ -84,7 +86,6 @@ class RebuildConfig:
     # alike) at nice 15, while a driver runs at its launcher's (0 under `ray job submit`).
     nice: int = 0
     resume: str | None = None  # a staged build id whose committed partitions are reused
-    pool: str | None = None  # keep the workers under this name for the next rebuild (jobs.worker_pool)
     compare: CompareOptions = CompareOptions()
 
 
@@ -106,6 +107,19 @@ def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
             "--num-workers/--cpus-per-worker, or pass --skip-resource-check on an autoscaling cluster that "
             "will grow."
         )
+
+
+def pool_options(cfg: RebuildConfig) -> embed_data.PoolOptions:
+    return embed_data.PoolOptions(
+        min_workers=cfg.num_workers,
+        max_workers=max(cfg.max_workers, cfg.num_workers),
+        cpus_per_worker=cfg.cpus_per_worker,
+        gpus_per_worker=cfg.num_gpus_per_worker,
+        resources=cfg.resources_per_worker,
+        threads=cfg.torch_threads,
+        nice=cfg.nice,
+        wait_for_min_actors_s=cfg.wait_for_min_actors_s,
+    )
 
 
 def _staging(cfg: RebuildConfig, registry: Registry, inputs: Inputs, settings) -> tuple[str, Path]:
@@ -147,11 +161,10 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         ray.init(address=cfg.address, log_to_driver=True)
         lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
         check_resources(cfg, ray.cluster_resources())
-        t0 = time.perf_counter()
-        pool = RayPool(cfg)
-        timings = {"pool_start_s": round(time.perf_counter() - t0, 3)}
+        embed = embed_data.EmbedRun(cfg.checkpoint, BuildDir(staging).parts_dir, settings, pool_options(cfg))
         run_info = {
             "num_workers": cfg.num_workers,
+            "max_workers": cfg.max_workers or cfg.num_workers,
             "cpus_per_worker": cfg.cpus_per_worker,
             "num_gpus_per_worker": cfg.num_gpus_per_worker,
             "resources_per_worker": dict(cfg.resources_per_worker),
@@ -161,18 +174,32 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             "faiss_threads": cfg.faiss_threads,
             "nice": cfg.nice,
             "resumed": cfg.resume is not None,
-            "kept_pool": cfg.pool,
             "ray_version": ray.__version__,
             "skew_gate": gate,
         }
+        pools: list[RayPool] = []
+        timings: dict = {}
+
+        def start_pool() -> RayPool:  # after the embedding: its actors have given their CPUs back
+            pools.append(RayPool(cfg))
+            print(f"assembly: {pools[0].size} workers on {len(set(pools[0].nodes()))} node(s)", flush=True)
+            return pools[0]
+
+        print(
+            f"embedding on Ray Data: {cfg.num_workers}"
+            + (f"-{cfg.max_workers}" if cfg.max_workers > cfg.num_workers else "")
+            + f" actor(s) x {cfg.cpus_per_worker:g} CPU"
+            + (f" x {cfg.num_gpus_per_worker:g} GPU" if cfg.num_gpus_per_worker else ""),
+            flush=True,
+        )
         try:
-            print(f"{pool.size} workers on {len(set(pool.nodes()))} node(s)", flush=True)
             manifest = build_and_publish(
-                inputs, pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings, run_info,
-                on_phase=phase, progress=lambda m: print(m, flush=True), share=pool.share, compare=cfg.compare,
+                inputs, embed, start_pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings,
+                run_info, on_phase=phase, progress=lambda m: print(m, flush=True), share=ray.put, compare=cfg.compare,
             )  # fmt: skip
         finally:
-            pool.close()
+            for p in pools:
+                p.close()
     except ComparisonRefused as e:  # committed, not live: the operator may canary it
         summary = {"build_id": e.build_id, "checkpoint_version": ck.version, "published": False,
                    "committed": True, "comparison": e.comparison}  # fmt: skip
@@ -182,6 +209,14 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         # a refused build (a gate, a dataset, or data that breaks the package's declared inputs): resuming cannot change the verdict, so nothing of it is kept
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    except (
+        ray.exceptions.RayError
+    ) as e:  # what Ray could not recover from (retries spent, a lost driver node)
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(
+            f"rebuild {build_id} stopped: {type(e).__name__}: {cause}; committed partitions are kept, resume "
+            f"it with --resume {build_id}"
+        ) from None
     except BaseException:
         if staging.exists():  # interrupted (timeout, error): the committed partitions stay for --resume
             print(f"rebuild {build_id} stopped; resume it with --resume {build_id}", flush=True)
@@ -215,17 +250,19 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         "index": manifest.index.factory,
         "search_params": manifest.index.search_params,
         "recall_at_10": manifest.quality["recall_at_k"],
+        "recall_at_10_lower_95": manifest.quality["recall_lower_95"],
         "timings": timings,
         "layout": manifest.index.layout,
         "shards": len(manifest.index.shards),
         "parts": manifest.parts,
+        "embedding": manifest.run.get("embedding"),
         "published": True,
         "sidecar": folded,
         "comparison": _brief(manifest.comparison),
     }
     print(
         f"published {build_id}: {n:,} items in {total:.1f}s ({summary['items_per_s']:,.0f} rows/s embedding), "
-        f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f}, "
+        f"index {summary['index']} {summary['search_params']}, held-out recall@10 {summary['recall_at_10']:.4f} (95% lower bound {summary['recall_at_10_lower_95']:.4f}), "
         f"package {ck.version}"
     )
     print("SUMMARY " + json.dumps(summary), flush=True)
@@ -323,10 +360,21 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--num-workers",
         type=int,
         default=d.num_workers,
-        help="rebuild workers (Ray actors: they embed, add shards and search them; one per GPU on a GPU pool)",
+        help="embedding actors (Ray Data's pool; one per GPU on a GPU pool), then as many index-assembly "
+        "workers (they add the shards and search them)",
     )
     p.add_argument(
-        "--cpus-per-worker", type=float, default=d.cpus_per_worker, help="logical CPUs each actor reserves"
+        "--max-workers",
+        type=int,
+        default=d.max_workers,
+        help="let Ray Data grow the embedding pool from --num-workers up to this many actors while the "
+        "cluster has room (an autoscaling cluster); 0: a fixed pool of --num-workers",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=d.cpus_per_worker,
+        help="logical CPUs each actor reserves (below 1 lets more actors than cores share a small machine)",
     )
     p.add_argument(
         "--num-gpus-per-worker",
@@ -407,13 +455,6 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "n x nlist",
     )
     p.add_argument(
-        "--pool",
-        metavar="NAME",
-        default=d.pool,
-        help="keep the workers alive under NAME after the rebuild; the next rebuild naming it reuses them "
-        "without a start (they hold their CPUs until `python -m jobs.worker_pool release NAME`)",
-    )
-    p.add_argument(
         "--resume",
         metavar="BUILD_ID",
         default=d.resume,
@@ -476,6 +517,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     a = p.parse_args(argv)
     if a.num_workers < 1 or a.batch_size < 1 or not 0 < a.target_recall <= 1:
         p.error("--num-workers and --batch-size must be >= 1, --target-recall in (0, 1]")
+    if a.max_workers and a.max_workers < a.num_workers:
+        p.error(f"--max-workers ({a.max_workers}) must be 0 or at least --num-workers ({a.num_workers})")
     if a.shards < 0 or a.memory_budget <= 0 or a.nlist < 0:
         p.error(f"--shards and --nlist must be >= 0 (got {a.shards}, {a.nlist}) and --memory-budget > 0")
     if not 0 <= a.nice <= 19 or a.timeout_s <= 0:
@@ -505,7 +548,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall, layout=a.layout,
         memory_budget=a.memory_budget, shards=a.shards, nlist=a.nlist),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
-        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume, pool=a.pool,
+        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume,
+        max_workers=a.max_workers,
     )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""The rebuild's distributed middle, driven through a worker pool (core.rebuild.worker): embed every partition,
-gate, write the id-sorted tables, train once, add shards, tune the search setting where the shards
+"""The rebuild's distributed middle: embed every partition (one run of the embedding, jobs.embed_data),
+then, through a worker pool (core.rebuild.worker): gate, write the id-sorted tables, train once, add shards, tune the search setting where the shards
 live, and write the index merged or as shards.
 
 The driver (this module) plans and aggregates: per-part and per-shard records, the queries, and top-k
@@ -38,21 +38,27 @@ class Embedded:
         return [self.records[t.key] for t in tasks if t.what == what]
 
 
-def embed_all(pool, tasks, parts: Path, settings, progress, phase) -> Embedded:
-    """Every partition of items AND users in one pass over one pool; committed parts that this build
-    would embed identically (a resumed build) are reused, not re-embedded."""
+def embed_all(embed_parts: Callable, tasks, parts: Path, settings, progress, phase) -> Embedded:
+    """Every partition of items AND users, in ONE run of `embed_parts` (tasks -> committed part
+    records, as they finish: jobs.embed_data on Ray Data, or parts.embed_locally); committed parts
+    that this build would embed identically (a resumed build) are reused, not re-embedded."""
     partmod.discard_partial(parts)
     records = {t.key: r for t in tasks if (r := partmod.reusable(parts, t, settings)) is not None}
     if records:
         progress(f"resume: reusing {len(records)} of {len(tasks)} committed partitions")
     todo = [t for t in tasks if t.key not in records]
-    for _, rec in pool.map("embed", [(t, str(parts), settings) for t in todo]):
+    for rec in embed_parts(todo) if todo else ():
         records[rec["key"]] = rec
         progress(
             f"part {rec['key']}: {rec['rows']:,} rows in {rec['seconds']:.1f}s on node {rec['node'][:12]} "
             f"({len(records)}/{len(tasks)})"
         )
         phase("part_committed")
+    missing = [t.key for t in tasks if t.key not in records]
+    if missing:  # the embedding ended without every part: never assemble from a partial catalog
+        raise ValidationError(
+            f"the embedding returned no record for {len(missing)} part(s), e.g. {missing[:3]}"
+        )
     return Embedded(records, reused=len(tasks) - len(todo), embedded=len(todo))
 
 
@@ -124,7 +130,9 @@ def plan_tables(pool, parts: Path, records: list[dict], n_shards: int) -> list[s
     if not sh.disjoint(records):
         # parts overlap in id: count each range's rows part by part, on the workers (ids only)
         counts = np.zeros(len(ranges), np.int64)
-        for _, c in pool.map("count", [(str(parts / r["key"]), ranges) for r in records if r["rows"]]):
+        calls = [(i % pool.size, "count", (str(parts / r["key"]), ranges))
+                 for i, r in enumerate(x for x in records if x["rows"])]  # fmt: skip
+        for _, c in pool.on_each(calls):
             counts += np.asarray(c, np.int64)
     else:
         counts = [sum(r["rows"] for r in sh.overlapping(records, lo, hi)) for lo, hi in ranges]
@@ -255,7 +263,7 @@ def build_index(pool, out: BuildDir, plan: IndexPlan, item_records: list[dict], 
     quality.update(k=k, target=opts.target_recall, tuning_queries=len(xq_tune), holdout_queries=len(xq_hold),
                    holdout_qps=round(len(xq_hold) / max(search_s, 1e-9), 1), selection="prior" if opts.kind == "auto" else "requested",
                    candidates=[], spec=spec)  # fmt: skip
-    if quality["recall_at_k"] >= opts.target_recall:  # a refused build writes no index
+    if quality["recall_lower_95"] >= opts.target_recall:  # a refused build writes no index
         paths = out.shard_paths(p.shard for p in shard_plans)
         by_worker: dict[int, dict] = {}
         for p in shard_plans:

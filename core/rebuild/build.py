@@ -1,8 +1,9 @@
 """The Ray-free half of an index rebuild: checks before embedding, then gates, index, publish.
 
     preflight()          -> verify checkpoint, catalog/users datasets, schemas, columns, counts
-    build_and_publish()  -> on a worker pool (core.rebuild.worker; Ray actors in jobs.rebuild_index): embed
-                            every partition (reusing committed ones on --resume), gate, assemble and
+    build_and_publish()  -> embed every partition in one run (Ray Data in jobs.embed_data; reusing
+                            committed parts on --resume), then on a worker pool (core.rebuild.worker;
+                            Ray actors in jobs.rebuild_index): gate, assemble and
                             tune the index (core.rebuild.assemble) on user-tower queries (the users', else
                             item mixtures'), compare with the live build (core.quality.compare), then
                             commit and publish
@@ -190,7 +191,8 @@ def check_resume(staged: dict, now: dict, build_id: str) -> None:
 
 def build_and_publish(
     inputs: Inputs,
-    pool,
+    embed_parts: Callable,
+    start_pool: Callable,
     registry: Registry,
     staging: Path,
     build_id: str,
@@ -205,16 +207,23 @@ def build_and_publish(
     compare: CompareOptions = CompareOptions(),
 ) -> BuildManifest:
     """Embed (reusing committed parts), gate, assemble, tune, commit and publish; returns the manifest.
-    Raises before anything is published if a gate fails. `pool`: core.rebuild.worker.Pool; `share`: puts a large
+    Raises before anything is published if a gate fails. `embed_parts`: part tasks -> their committed
+    records (core.rebuild.assemble.embed_all; its `stats`, if it has them, go into the manifest's `run`);
+    `start_pool`: starts the assembly workers (core.rebuild.worker.Pool) once the embedding is done,
+    so that they never compete with it for the cluster; `share`: puts a large
     argument where every worker reads it once (Ray's object store; identity in-process)."""
     phase = on_phase or (lambda _name: None)
     ck = inputs.package
     out = BuildDir(staging)
     tasks = parts.plan("items", inputs.catalog_files) + parts.plan("users", inputs.user_files)
     t0 = time.perf_counter()
-    emb = asm.embed_all(pool, tasks, out.parts_dir, settings, progress, phase)
+    emb = asm.embed_all(embed_parts, tasks, out.parts_dir, settings, progress, phase)
     timings["embed_s"] = round(time.perf_counter() - t0, 3)
+    run_info["embedding"] = getattr(embed_parts, "stats", None)
     phase("embedded")
+    t0 = time.perf_counter()
+    pool = start_pool()
+    timings["pool_start_s"] = round(time.perf_counter() - t0, 3)
     item_recs, user_recs = emb.of(tasks, "items"), emb.of(tasks, "users")
     asm.check_rows(item_recs, inputs.catalog_manifest["row_count"], "catalog")
     if inputs.users_manifest is not None:
@@ -243,7 +252,7 @@ def build_and_publish(
     spec = quality.pop("spec")
     quality["queries"] = queries
     phase("validated")  # every gate but the recall gate has passed on every part and every shard
-    if quality["recall_at_k"] < opts.target_recall:
+    if quality["recall_lower_95"] < opts.target_recall:
         last = quality["tuning_sweep"][-1]
         why = (
             f"the tuning queries reached it, but no setting up to {quality['params']} reached it on the "
@@ -253,8 +262,8 @@ def build_and_publish(
             f"on the tuning queries"
         )
         raise ValidationError(
-            f"index {spec.factory}: held-out recall@{opts.k} {quality['recall_at_k']:.4f} ({queries['source']} "
-            f"queries) is below the target "
+            f"index {spec.factory}: held-out recall@{opts.k} {quality['recall_at_k']:.4f} (95% lower bound "
+            f"{quality['recall_lower_95']:.4f} over {queries['holdout']} {queries['source']} queries) is below the target "
             f"{opts.target_recall}: {why}; not publishing (try another --index, or a lower --target-recall)"
         )
     phase("index_written")

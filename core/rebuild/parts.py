@@ -1,6 +1,7 @@
 """Embedded partitions: the unit of work, of commit and of resume of a rebuild.
 
-One catalog (or users) partition file is embedded by one worker into one committed part directory:
+One catalog (or users) partition file is embedded by one embedding actor (jobs.embed_data, on Ray
+Data's pool; `embed_locally` in-process) into one committed part directory:
 
     <staging>/parts/items-00003/ids.npy       (n,) int64, sorted, unique within the part
     <staging>/parts/items-00003/vectors.npy   (n, D) float32, row-aligned with ids
@@ -11,7 +12,9 @@ A part is written into a temporary directory and renamed into place, so a part d
 is complete; a resumed rebuild reuses exactly those whose record matches what it would embed now
 (same source file and size, same rows, same checkpoint version and precision, same batch size) and
 redoes the rest. The per-partition publish gates (every row present, one checkpoint version, finite
-vectors, ids unique within the part) run here, on the worker, before the commit.
+vectors, ids unique within the part) run here, where the part is embedded, before the commit. A task
+that runs again (Ray retries it after its actor died) writes the same part again: the rename replaces
+the earlier attempt's, so each part is committed once whatever the number of attempts.
 """
 
 from __future__ import annotations
@@ -126,6 +129,18 @@ def embed_part(embedder, task: PartTask, parts: Path, settings: EmbedSettings, n
     }
     _commit(Path(parts), task.key, ids_a, x, record)
     return record
+
+
+def embed_locally(embedders: list, parts: Path, settings: EmbedSettings, node: str = "local"):
+    """The in-process embedding (unit tests, benchmarks' floor): parts round-robin over `embedders`
+    (core.rebuild.embed.Embedder), one at a time. Returns the callable core.rebuild.assemble.embed_all
+    takes: tasks -> their committed records."""
+
+    def run(tasks: list[PartTask]):
+        for i, t in enumerate(tasks):
+            yield embed_part(embedders[i % len(embedders)], t, Path(parts), settings, node)
+
+    return run
 
 
 def _commit(parts: Path, key: str, ids: np.ndarray, x: np.ndarray, record: dict) -> None:

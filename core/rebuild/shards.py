@@ -193,9 +193,9 @@ def exact_topk(ids: np.ndarray, x: np.ndarray, xq: np.ndarray, k: int) -> tuple[
     return D, out
 
 
-def recall_vs_exact(found_ids: np.ndarray, found_scores: np.ndarray, kth: np.ndarray, k: int) -> float:
-    """Tie-tolerant recall@k from scores alone: a returned id counts if its score reaches the exact k-th
+def recall_vs_exact(found_ids: np.ndarray, found_scores: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
+    """Tie-tolerant recall@k of each query (Q,), from scores alone: a returned id counts if its score reaches the exact k-th
     score (minus float slack). Valid for exact inner products: Flat codes, HNSW over Flat, IVF-Flat,
     refined PQ, and fp16 codes once the worker has rescored their hits (Worker.search)."""
     hits = (found_ids[:, :k] >= 0) & (found_scores[:, :k] >= kth[:, None] - 1e-5)
-    return float(hits.sum() / (k * len(found_ids)))
+    return hits.sum(1) / k

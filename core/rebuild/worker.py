@@ -1,9 +1,11 @@
-"""What one rebuild worker does, and the pool the rebuild drives its workers through.
+"""What one index-assembly worker does, and the pool the rebuild drives its workers through.
 
-A `Worker` holds ONE checkpoint (loaded once) and, after the add, the shard indexes it built, so the
-search-parameter tuning can query every shard where it lives. jobs.rebuild_index runs one Worker per
-Ray actor (`RayPool`); the unit tests run them in-process (`LocalPool`). Both pools hand out the same
-calls, so the rebuild's orchestration (core.rebuild.build) is the same code with or without Ray.
+The embedding runs before, on Ray Data's actor pool (jobs.embed_data; in-process in the unit tests,
+core.rebuild.parts.embed_locally). A `Worker` assembles what it committed: it counts and reads part
+rows, trains the one empty index, adds shards and holds them, so the search-parameter tuning can query
+every shard where it lives. jobs.rebuild_index runs one Worker per Ray actor (`RayPool`); the unit
+tests run them in-process (`LocalPool`). Both pools hand out the same calls, so the orchestration
+(core.rebuild.build) is the same code with or without Ray.
 """
 
 from __future__ import annotations
@@ -21,21 +23,10 @@ from core.ann import index as ann
 from core.ann import ivf_lists
 from core.rebuild import parts as partmod
 from core.rebuild import shards as sh
-from core.rebuild.embed import Embedder
 
 
 class Worker:
-    def __init__(
-        self,
-        checkpoint: str,
-        threads: int,
-        precision: str = "fp32",
-        node: str = "local",
-        device: str = "cpu",
-        faiss_threads: int | None = None,
-    ):
-        self.embedder = Embedder(checkpoint, device=device, threads=threads, precision=precision)
-        self.device, self.threads, self.loaded = device, threads, (checkpoint, precision)
+    def __init__(self, threads: int, node: str = "local", faiss_threads: int | None = None):
         self.node = node
         self.faiss_threads = faiss_threads or threads
         ann.configure(self.faiss_threads)
@@ -45,21 +36,6 @@ class Worker:
 
     def ready(self) -> str:
         return self.node
-
-    def load(self, checkpoint: str, precision: str) -> str:
-        """A kept worker's next rebuild: load (and verify) its checkpoint unless it holds it already;
-        drop whatever shards a previous rebuild left. A wrong model cannot slip through: every row is
-        stamped with the loaded checkpoint's version and the gates compare it with the driver's."""
-        if (checkpoint, precision) != self.loaded:
-            self.embedder = Embedder(
-                checkpoint, device=self.device, threads=self.threads, precision=precision
-            )
-            self.loaded = (checkpoint, precision)
-        self.shards.clear()
-        return self.node
-
-    def embed(self, task: partmod.PartTask, parts: str, settings: partmod.EmbedSettings) -> dict:
-        return partmod.embed_part(self.embedder, task, Path(parts), settings, self.node)
 
     def count(self, part: str, ranges: list[tuple[int, int]]) -> list[int]:
         return sh.count_in_ranges(Path(part), ranges)
@@ -183,9 +159,6 @@ class Pool(Protocol):
 
     def nodes(self) -> list[str]: ...
 
-    def map(self, method: str, calls: list[tuple]) -> Iterator[tuple[int, Any]]:
-        """Each call on whichever worker is free; yields (call number, result) as they finish."""
-
     def on(self, calls: list[tuple[int, str, tuple]]) -> list:
         """(worker, method, args) calls, run concurrently; their results in order."""
 
@@ -202,10 +175,6 @@ class LocalPool:
 
     def nodes(self) -> list[str]:
         return [w.node for w in self.workers]
-
-    def map(self, method: str, calls: list[tuple]) -> Iterator[tuple[int, Any]]:
-        for i, args in enumerate(calls):
-            yield i, getattr(self.workers[i % self.size], method)(*args)
 
     def on(self, calls: list[tuple[int, str, tuple]]) -> list:
         return [getattr(self.workers[w], m)(*a) for w, m, a in calls]

@@ -17,6 +17,7 @@ from core.rebuild import assemble as asm
 from core.rebuild import shards as sh
 from core.rebuild.build import IndexOptions, build_and_publish, embed_settings, preflight
 from core.rebuild.embed import Embedder, embeddings_to_numpy
+from core.rebuild.parts import embed_locally
 from core.rebuild.validate import ValidationError
 from core.rebuild.worker import LocalPool, Worker
 from core.serving.live_build import load_build
@@ -46,11 +47,12 @@ def data(tmp_path_factory):
 def _build(data, tmp_path, name, opts, workers=2, on_phase=None, registry=None):
     reg = registry or Registry(tmp_path / "registry")
     inputs = preflight(data["ck"], data["root"] / "catalog", data["root"] / "users")
-    pool = LocalPool([Worker(str(data["ck"]), threads=1, node=f"node-{i}") for i in range(workers)])
     staging = reg.staging(name) if not (reg.builds / f".tmp-{name}").exists() else reg.builds / f".tmp-{name}"
+    settings = embed_settings(inputs.package, "fp32", 64)
+    embed = embed_locally([Embedder(str(data["ck"]), threads=1)], BuildDir(staging).parts_dir, settings)
     m = build_and_publish(
-        inputs, pool, reg, staging, name, reg.pointer().seq, opts, embed_settings(inputs.package, "fp32", 64),
-        {}, {}, on_phase=on_phase, progress=lambda _m: None,
+        inputs, embed, lambda: LocalPool([Worker(threads=1, node=f"node-{i}") for i in range(workers)]), reg,
+        staging, name, reg.pointer().seq, opts, settings, {}, {}, on_phase=on_phase, progress=lambda _m: None,
     )  # fmt: skip
     return reg, m
 
@@ -201,14 +203,3 @@ def test_a_build_killed_between_partition_commits_resumes_to_the_same_vectors(da
     a, b = BuildDir(ref_reg.build_dir("b-ref")), BuildDir(reg.build_dir("b-res"))
     for x, y in zip(a.open_items() + a.open_users(m), b.open_items() + b.open_users(m), strict=True):
         assert x.tobytes() == y.tobytes()
-
-
-def test_a_kept_worker_loads_the_next_rebuilds_checkpoint_and_drops_old_shards(data, tmp_path):
-    w = Worker(str(data["ck"]), threads=1)
-    first = w.embedder
-    w.shards[0] = faiss.IndexFlatIP(4)
-    w.load(str(data["ck"]), "fp32")
-    assert w.embedder is first and not w.shards  # the same checkpoint: nothing reloaded
-    other = make_checkpoint(tmp_path / "other", seed=1)
-    w.load(str(other), "fp32")
-    assert w.embedder.model.version != first.model.version and w.loaded == (str(other), "fp32")

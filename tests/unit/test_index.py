@@ -98,7 +98,10 @@ def test_auto_measures_every_family_and_keeps_the_fastest_at_target():
     assert cands[spec.factory]["tuning_qps"] == max(c["tuning_qps"] for c in at_target)
     # one that missed the target is not timed: it cannot win against one that reached it
     assert all(c["tuning_qps"] is None for c in cands.values() if not c["reached_target"])
-    assert q["selection"] == "measured" and q["params"] == cands[spec.factory]["params"]
+    grid = ann.candidate_params(spec)  # the held-out check may step up from the tuning pick, never down
+    assert q["selection"] == "measured" and grid.index(q["params"]) >= grid.index(
+        cands[spec.factory]["params"]
+    )
     assert idx.ntotal == len(xb)
 
 
@@ -123,12 +126,46 @@ def test_the_setting_must_reach_the_target_on_the_held_out_queries_too():
     tuned, chosen = q["tuning_sweep"][-1], q["params"]
     assert q["tuning_reached_target"] and tuned["recall"] >= 0.95
     steps = q["holdout_steps"]
-    assert len(steps) > 1 and steps[0]["holdout_recall"] < 0.95  # the tuning choice missed held-out
+    assert len(steps) > 1 and steps[0]["holdout_lower_95"] < 0.95  # the tuning choice missed held-out
     assert (
         grid.index(chosen) == grid.index({k: v for k, v in tuned.items() if k != "recall"}) + len(steps) - 1
     )
-    assert q["recall_at_k"] == steps[-1]["holdout_recall"] >= 0.95
-    assert all(s["holdout_recall"] < 0.95 for s in steps[:-1])  # and it stopped at the first that passed
+    assert q["recall_at_k"] == steps[-1]["holdout_recall"]
+    assert q["recall_lower_95"] == steps[-1]["holdout_lower_95"] >= 0.95
+    assert q["recall_ci95"][0] < q["recall_lower_95"] < q["recall_at_k"] <= q["recall_ci95"][1]
+    assert all(s["holdout_lower_95"] < 0.95 for s in steps[:-1])  # and it stopped at the first that passed
+
+
+def _users(xb, n, seed, noise=0.25):
+    """Queries as users are: a mixture of two catalog vectors plus noise (never a catalog vector)."""
+    rng = np.random.default_rng(seed)
+    q = xb[rng.integers(0, len(xb), n)] + xb[rng.integers(0, len(xb), n)]
+    q += noise * rng.standard_normal(q.shape).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_the_promised_recall_holds_for_users_the_gate_never_saw_in_19_of_20_builds():
+    """20 builds, each with its own seed: tune on 400 queries, gate on 400 disjoint held-out ones, then
+    measure the chosen setting on 3,000 fresh users from the same distribution. The gate requires the
+    lower end of the held-out interval to reach 0.95; the fresh recall must reach it in >= 19 builds.
+    Measured here: 20 of 20, lowest 0.9505, median 0.965 (the held-out mean rule's picks: lowest 0.9503,
+    median 0.954; this grid's steps overshoot, so it passed too, with less room)."""
+    ann.configure(2)
+    passed, by_mean = [], []
+    for seed in range(20):
+        xb, ids, _ = _data(n=8_000, seed=seed)
+        users = _users(xb, 3_800, seed + 100)
+        tune, hold, fresh = users[:400], users[400:800], users[800:]
+        index, spec, q, _ = ann.build_tuned(xb, ids, tune, hold, k=10, target=0.95, kind="ivf", seed=seed)
+        exact = ann.exact_topk(xb, fresh, 10)
+        assert q["recall_lower_95"] >= 0.95
+        first = next(s for s in q["holdout_steps"] if s["holdout_recall"] >= 0.95)  # the old rule's pick
+        for params, out in ((q["params"], passed), ({k: first[k] for k in q["params"]}, by_mean)):
+            out.append(
+                ann.recall_at_k(xb, ids, fresh, ann.search(index, spec, params, fresh, 10)[1], 10, exact)
+            )
+    ok = sum(r >= 0.95 for r in passed)
+    assert ok >= 19, f"fresh recall {np.round(passed, 4)}; held-out mean rule: {np.round(by_mean, 4)}"
 
 
 def test_recall_counts_misses_and_invalid_ids():

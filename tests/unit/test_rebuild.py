@@ -32,6 +32,7 @@ from core.rebuild.build import (
     query_sets,
 )
 from core.rebuild.embed import Embedder, embedding_table, embeddings_to_numpy
+from core.rebuild.parts import embed_locally
 from core.rebuild.queries import mix, mix_positions
 from core.rebuild.validate import ValidationError, check_embedded
 from core.rebuild.worker import LocalPool, Worker
@@ -135,15 +136,17 @@ def _live_registry(tmp_path, tiny) -> Registry:
 FORCED = CompareOptions(force=True)
 
 
-def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, workers=None,
+def _finalize(tiny, reg, staging, build_id, users: bool = True, opts=OPTS, on_phase=None, packages=None,
               compare=FORCED, progress=lambda _m: None):  # fmt: skip
+    """`packages`: what each embedding actor loads (parts go round-robin over them); default the build's."""
     inputs = preflight(tiny["ck_path"], tiny["root"] / "catalog", tiny["root"] / "users" if users else None)
     seq = reg.pointer().seq
-    pool = LocalPool(workers or [Worker(str(tiny["ck_path"]), threads=1)])
     settings = embed_settings(inputs.package, "fp32", 64)
+    embedders = [Embedder(str(p), threads=1) for p in packages or [tiny["ck_path"]]]
+    embed = embed_locally(embedders, BuildDir(staging).parts_dir, settings)
     return build_and_publish(
-        inputs, pool, reg, staging, build_id, seq, opts, settings, {}, {"nice": 0}, on_phase=on_phase,
-        progress=progress, compare=compare,
+        inputs, embed, lambda: LocalPool([Worker(threads=1)]), reg, staging, build_id, seq, opts, settings, {},
+        {"nice": 0}, on_phase=on_phase, progress=progress, compare=compare,
     )  # fmt: skip
 
 
@@ -383,13 +386,17 @@ def test_finalize_without_users_still_refuses_a_held_out_recall_below_target(tin
 
     def below_target(*args, **kwargs):
         idx, spec, quality, t = real(*args, **kwargs)
-        return idx, spec, {**quality, "recall_at_k": 0.5, "tuning_reached_target": False}, t
+        low = {"recall_at_k": 0.5, "recall_lower_95": 0.47, "tuning_reached_target": False}
+        return idx, spec, {**quality, **low}, t
 
     monkeypatch.setattr(ann, "build_tuned", below_target)
     reg = _live_registry(tmp_path, tiny)
     before, builds = (reg.root / POINTER).read_bytes(), reg.list_builds()
     staging = reg.staging("b-low")
-    with pytest.raises(ValidationError, match=r"recall@10 0\.5000 \(item_mixtures queries\) is below"):
+    with pytest.raises(
+        ValidationError,
+        match=r"recall@10 0\.5000 \(95% lower bound 0\.4700 over \d+ item_mixtures queries\) is below",
+    ):
         _finalize(tiny, reg, staging, "b-low", users=False)
     assert (reg.root / POINTER).read_bytes() == before and reg.list_builds() == builds
 
@@ -459,9 +466,8 @@ def test_changed_code_with_the_same_weights_is_another_version_and_is_not_mixed_
     changed = _changed_code_package(tmp_path / "changed", tiny["ck_path"])
     assert load_package(changed).version != tiny["ck"].version
     reg = _live_registry(tmp_path, tiny)
-    workers = [Worker(str(tiny["ck_path"]), threads=1), Worker(str(changed), threads=1)]
     with pytest.raises(ValidationError, match=f"found .*'{load_package(changed).version}'"):
-        _finalize(tiny, reg, reg.staging("b-mixed"), "b-mixed", workers=workers)
+        _finalize(tiny, reg, reg.staging("b-mixed"), "b-mixed", packages=[tiny["ck_path"], changed])
     assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
 
 
@@ -472,9 +478,8 @@ def test_a_worker_that_embeds_with_another_checkpoint_fails_the_build_before_any
     reg = _live_registry(tmp_path, tiny)
     staging = reg.staging("b-mixed")
     other = make_checkpoint(tmp_path / "other", seed=1)
-    workers = [Worker(str(tiny["ck_path"]), threads=1), Worker(str(other), threads=1)]
     with pytest.raises(ValidationError, match=f"found .*'{load_package(other).version}'"):
-        _finalize(tiny, reg, staging, "b-mixed", workers=workers)
+        _finalize(tiny, reg, staging, "b-mixed", packages=[tiny["ck_path"], other])
     assert reg.current() == "old-build" and reg.list_builds() == ["old-build"]
     assert not BuildDir(staging).index_path.exists()
 

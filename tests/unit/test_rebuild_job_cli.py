@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
 from core.rebuild import parts
-from core.rebuild import worker as core_worker
 from core.rebuild.build import IndexOptions, embed_settings
 from core.rebuild.embed import Embedder, embeddings_to_numpy
 from core.storage.datasets import split_table, write_dataset
 from examples.movielens.features import encode_item_rows
-from jobs import rebuild_index
+from jobs import embed_data, rebuild_index
 from jobs.common import lower_priority, run_main
+from jobs.embed_data import PartEmbedder, actor_device
 from jobs.rebuild_index import RebuildConfig, parse
-from jobs.worker_pool import RebuildWorker, actor_args, actor_device, actor_options
+from jobs.worker_pool import AssemblyWorker, actor_args, actor_options
 from tests.unit.tiny_build import SCHEMA, make_checkpoint
 
 BASE = ["--checkpoint", "c", "--catalog", "d/catalog"]
@@ -102,36 +104,37 @@ def test_actor_device_comes_from_the_gpus_ray_assigned():
     assert actor_device([3]) == "cuda:0"  # CUDA_VISIBLE_DEVICES holds only the assigned one
 
 
-def test_the_worker_lowers_its_priority_before_loading_the_model(monkeypatch):
+def test_the_embedding_actor_lowers_its_priority_before_loading_the_model(monkeypatch, tmp_path):
     events = []
 
     class FakeEmbedder:
+        version = "v"
+
         def __init__(self, checkpoint, device, threads, precision):
             events.append(("embedder", device))
 
-    monkeypatch.setattr(core_worker, "Embedder", FakeEmbedder)
+    monkeypatch.setattr(embed_data, "Embedder", FakeEmbedder)
     renice = lambda n: events.append(("nice", n))  # noqa: E731
-    RebuildWorker("ck", 1, nice=7, assigned_gpus=lambda: [], renice=renice, node_id=lambda: "n1")
-    RebuildWorker("ck", 1, nice=0, assigned_gpus=lambda: [0], renice=renice, node_id=lambda: "n1")
-    assert events == [("nice", 7), ("embedder", "cpu"), ("nice", 0), ("embedder", "cuda:0")]
-    params = inspect.signature(RebuildWorker).parameters
+    settings = {"checkpoint_version": "v", "weights_sha256": "w", "precision": "fp32", "batch_size": 2}
+    fake = {"renice": renice, "node_id": lambda: "n1", "actor_id": lambda: "a1"}
+    PartEmbedder("ck", str(tmp_path), settings, 1, nice=7, assigned_gpus=lambda: [], **fake)
+    PartEmbedder("ck", str(tmp_path), settings, 1, nice=0, assigned_gpus=lambda: [0], **fake)
+    assert events[:4] == [("nice", 7), ("embedder", "cpu"), ("nice", 0), ("embedder", "cuda:0")]
+    params = inspect.signature(PartEmbedder).parameters
     assert params["renice"].default is lower_priority and params["assigned_gpus"].default is ray.get_gpu_ids
+    with pytest.raises(ValueError, match="loaded package v from ck, the rebuild embeds other"):
+        PartEmbedder(
+            "ck", str(tmp_path), {**settings, "checkpoint_version": "other"}, 1, assigned_gpus=list, **fake
+        )
 
 
-def test_nice_and_resources_reach_the_actors(tmp_path):
+def test_pool_flags_nice_and_resources_reach_the_embedding_actors(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     cfg = dataclasses.replace(
-        parse(["--checkpoint", str(ck), "--catalog", "d/catalog", "--nice", "6",
-               "--resources-per-worker", "gpu_pool=1"]),
+        parse(["--checkpoint", str(ck), "--catalog", "d/catalog", "--nice", "6", "--num-workers", "2",
+               "--max-workers", "5", "--cpus-per-worker", "0.5", "--resources-per-worker", "gpu_pool=1"]),
         torch_threads=0,  # leave this test process's torch threads as they are
     )  # fmt: skip
-    opts = actor_options(cfg)
-    assert opts["resources"] == {"gpu_pool": 1.0} and opts["num_cpus"] == 1.0 and opts["num_gpus"] is None
-    assert opts["scheduling_strategy"] == "SPREAD"
-    # what an actor does with its arguments, in-process: Ray's GPU list, node and the OS's nice faked
-    niced = []
-    w = RebuildWorker(*actor_args(cfg), assigned_gpus=lambda: [], renice=niced.append, node_id=lambda: "n7")
-    assert niced == [6] and w.embedder.device.type == "cpu" and w.ready() == "n7"
     table = encode_item_rows(
         [
             {"item_id": 10 + i, "title": f"t {i}", "genres": "Drama", "year": 2000, "tags": ""}
@@ -141,13 +144,40 @@ def test_nice_and_resources_reach_the_actors(tmp_path):
     )
     write_dataset(tmp_path / "cat", split_table(table, 1), kind="catalog", source={})
     [task] = parts.plan("items", sorted((tmp_path / "cat").glob("*.parquet")))
-    settings = embed_settings(w.embedder.model, "fp32", 2)
-    rec = w.embed(task, str(tmp_path / "parts"), settings)
-    assert rec["rows"] == 5 and rec["node"] == "n7" and rec["checkpoint_version"] == w.embedder.model.version
+    settings = embed_settings(Embedder(ck).model, "fp32", 2)
+    kw = embed_data.map_kwargs(ck, tmp_path / "parts", settings, rebuild_index.pool_options(cfg))
+    assert kw["resources"] == {"gpu_pool": 1.0} and kw["num_cpus"] == 0.5 and kw["num_gpus"] is None
+    assert (kw["compute"].min_size, kw["compute"].max_size, kw["batch_size"]) == (2, 5, 1)
+    assert kw["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    # what an actor does with those arguments, in-process: Ray's GPU list, node and the OS's nice faked
+    niced = []
+    actor = PartEmbedder(**kw["fn_constructor_kwargs"], assigned_gpus=lambda: [], renice=niced.append,
+                         node_id=lambda: "n7", actor_id=lambda: "a7")  # fmt: skip
+    assert niced == [6] and actor.embedder.device.type == "cpu"
+    out = actor(pa.Table.from_pylist([dataclasses.asdict(task)]))
+    rec = json.loads(out["record"][0].as_py())
+    assert (
+        out["rows"].to_pylist() == [5]
+        and rec["node"] == "n7"
+        and rec["checkpoint_version"] == settings.checkpoint_version
+    )
     ids, x = parts.open_part(tmp_path / "parts" / task.key)
     assert ids.tolist() == list(range(10, 15))
-    want = embeddings_to_numpy(Embedder(ck).items(table))
-    np.testing.assert_allclose(x, want, atol=1e-6)
+    np.testing.assert_allclose(x, embeddings_to_numpy(Embedder(ck).items(table)), atol=1e-6)
+    actor(pa.Table.from_pylist([dataclasses.asdict(task)]))  # a retried task: the same part, committed again
+    assert len(list((tmp_path / "parts" / embed_data.ATTEMPTS).iterdir())) == 2
+    assert parts.open_part(tmp_path / "parts" / task.key)[0].tolist() == list(range(10, 15))
+    assert [p.name.split(".")[0] for p in (tmp_path / "parts" / embed_data.STARTS).iterdir()] == ["a7"]
+
+
+def test_the_assembly_workers_lower_their_priority_and_reserve_their_cpus():
+    niced = []
+    w = AssemblyWorker(*actor_args(parse([*BASE, "--nice", "4"])), renice=niced.append, node_id=lambda: "n2")
+    assert niced == [4] and w.ready() == "n2"
+    opts = actor_options(parse([*BASE, "--cpus-per-worker", "0.5", "--resources-per-worker", "gpu_pool=1",
+                                "--num-gpus-per-worker", "1"]))  # fmt: skip
+    assert opts["num_cpus"] == 0.5 and opts["scheduling_strategy"] == "SPREAD" and "num_gpus" not in opts
+    assert opts["resources"] == {"gpu_pool": 1.0}
 
 
 def test_layout_budget_shards_nlist_and_resume_parse_and_bad_values_are_refused(capsys):

@@ -1,0 +1,175 @@
+"""The embedding on Ray Data, as users watch and break it: a `ray job submit` rebuild shows its embedding
+operator in the dashboard's Ray Data API; an embedding actor SIGKILLed while parts are being written, and
+a worker node removed mid-run, cost retries, not the rebuild: it publishes by itself, with vectors bit
+for bit those of the uninterrupted build. (A killed driver resumed with --resume: test_rebuild_failures.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from core.storage.build_dir import BuildDir
+from core.storage.datasets import write_dataset
+from core.storage.registry import Registry
+from tests.conftest import REPO
+from tests.integration import heavy_model
+from tests.integration.builds import current_build
+from tests.integration.conftest import ray_cli, rebuild, run_module, summary, wait_for
+
+# The same embedding settings in every build here, so that their vectors can be compared bit for bit.
+FLAGS = ("--no-users", "--no-compare", "--force-unchecked", "--index", "flat", "--num-workers", "2",
+         "--cpus-per-worker", "0.5", "--torch-threads", "1", "--batch-size", "400")  # fmt: skip
+PARTS = 30
+
+
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("heavy")
+    return {"package": heavy_model.package(root / "packages"),
+            "catalog": heavy_model.catalog(root / "catalog", items=24_000, partitions=PARTS)}  # fmt: skip
+
+
+def _args(heavy: dict, registry: Path) -> list[str]:
+    return ["--package", str(heavy["package"]), "--catalog", str(heavy["catalog"]), "--registry", str(registry),
+            *FLAGS]  # fmt: skip
+
+
+def _dashboard_get(ray_head: dict, path: str) -> dict:
+    req = urllib.request.Request(
+        f"{ray_head['dashboard']}{path}",
+        headers={"Authorization": f"Bearer {ray_head['env']['RAY_AUTH_TOKEN']}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def reference(ray_head, heavy, new_registry) -> dict:
+    """The uninterrupted build, submitted with `ray job submit` as users run it."""
+    registry = new_registry("reg-heavy-ref")
+    sid = f"skewless-heavy-{uuid.uuid4().hex[:8]}"
+    ray_cli("job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO), "--submission-id", sid,
+            "--no-wait", "--", "python", "-m", "jobs.rebuild_index", *_args(heavy, registry), env=ray_head["env"])  # fmt: skip
+
+    def finished():
+        job = _dashboard_get(ray_head, f"/api/jobs/{sid}")
+        return job if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+    job = wait_for(finished, 600, f"job {sid} to finish", interval_s=2)
+    logs = ray_cli("job", "logs", sid, "--address", ray_head["dashboard"], env=ray_head["env"]).stdout
+    assert job["status"] == "SUCCEEDED", logs[-3000:]
+    return {"registry": registry, "job": job, "logs": logs, "build": current_build(registry)}
+
+
+def _vectors(registry: Path, build: str) -> tuple[bytes, bytes]:
+    ids, x = BuildDir(Registry(registry).build_dir(build)).open_items()
+    return ids.tobytes(), x.tobytes()
+
+
+def test_the_dashboard_shows_the_embedding_operator_with_its_rows(ray_head, reference):
+    """The dashboard's Ray Data API (what its Ray Data view shows) lists the rebuild's embedding: its
+    operator, with every part as a row; the job log has Ray Data's progress."""
+    got = _dashboard_get(ray_head, f"/api/data/datasets/{reference['job']['job_id']}")
+    [ds] = [d for d in got["datasets"] if d["dataset"].startswith("skewless_embed")]
+    assert ds["state"] == "FINISHED" and ds["progress"] == ds["total"] == PARTS, ds
+    [op] = [o for o in ds["operators"] if "PartEmbedder" in o["operator"]]
+    assert op["state"] == "FINISHED" and op["progress"] == PARTS, op
+    assert "Running Dataset: skewless_embed" in reference["logs"] or "skewless_embed" in reference["logs"]
+    s = summary_from_logs(reference["logs"])
+    assert s["embedding"] == {
+        "parts": PARTS,
+        "attempts": PARTS,
+        "retries": 0,
+        "actors": 2,
+        "actor_restarts": 0,
+    }
+
+
+def summary_from_logs(logs: str) -> dict:
+    line = next(x for x in logs.splitlines() if x.startswith("SUMMARY "))
+    return json.loads(line[len("SUMMARY ") :])
+
+
+def _committed(registry: Path) -> int:
+    return len(list(Path(registry).glob("builds/.tmp-*/parts/items-*/part.json")))
+
+
+def _embedding_actor_pids() -> list[int]:
+    """Processes of Ray Data's embedding actors (their title names the map: MapBatches(PartEmbedder))."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"PartEmbedder" in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_an_embedding_actor_killed_mid_run_costs_a_retry_not_the_rebuild(
+    ray_head, heavy, reference, new_registry
+):
+    registry = new_registry("reg-heavy-kill")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.rebuild_index", *_args(heavy, registry), "--address", ray_head["gcs"]],
+        cwd=REPO, env=ray_head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _committed(registry) >= 2, 300, "two committed parts", interval_s=0.1)
+        [victim, *_] = wait_for(_embedding_actor_pids, 30, "an embedding actor's process")
+        os.kill(victim, signal.SIGKILL)
+        killed_at = _committed(registry)
+        out, err = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, err[-3000:]
+    assert killed_at < PARTS  # the kill landed while parts were still being written
+    s = summary(subprocess.CompletedProcess([], 0, out, err))
+    assert s["embedding"]["actor_restarts"] >= 1 and s["embedding"]["retries"] >= 1, s["embedding"]
+    assert s["parts"]["embedded"] == PARTS and current_build(registry) == s["build_id"]
+    assert _vectors(registry, s["build_id"]) == _vectors(reference["registry"], reference["build"])
+
+
+def test_a_worker_node_removed_mid_embedding_costs_retries_not_the_rebuild(
+    heavy, reference, new_registry, ray_env
+):
+    """A 4-node cluster (head + 3 pool nodes, 2 embedding actors): the node of a busy embedding actor
+    is removed; Ray Data's restarted actor on the spare node takes its parts over."""
+    registry = new_registry("reg-heavy-node")
+    p = run_module(
+        "tests.integration.multinode_cluster", "--pool-nodes", "3", "--remove-embedding-node", "--",
+        *_args(heavy, registry), "--resources-per-worker", "gpu_pool=1", env=ray_env,
+    )  # fmt: skip
+    result = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    assert result["returncode"] == 0, result["stdout"] + result["stderr"]
+    assert result["removed_node"] and result["removed_at_parts"] < PARTS, result
+    s = json.loads(
+        next(x for x in result["stdout"].splitlines() if x.startswith("SUMMARY "))[len("SUMMARY ") :]
+    )
+    assert s["embedding"]["retries"] >= 1 or s["embedding"]["actor_restarts"] >= 1, s["embedding"]
+    assert _vectors(registry, s["build_id"]) == _vectors(reference["registry"], reference["build"])
+
+
+def test_an_exception_of_ours_in_an_actor_fails_the_rebuild_at_once_with_one_line(
+    ray_head, heavy, new_registry, tmp_path
+):
+    """Not retried: a part that fails its gate (duplicate ids) ends the run, exit 2, the gate's own line."""
+    bad = tmp_path / "bad"
+    write_dataset(bad, [pa.table({"item_id": [1, 2, 3]}), pa.table({"item_id": [4, 4, 5]})], kind="catalog",
+                  source={})  # fmt: skip
+    registry = new_registry("reg-heavy-bad")
+    out = rebuild(ray_head, heavy["package"], bad, registry, *FLAGS, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("FAILED")]
+    assert "must be unique; 1 duplicates, e.g. [4]" in line, line
+    assert current_build(registry) is None
