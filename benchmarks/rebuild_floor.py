@@ -8,13 +8,14 @@ floor, ... for --repeats rounds; medians reported, ratios taken within this one 
            --]` as a subprocess under `/usr/bin/time -v`, connected to one local Ray that the benchmark
            starts before the rounds (a `ray job submit` user's running cluster; --fresh-ray: each
            rebuild starts its own). rebuild_s = wall clock around the subprocess: process
-           start and imports, connecting to Ray, the worker pool, embedding, tables, index, tuning,
+           start and imports, connecting to Ray, the embedding (Ray Data), the assembly workers, tables,
+           index, tuning,
            publish and Ray's shutdown at exit. Per-phase seconds come from the committed build's
            manifest (`timings`) and the job's SUMMARY line (publish_s); the phases the job does not
            time are split by when its output lines arrive (0.05 s resolution): job start (interpreter,
-           imports, preflight) until its "rebuild <id>" line, ray.init until "N workers on" minus the
-           pool start, the rest of the driver until SUMMARY, and the exit (Ray's shutdown) after it,
-           so the table adds up to the wall clock. Peak RSS: the driver's VmHWM, every RebuildWorker
+           imports, preflight) until its "rebuild <id>" line, ray.init until "embedding on Ray Data",
+           the rest of the driver until SUMMARY, and the exit (Ray's shutdown) after it,
+           so the table adds up to the wall clock. Peak RSS: the driver's VmHWM, every embedding or assembly
            actor's VmHWM (/proc polled every --poll-s seconds over the benchmark's own process tree, so
            another Ray on the machine is not counted), the largest sum of VmRSS over that tree (Ray's
            daemons included), and /usr/bin/time's "Maximum resident set size" (the driver's, or a
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import os
 
-# The job's actors run with OMP_WAIT_POLICY=PASSIVE (jobs.worker_pool); the floor gets the same, or
+# The job's actors run with OMP_WAIT_POLICY=PASSIVE (jobs.embed_data, jobs.worker_pool); the floor gets the same, or
 # torch's and faiss' OpenMP threads spin against each other on few cores (a 3-4x slower floor on 2
 # loaded cores). Set OMP_WAIT_POLICY yourself to override. The job itself gets the environment as it
 # was before this line.
@@ -83,7 +84,9 @@ from jobs import rebuild_index
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_BIN = Path("/usr/bin/time")
-WORKER_MARKER = "RebuildWorker"  # Ray titles an actor's process "ray::RebuildWorker.<method>"
+# Ray titles an actor's process "ray::<class>.<method>": Ray Data's embedding actors (their map names
+# PartEmbedder) and the assembly workers
+WORKER_MARKERS = ("PartEmbedder", "AssemblyWorker")
 # job arguments this benchmark sets itself (each rebuild gets its own registry; the floor needs users)
 RESERVED_JOB_ARGS = (
     "--package",
@@ -123,6 +126,10 @@ class FloorConfig:
 def _kib(status: str, key: str) -> int | None:
     m = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
     return int(m.group(1)) if m else None
+
+
+def _is_worker(cmd: str) -> bool:
+    return any(m in cmd for m in WORKER_MARKERS)
 
 
 class TreePoller(threading.Thread):
@@ -170,7 +177,7 @@ class TreePoller(threading.Thread):
     def _cmdline(self, pid: int) -> str:
         # re-read while the title may still change (a Ray worker starts as "ray::IDLE")
         cached = self._cmdlines.get(pid)
-        if cached is not None and (WORKER_MARKER in cached or pid in (self.root, self.driver)):
+        if cached is not None and (_is_worker(cached) or pid in (self.root, self.driver)):
             return cached
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -199,7 +206,7 @@ class TreePoller(threading.Thread):
                 self.driver = pid
             if pid == self.driver:
                 self.driver_hwm_kib = max(self.driver_hwm_kib, hwm)
-            elif WORKER_MARKER in cmd:
+            elif _is_worker(cmd):
                 self.workers[pid] = max(self.workers.get(pid, 0), hwm)
         self.tree_rss_kib = max(self.tree_rss_kib, tree_rss)
         self.samples += 1
@@ -370,8 +377,8 @@ def run_rebuild(cfg: FloorConfig) -> dict:
 
 # rebuild timing keys -> (row label, the floor phase that does the same work)
 PHASE_ROWS = {
-    "pool_start_s": ("worker pool start (actors, package load)", None),
-    "embed_s": ("embed items + users", "embed_s"),
+    "embed_s": ("embed items + users (Ray Data: actors start, load the package, embed)", "embed_s"),
+    "pool_start_s": ("assembly workers start", None),
     "users_table_s": ("users table (id-sorted, written by the workers)", None),
     "items_table_s": ("items table (id-sorted, written by the workers)", None),
     "index_train_s": ("index train", "train_s"),
@@ -393,7 +400,7 @@ def marks(tail: LogTail) -> dict:
     """When the job printed the lines that bound its untimed phases (seconds since its start)."""
     return {
         "started": tail.first(r"rebuild \S+.*: (?:checkpoint|package) "),  # after preflight, before ray.init
-        "pool": tail.first(r"\d+ workers on \d+ node"),  # after the pool start
+        "embedding": tail.first(r"embedding on Ray Data"),  # after ray.init, before the embedding
         "summary": tail.first(r"SUMMARY "),
     }
 
@@ -402,12 +409,11 @@ def rebuild_phases(wall: float, summary: dict, mark: dict) -> dict:
     """Seconds per row of the table; they add up to the wall clock. Without the marks (the job's output
     changed) the untimed phases are two rows: before/after the job's own clock, and the rest."""
     t = {k: float(v) for k, v in summary["timings"].items()}
-    if all(v is not None for v in mark.values()) and "pool_start_s" in t:
-        after_pool = sum(v for k, v in t.items() if k != "pool_start_s")
+    if all(v is not None for v in mark.values()):
         fixed = {
             START_ROW: mark["started"],
-            RAY_INIT_ROW: mark["pool"] - mark["started"] - t["pool_start_s"],
-            REST_ROW: mark["summary"] - mark["pool"] - after_pool,
+            RAY_INIT_ROW: mark["embedding"] - mark["started"],
+            REST_ROW: mark["summary"] - mark["embedding"] - sum(t.values()),
             EXIT_ROW: wall - mark["summary"],
         }
     else:

@@ -1,33 +1,30 @@
-"""Item-embedding throughput: the rebuild job's worker pool vs a plain single-process loop.
+"""Item-embedding throughput: the rebuild job's embedding on Ray Data vs a plain single-process loop.
 
 Both do the SAME per-partition work on the same catalog: core.rebuild.parts.embed_part over every catalog
 partition (read the item feature columns in batches of B rows, core.rebuild.embed.Embedder.items, the
 per-partition gates of core.rebuild.validate.check_embedded, commit parts/<key>/ids.npy, vectors.npy,
 part.json) into a fresh temp parts directory, on the same CPU budget (--cpus):
-  ray-bB[-P]     the job's own path: jobs.worker_pool.RayPool(RebuildConfig) (one RebuildWorker per
-                 actor, each reserving 1 CPU), then core.rebuild.assemble.embed_all(pool, plan("items", files),
-                 ...). 1 worker x --cpus torch threads
-  ray-bB-wN      the same with N = --cpus workers x 1 torch thread each
-  ray-bB-wN-kept the same through a kept pool (the job's --pool NAME): started once in the untimed
-                 warm-up round, then each run looks the workers up by name and has them load the
-                 package (a no-op when they hold it), as a rebuild after the first one does
+  ray-bB[-P]     the job's own path: jobs.embed_data.EmbedRun (ONE Ray Data execution: map_batches of
+                 PartEmbedder on an ActorPoolStrategy, each actor reserving 1 CPU) driven by
+                 core.rebuild.assemble.embed_all(run, plan("items", files), ...). 1 actor x --cpus
+                 torch threads
+  ray-bB-wN      the same with N = --cpus actors x 1 torch thread each
   plain-bB[-P]   Embedder(package, threads=--cpus, precision=P), then embed_part(embedder, task, ...,
                  "local") for each partition in turn, in a fresh process per run (spawned, with the
                  OMP_WAIT_POLICY=PASSIVE the job gives its actors; the process start is not timed)
   ray-bB-noop, plain-bB-noop  the same with Embedder.items replaced by zero vectors of the same shape
                  (core.rebuild.embed.embedding_table): read, output table, gates and commit are kept; the
-                 Arrow -> tensor conversion and the tower are skipped. ray-noop - plain-noop is the
-                 pool's own fixed cost (actor start, dispatch)
+                 Arrow -> tensor conversion and the tower are skipped. ray-noop - plain-noop is Ray
+                 Data's own fixed cost (planning, actor start, dispatch)
 P: fp32, or bf16 autocast. Ray is started once in-process (ray.init(address="local", num_cpus=--cpus))
-and not timed; the pool is closed after each run (not timed, and the next run waits, untimed, until
-the killed actors' CPUs are free again).
+and not timed; after each run the next waits, untimed, until the pool's CPUs are free again.
 
 What is timed, per run (wall clock, seconds):
-  total_s    ray: RayPool construction (actor processes start, import, load and verify the package,
-             until every actor answers `ready`) + embed_all.  plain: Embedder construction (package
-             load and verify) + the loop.
-  start_s    the first part of total_s: RayPool construction / Embedder construction.
-  embed_s    the rest: embed_all / the loop, i.e. without the pool's or the model's start.
+  total_s    ray: embed_all over the Ray Data execution (planning, actors start, import, load and
+             verify the package, embed).  plain: Embedder construction (package load and verify) + the loop.
+  start_s    the first part of total_s. ray: until the first part's record arrives, less that part's
+             own seconds (Ray Data does not report its actors' start apart). plain: Embedder construction.
+  embed_s    the rest: total_s - start_s.
   parts_s    the part records' `seconds` summed over partitions: the time inside embed_part as the
              worker measures it (read, embed, gate; the commit after it is not in it). With N workers
              it sums N workers' time; embed_s - parts_s / N is the commits plus what dispatching the
@@ -37,7 +34,7 @@ What is timed, per run (wall clock, seconds):
   steady_s   from the part records: the catalog's items at the rate inside embed_part of the parts
              after each worker's first, with all N workers at that rate; without start, first-part
              warm-up, commits and dispatch. Given when there are more partitions than workers.
-Each run also records the embedding process's nice value: Ray starts its workers at 15, the plain
+The plain runs record their nice value: Ray starts its workers at 15, the plain
 process runs at the launcher's; equal on an idle machine, not when other work wants the same cores.
 Every variant runs once untimed, then --repeats rounds visit all variants in turn (A B C A B C ...);
 ratios are of medians measured in this one run. With --roof-gflops (the fp32 GEMM roof of --cpus
@@ -74,7 +71,7 @@ from core.rebuild.assemble import embed_all
 from core.rebuild.build import embed_settings
 from core.rebuild.embed import Embedder, embedding_table
 from core.storage.datasets import partition_files
-from jobs.worker_pool import RayPool, RebuildWorker, release
+from jobs.embed_data import EmbedRun, PartEmbedder, PoolOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +83,6 @@ class Variant:
     workers: int = 1  # ray: actors in the pool (each reserving 1 CPU)
     threads: int = 0  # torch threads per actor / in the plain process; 0: --cpus
     noop: bool = False  # zero vectors instead of the tower: the pipeline's floor
-    kept: bool = False  # ray: a kept pool (--pool), started in the untimed warm-up, reused by every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +104,6 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
     vs = [Variant(f"plain-b{b0}", "plain", b0), Variant(f"ray-b{b0}", "ray", b0)]
     if cfg.cpus > 1:
         vs.append(Variant(f"ray-b{b0}-w{cfg.cpus}", "ray", b0, workers=cfg.cpus, threads=1))
-        vs.append(Variant(f"ray-b{b0}-w{cfg.cpus}-kept", "ray", b0, workers=cfg.cpus, threads=1, kept=True))
     vs += [Variant(f"plain-b{b0}-bf16", "plain", b0, "bf16"), Variant(f"ray-b{b0}-bf16", "ray", b0, "bf16")]
     vs += [
         Variant(f"plain-b{b0}-noop", "plain", b0, noop=True),
@@ -121,7 +116,7 @@ def variants(cfg: ThroughputConfig) -> list[Variant]:
 
 def plain_counterpart(v: Variant) -> str:
     """The plain variant a ray variant is compared with: same batch size, precision and noop."""
-    name = v.name.replace("ray-", "plain-", 1).removesuffix("-kept")
+    name = v.name.replace("ray-", "plain-", 1)
     return name.removesuffix(f"-w{v.workers}") if v.workers > 1 else name
 
 
@@ -138,8 +133,8 @@ class ZeroEmbedder:
         return embedding_table(batch.column(self.id_name).to_numpy(), zeros, self.version, self.id_name)
 
 
-class NoopWorker(RebuildWorker):
-    """The job's actor with its embedder swapped for ZeroEmbedder after the package is loaded."""
+class NoopPartEmbedder(PartEmbedder):
+    """The job's embedding actor with its embedder swapped for ZeroEmbedder after the package is loaded."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,54 +142,42 @@ class NoopWorker(RebuildWorker):
 
 
 def wait_cpus_free(cpus: int, timeout_s: float = 60.0) -> None:
-    """After pool.close() (ray.kill returns before the actors are gone): wait until their CPUs are
-    back, so that the next run's pool is not timed waiting for them."""
+    """After a run (Ray Data kills its actors when the execution ends, asynchronously): wait until their
+    CPUs are back, so that the next run is not timed waiting for them."""
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
 def run_ray(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
-    # imported here: jobs.rebuild_index pulls pandas in (core.serving.sidecar -> pyarrow.dataset), which the
-    # plain loop's process (it imports this module) would then get untimed while the job's actors
-    # import it inside their first part (pyarrow's to_numpy does, lazily)
-    from jobs.rebuild_index import RebuildConfig
-
     threads = v.threads or cfg.cpus
-    # a kept pool reserves no CPU here: it stays up between its runs, and the other variants' pools
-    # must still be placeable on the same --cpus (it only uses CPU while it embeds)
-    job = RebuildConfig(
-        checkpoint=cfg.package, catalog=cfg.catalog, registry=cfg.tmp, num_workers=v.workers,
-        cpus_per_worker=0.0 if v.kept else 1.0, batch_size=v.batch_size, torch_threads=threads,
-        faiss_threads=threads, precision=v.precision, wait_for_min_actors_s=120, pool=kept_name(v),
-    )  # fmt: skip
+    opts = PoolOptions(min_workers=v.workers, max_workers=v.workers, cpus_per_worker=1.0, threads=threads,
+                       wait_for_min_actors_s=120)  # fmt: skip
+    run = EmbedRun(cfg.package, parts, settings, opts, NoopPartEmbedder if v.noop else None)
+    first: list[float] = []
+
+    def progress(_m):
+        first.append(time.perf_counter()) if not first else None
+
     t0 = time.perf_counter()
-    pool = RayPool(job, NoopWorker if v.noop else RebuildWorker)
     try:
-        t1 = time.perf_counter()
-        emb = embed_all(pool, tasks, parts, settings, lambda _m: None, lambda _n: None)
+        emb = embed_all(run, tasks, parts, settings, progress, lambda _n: None)
         t2 = time.perf_counter()
-        # Ray starts its workers at nice 15 (the driver and the plain process run at the launcher's):
-        # equal on an idle machine, not when something else wants the same cores
-        nice = ray.get(pool.actors[0].__ray_call__.remote(lambda _self: os.getpriority(os.PRIO_PROCESS, 0)))
     finally:
-        pool.close()
         wait_cpus_free(cfg.cpus)
     assert emb.embedded == len(tasks), f"{v.name}: {emb.reused} parts reused from a fresh directory"
     recs = list(emb.records.values())
+    first_rec = next(iter(emb.records.values()))
+    start = first[0] - t0 - first_rec["seconds"]
     return {
         "rows": sum(r["rows"] for r in recs),
         "total_s": t2 - t0,
-        "start_s": t1 - t0,
-        "embed_s": t2 - t1,
+        "start_s": start,
+        "embed_s": t2 - t0 - start,
         "parts_s": sum(r["seconds"] for r in recs),
         "part_seconds": {r["key"]: r["seconds"] for r in recs},
-        "nice": nice,
+        "retries": run.stats["retries"],
     }
-
-
-def kept_name(v: Variant) -> str | None:
-    return f"bench-{os.getpid()}-{v.name}" if v.kept else None
 
 
 def run_plain(v: Variant, cfg: ThroughputConfig, tasks, settings, parts: Path) -> dict:
@@ -291,9 +274,6 @@ def run(cfg: ThroughputConfig) -> dict:
                     flush=True,
                 )
     finally:
-        for v in vs:
-            if v.kept:
-                release(kept_name(v))
         ray.shutdown()
     rows = [summarize(v, runs[v.name], items) for v in vs]
     by = {r["name"]: r for r in rows}
@@ -350,7 +330,7 @@ def plot(result: dict, path: Path) -> None:
     y = list(range(len(rows)))[::-1]
     start = [r["median_start_s"] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    ax.barh(y, start, 0.6, color="tab:gray", label="start: worker pool (actors + package) / Embedder")
+    ax.barh(y, start, 0.6, color="tab:gray", label="start: Ray Data (plan, actors, package) / Embedder")
     ax.barh(y, [r["median_embed_s"] for r in rows], 0.6, left=start, color="tab:blue",
             label="embed all partitions")  # fmt: skip
     ax.barh(y, [r["median_parts_s"] / r["workers"] for r in rows], 0.18, left=start, color="tab:orange",

@@ -245,7 +245,7 @@ def classify(title: str) -> str:
         return "replica"
     if title.startswith("ray::ProxyActor"):
         return "proxy"
-    if "RebuildWorker" in title:
+    if "PartEmbedder" in title or "AssemblyWorker" in title:  # the rebuild's embedding and assembly actors
         return "embed_actors"
     return "other_ray"  # Serve's controller, idle workers, other tasks
 

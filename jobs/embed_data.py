@@ -134,14 +134,16 @@ def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOp
     )
 
 
-def dataset(package: Path, tasks: list[PartTask], parts: Path, settings: EmbedSettings, opts: PoolOptions):
-    """The embedding's Ray Data plan: one row (and one block) per part task, one output row per part."""
+def dataset(package: Path, tasks: list[PartTask], parts: Path, settings: EmbedSettings, opts: PoolOptions,
+            actor_class: type = None):  # fmt: skip
+    """The embedding's Ray Data plan: one row (and one block) per part task, one output row per part.
+    `actor_class`: PartEmbedder (benchmarks pass a subclass)."""
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # a dropped block would be a silently missing partition
     ctx.raise_original_map_exception = True  # a failed gate surfaces as itself, not as UserCodeException
     ctx.wait_for_min_actors_s = opts.wait_for_min_actors_s
     ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks], override_num_blocks=len(tasks))
-    ds = ds.map_batches(PartEmbedder, **map_kwargs(package, parts, settings, opts))
+    ds = ds.map_batches(actor_class or PartEmbedder, **map_kwargs(package, parts, settings, opts))
     ds.set_name(OP_NAME)
     return ds
 
@@ -160,15 +162,18 @@ def unwrap(e: BaseException) -> BaseException:
 class EmbedRun:
     """One embedding execution; `stats` (attempts, retries, actor restarts) once it has run."""
 
-    def __init__(self, package: Path, parts: Path, settings: EmbedSettings, opts: PoolOptions):
+    def __init__(self, package: Path, parts: Path, settings: EmbedSettings, opts: PoolOptions,
+                 actor_class: type | None = None):  # fmt: skip
         self.package, self.parts, self.settings, self.opts = package, Path(parts), settings, opts
+        self.actor_class = actor_class
         self.stats: dict = {"parts": 0, "attempts": 0, "retries": 0, "actor_restarts": None}
 
     def __call__(self, tasks: list[PartTask]) -> Iterator[dict]:
         for marks in (ATTEMPTS, STARTS):  # count this run's only
             shutil.rmtree(self.parts / marks, ignore_errors=True)
         try:
-            for row in dataset(self.package, tasks, self.parts, self.settings, self.opts).iter_rows():
+            ds = dataset(self.package, tasks, self.parts, self.settings, self.opts, self.actor_class)
+            for row in ds.iter_rows():
                 yield json.loads(row["record"])
         except Exception as e:
             own = unwrap(e)

@@ -6,8 +6,10 @@
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
       python -m jobs.rebuild_index --package $PWD/packages/... --catalog $PWD/data/catalog ...
 
-Nothing is published unless every gate passes: one checkpoint version on every row, row counts equal to
-the inputs', unique ids, finite vectors, held-out recall@k >= the target, and the comparison gate: a
+The embedding is ONE Ray Data execution (jobs.embed_data) on an actor pool that Ray restarts and resizes: a
+lost actor or node costs retries of its partitions, not the rebuild. Nothing is published unless every gate
+passes: one checkpoint version on every row, row counts equal to the inputs', unique ids, finite vectors,
+held-out recall@k >= the target at the lower end of its one-sided 95% interval, and the comparison gate: a
 quality floor on held-out data (Recall@k against popularity and random rankings; a first build too)
 and, when a build is live, the comparison with it: embedding health, top-k overlap, held-out quality
 (core.quality.compare). A build the comparison refuses is committed but not published (canary it, or rebuild with --force). Exit code 0 = published,
@@ -465,8 +467,9 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--target-recall",
         type=float,
         default=ix.target_recall,
-        help=f"held-out recall@{ix.k} needed to publish (the search setting is the cheapest that reaches it "
-        "on the tuning queries and on the disjoint held-out queries)",
+        help=f"held-out recall@{ix.k} needed to publish, at the lower end of its one-sided 95%% interval over "
+        "the held-out queries (the search setting is the cheapest that reaches it on the tuning queries and "
+        "then on the disjoint held-out queries)",
     )
     p.add_argument(
         "--force-unchecked",

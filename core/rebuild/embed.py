@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from core.contract.towers import PRECISIONS, ModelPackage, load_package
+from core.rebuild.validate import embeddings_to_numpy
 
 __all__ = ["PRECISIONS", "Embedder", "embedding_table", "embeddings_to_numpy"]
 
@@ -25,13 +26,6 @@ def embedding_table(ids: np.ndarray, emb: np.ndarray, version: str, id_name: str
     vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(emb, np.float32).reshape(-1)), d)
     version_col = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([version]))
     return pa.table({id_name: pa.array(ids, pa.int64()), "embedding": vec, "checkpoint_version": version_col})
-
-
-def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
-    """embedding column -> (N, D) float32, contiguous."""
-    col = table.column("embedding").combine_chunks()
-    d = col.type.list_size
-    return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d), dtype=np.float32)
 
 
 class Embedder:

@@ -6,7 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.rebuild.embed import embeddings_to_numpy
+
+# here, not in core.rebuild.embed: the assembly workers gate and read parts without importing torch
+def embeddings_to_numpy(table: pa.Table) -> np.ndarray:
+    """embedding column -> (N, D) float32, contiguous."""
+    col = table.column("embedding").combine_chunks()
+    d = col.type.list_size
+    return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d), dtype=np.float32)
 
 
 class ValidationError(ValueError):

@@ -240,14 +240,20 @@ def serve_deploy(ray_head: dict, port: int, apps: list[dict], path: Path) -> str
 
 
 def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    deadline = time.monotonic() + 90
+    while True:
+        p = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        # a head that has just started may not have its job agent yet: Ray says to try again later
+        if p.returncode == 0 or "No available agent" not in p.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     if check and p.returncode != 0:
         raise AssertionError(f"ray {args} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

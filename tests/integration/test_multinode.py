@@ -1,6 +1,6 @@
-"""The rebuild on a local multi-node Ray cluster (3 nodes): its workers land on the (simulated) GPU pool
-only, and build a sharded index there whose shards come from both pool nodes; served, it answers as one
-index over the same vectors does."""
+"""The rebuild on a local multi-node Ray cluster (3 nodes): its embedding actors (Ray Data's pool) and its
+assembly workers land on the (simulated) GPU pool only, and build a sharded index there whose shards
+come from both pool nodes; served, it answers as one index over the same vectors does."""
 
 from __future__ import annotations
 

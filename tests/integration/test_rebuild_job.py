@@ -115,28 +115,3 @@ def test_submit_without_the_token_is_refused(ray_head, ml_data, checkpoints, tmp
     env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token")
     p = ray_cli("job", "list", "--address", ray_head["dashboard"], env=env, check=False)
     assert p.returncode != 0 and "authentication" in (p.stdout + p.stderr).lower()
-
-
-def test_a_kept_pool_is_reused_by_the_next_rebuild_and_released(ray_head, ml_data, checkpoints, new_registry):
-    """--pool NAME: the second rebuild finds the workers up (no start, same vectors), a rebuild with
-    another checkpoint through the same pool embeds with that one, and `release` stops them."""
-    registry = new_registry("reg-kept")
-    name = f"kept-{uuid.uuid4().hex[:6]}"
-    pool = ("--pool", name, "--force-unchecked")
-    try:
-        first = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, *pool))
-        second = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, *pool))
-        assert second["timings"]["pool_start_s"] < first["timings"]["pool_start_s"] / 2, (first, second)
-        reg = Registry(registry)
-        a, b = BuildDir(reg.build_dir(first["build_id"])), BuildDir(reg.build_dir(second["build_id"]))
-        assert a.open_items()[1].tobytes() == b.open_items()[1].tobytes()
-        other = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry, *pool))
-        assert other["checkpoint_version"] == read_manifest(checkpoints[1]).version
-        assert reg.manifest(other["build_id"]).homogeneity["checkpoint_versions"] == [
-            other["checkpoint_version"]
-        ]
-    finally:
-        out = run_module(
-            "jobs.worker_pool", "--address", ray_head["gcs"], "release", name, env=ray_head["env"]
-        )
-    assert f"released {name}: 1 worker(s) stopped" in out.stdout
