@@ -1,7 +1,8 @@
 """The embedding on Ray Data, as users watch and break it: a `ray job submit` rebuild shows its embedding
 operator in the dashboard's Ray Data API; an embedding actor SIGKILLed while parts are being written, and
-a worker node removed mid-run, cost retries, not the rebuild: it publishes by itself, with vectors bit
-for bit those of the uninterrupted build. (A killed driver resumed with --resume: test_rebuild_failures.)
+a pool node removed mid-run on a local multi-node cluster (where every actor must stay on the pool),
+cost retries, not the rebuild: it publishes by itself, with vectors bit for bit those of the
+uninterrupted build. (A killed driver resumed with --resume: test_rebuild_failures.)
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import faiss
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from core.ann import index as ann
+from core.serving.live_build import load_build
 from core.storage.build_dir import BuildDir
 from core.storage.datasets import write_dataset
 from core.storage.registry import Registry
@@ -140,15 +145,19 @@ def test_an_embedding_actor_killed_mid_run_costs_a_retry_not_the_rebuild(
     assert _vectors(registry, s["build_id"]) == _vectors(reference["registry"], reference["build"])
 
 
-def test_a_worker_node_removed_mid_embedding_costs_retries_not_the_rebuild(
+def test_a_pool_node_removed_mid_embedding_costs_retries_and_everything_stays_on_the_pool(
     heavy, reference, new_registry, ray_env
 ):
-    """A 4-node cluster (head + 3 pool nodes, 2 embedding actors): the node of a busy embedding actor
-    is removed; Ray Data's restarted actor on the spare node takes its parts over."""
+    """A 4-node cluster: a head with no pool resource and 3 pool nodes (`gpu_pool`, as cluster.yaml's GPU
+    workers), 2 embedding actors. The node of a busy embedding actor is removed mid-run; Ray Data's
+    restarted actor on the spare node takes its parts over. Every actor ran on pool nodes only, the
+    assembly built its 4 shards on the two pool nodes left, and the sharded build, served, answers as
+    one index over the same vectors does."""
     registry = new_registry("reg-heavy-node")
     p = run_module(
         "tests.integration.multinode_cluster", "--pool-nodes", "3", "--remove-embedding-node", "--",
-        *_args(heavy, registry), "--resources-per-worker", "gpu_pool=1", env=ray_env,
+        *_args(heavy, registry), "--resources-per-worker", "gpu_pool=1", "--index", "ivf", "--layout", "sharded",
+        "--shards", "4", env=ray_env,
     )  # fmt: skip
     result = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
     assert result["returncode"] == 0, result["stdout"] + result["stderr"]
@@ -158,6 +167,26 @@ def test_a_worker_node_removed_mid_embedding_costs_retries_not_the_rebuild(
     )
     assert s["embedding"]["retries"] >= 1 or s["embedding"]["actor_restarts"] >= 1, s["embedding"]
     assert _vectors(registry, s["build_id"]) == _vectors(reference["registry"], reference["build"])
+
+    pool, head = set(result["pool_node_ids"]), result["head_node_id"]
+    assert {a["node_id"] for a in result["worker_actors"]} <= pool  # embedding and assembly actors alike
+    m = Registry(registry).manifest(s["build_id"])
+    assert set(m.parts["nodes"]) <= pool and head not in m.parts["nodes"]
+    assert m.index.layout == "sharded" and len(m.index.shards) == 4
+    assert {x["node"] for x in m.index.shards} == pool - {result["removed_node"]}  # built where they live
+    # served (core.serving.live_build, what every replica loads) vs ONE index over the same vectors
+    bdir = BuildDir(Registry(registry).build_dir(s["build_id"]))
+    live = load_build(bdir.root)
+    one = ann.load(bdir.shard_index_path(0))
+    for x in m.index.shards[1:]:
+        one.merge_from(ann.load(bdir.shard_index_path(x["shard"])), 0)
+    assert one.ntotal == live.index.ntotal == m.catalog.row_count
+    xq = np.array(bdir.open_items()[1][::120]) + 0.1
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    I, D = live.search(xq, 10)
+    D1, I1 = one.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=m.index.search_params["nprobe"]))
+    np.testing.assert_array_equal(I, I1)
+    np.testing.assert_allclose(D, D1, rtol=1e-6)
 
 
 def test_an_exception_of_ours_in_an_actor_fails_the_rebuild_at_once_with_one_line(
