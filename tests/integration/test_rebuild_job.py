@@ -69,6 +69,32 @@ def test_ray_job_submit_publishes_all_items_from_one_checkpoint(
     assert f"published {build}" in submitted["logs"] and "SUMMARY " in submitted["logs"]
 
 
+def test_the_dashboard_shows_the_embedding_operator_with_its_rows(submitted, ray_head):
+    """The dashboard's Ray Data API (what its Ray Data view shows) lists the rebuild's ONE embedding
+    execution: its operator with every partition (8 of items, 8 of users) as a row; the job log has
+    Ray Data's progress; the SUMMARY counts attempts, retries and actor restarts."""
+    job = _dashboard_get(ray_head, f"/api/jobs/{submitted['sid']}")
+    got = _dashboard_get(ray_head, f"/api/data/datasets/{job['job_id']}")
+    [ds] = [d for d in got["datasets"] if d["dataset"].startswith("skewless_embed")]
+    assert ds["state"] == "FINISHED" and ds["progress"] == ds["total"] == 16, ds
+    [op] = [o for o in ds["operators"] if "PartEmbedder" in o["operator"]]
+    assert op["state"] == "FINISHED" and op["progress"] == 16, op
+    assert "Running Dataset: skewless_embed" in submitted["logs"]
+    s = json.loads(
+        next(x for x in submitted["logs"].splitlines() if x.startswith("SUMMARY "))[len("SUMMARY ") :]
+    )
+    assert s["embedding"] == {"parts": 16, "attempts": 16, "retries": 0, "actors": 1, "actor_restarts": 0}
+
+
+def _dashboard_get(ray_head: dict, path: str) -> dict:
+    req = urllib.request.Request(
+        f"{ray_head['dashboard']}{path}",
+        headers={"Authorization": f"Bearer {ray_head['env']['RAY_AUTH_TOKEN']}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
 def test_second_checkpoint_publishes_then_one_rollback_restores_the_first(
     submitted, ray_head, ml_data, checkpoints, catalog_ids
 ):

@@ -149,6 +149,12 @@ def test_pool_flags_nice_and_resources_reach_the_embedding_actors(tmp_path):
     assert kw["resources"] == {"gpu_pool": 1.0} and kw["num_cpus"] == 0.5 and kw["num_gpus"] is None
     assert (kw["compute"].min_size, kw["compute"].max_size, kw["batch_size"]) == (2, 5, 1)
     assert kw["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    gpu = rebuild_index.pool_options(
+        parse([*BASE, "--num-gpus-per-worker", "1", "--resources-per-worker", "gpu_pool=1"])
+    )
+    kw_gpu = embed_data.map_kwargs(ck, tmp_path / "parts", settings, gpu)  # what a GPU pool's actors reserve
+    assert kw_gpu["num_gpus"] == 1.0 and kw_gpu["resources"] == {"gpu_pool": 1.0}
+    assert kw_gpu["compute"].min_size == kw_gpu["compute"].max_size == 1
     # what an actor does with those arguments, in-process: Ray's GPU list, node and the OS's nice faked
     niced = []
     actor = PartEmbedder(**kw["fn_constructor_kwargs"], assigned_gpus=lambda: [], renice=niced.append,
