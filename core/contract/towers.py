@@ -90,14 +90,13 @@ class ModelPackage:
         `compute`: a context-manager factory around each batch (e.g. bf16 autocast)."""
         specs = self.inputs(tower)
         encode.check_columns(table.column_names, specs, what)
-        if table.num_rows <= batch_size:  # one batch (every serving call): no slicing, no concatenation
-            with compute() if compute else contextlib.nullcontext():
-                return self.run(tower, encode.table_arrays(table, specs, what), device)
         out = []
         for s in range(0, table.num_rows, batch_size):
             arrays = encode.table_arrays(table.slice(s, batch_size), specs, what)
             with compute() if compute else contextlib.nullcontext():
                 out.append(self.run(tower, arrays, device))
+        if len(out) == 1:  # one batch (every serving call): no copy
+            return out[0]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def item_vectors(self, table: pa.Table, batch_size: int = 8192) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The rebuild's distributed middle: embed every partition (one run of the embedding, jobs.embed_data),
-then, through a worker pool (core.rebuild.worker): gate, write the id-sorted tables, train once, add shards, tune the search setting where the shards
-live, and write the index merged or as shards.
+then, through a worker pool (core.rebuild.worker): gate, write the id-sorted tables, train once, add
+shards, tune the search setting where the shards live, and write the index merged or as shards.
 
 The driver (this module) plans and aggregates: per-part and per-shard records, the queries, and top-k
 lists. It never holds the catalog's vectors, so its memory does not grow with the catalog.
