@@ -34,7 +34,6 @@ from core.rebuild.validate import ValidationError
 from core.serving.live_build import load_build
 from core.storage.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
 from core.storage.datasets import DatasetError, partition_files, read_dataset_manifest
-from core.storage.fsutil import commit_dir
 from core.storage.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -340,8 +339,7 @@ def build_and_publish(
         manifest = dataclasses.replace(manifest, comparison={"skipped": NOT_COMPARED})
         out.write_manifest(manifest)
         progress(NOT_COMPARED)
-    final = registry.builds / build_id
-    commit_dir(staging, final)
+    registry.commit(staging, build_id)  # visible from here on: renamed into place, or uploaded
     phase("build_committed")
     if refusal is not None:
         c = manifest.comparison

@@ -48,6 +48,7 @@ _CHECKPOINT_DIR = "checkpoint"
 _SHARDS_DIR = "shards"
 _PARTS_DIR = "parts"
 _RESUME_FILE = "rebuild.json"
+OWNER_FILE = ".owner"  # staging only: who is writing it (core.storage.registry)
 
 
 class BuildFormatError(ValueError):
@@ -106,6 +107,9 @@ class BuildManifest:
     # the cut-over comparison with the build live when this one was built (core.quality.compare): health,
     # overlap, held-out quality, verdict, forced; None when nothing was live or it was not run
     comparison: dict | None = None
+    # every file of the build (relative path -> bytes, sha256), recorded when a build is uploaded to
+    # an object store (core.storage.remote_builds): what a node's cached copy is verified against
+    files: dict = dataclasses.field(default_factory=dict)
 
     @property
     def checkpoint_version(self) -> str:
@@ -147,6 +151,7 @@ class BuildManifest:
                 based_on_seq=d["based_on_seq"],
                 parts=d.get("parts", {}),
                 comparison=d.get("comparison"),
+                files=d.get("files", {}),
             )
         except (KeyError, TypeError) as e:
             raise BuildFormatError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
@@ -198,6 +203,17 @@ class BuildDir:
         """(ids .npy, vectors .npy) of the items or users table, which the rebuild's workers fill."""
         one = {"items": "item", "users": "user"}[what]
         return self.table_path(f"{one}_ids"), self.table_path(f"{one}_embeddings")
+
+    def build_files(self) -> list[tuple[str, Path]]:
+        """(relative path, path) of every file a complete build consists of, its manifest excepted:
+        what the rebuild's staging directory holds besides the staging-only parts and records."""
+        skip = {_PARTS_DIR, _RESUME_FILE, MANIFEST_FILE}
+        out = []
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root)  # hidden names: the owner record, temp files, markers
+            if p.is_file() and rel.parts[0] not in skip and not any(n.startswith(".") for n in rel.parts):
+                out.append((rel.as_posix(), p))
+        return out
 
     def is_complete(self) -> bool:
         """A complete build has its manifest, which the writer adds last."""

@@ -1,0 +1,207 @@
+"""The registry on a real S3-compatible server (SeaweedFS on loopback, tests/s3server.py): builds
+uploaded and committed by their create-only manifest, the pointer swapped by If-Match on its ETag,
+verified cached copies, racing publishers, uploads killed part-way, gc. No Ray here: these are the
+storage guarantees on which the rebuild and serving stand."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.storage.build_dir import BuildDir, BuildFormatError
+from core.storage.registry import PublishConflict, Registry, RegistryError
+from core.storage.store import CREATE, AlreadyExists, VersionConflict, open_store
+from tests.s3server import S3Server
+from tests.unit.tiny_build import make_build, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        server.make_bucket("skewless")
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "ck")
+
+
+_prefixes = iter(range(10**6))
+
+
+def fresh_registry(tmp_path: Path) -> Registry:
+    """A registry under its own prefix of the bucket, with its own node cache."""
+    return Registry(f"s3://skewless/reg-{os.getpid()}-{next(_prefixes)}", cache=tmp_path / f"cache-{next(_prefixes)}")
+
+
+def commit(reg: Registry, tmp_path: Path, build_id: str, checkpoint: Path, **kw) -> Path:
+    staged = make_build(tmp_path / f"stage-{build_id}", build_id, checkpoint, **kw)
+    reg.commit(staged, build_id)
+    return staged
+
+
+def test_conditional_writes_are_refereed_by_the_server(s3, tmp_path):
+    st = open_store("s3://skewless/cond")
+    st.put("obj", b"one", mode=CREATE)
+    with pytest.raises(AlreadyExists):
+        st.put("obj", b"two", mode=CREATE)
+    data, v1 = st.get("obj")
+    assert data == b"one"
+    st.put("obj", b"three", mode=v1)
+    with pytest.raises(VersionConflict):
+        st.put("obj", b"four", mode=v1)  # v1 is stale now
+    assert st.get("obj")[0] == b"three"
+
+
+def test_builds_publish_roll_back_and_gc_on_the_bucket(s3, tmp_path, checkpoint):
+    reg = fresh_registry(tmp_path)
+    for i in range(5):
+        commit(reg, tmp_path, f"b{i}", checkpoint, seed=i)
+        reg.publish(f"b{i}", expected_seq=reg.pointer().seq)
+    assert reg.list_builds() == [f"b{i}" for i in range(5)]
+    assert reg.current() == "b4" and reg.pointer().seq == 5
+    # a second node (another cache) fetches a verified copy: the same tables bit for bit
+    other = Registry(reg.store.url, cache=tmp_path / "node2")
+    local = BuildDir(other.build_dir("b4"))
+    ids, emb = local.open_items()
+    ref_ids, ref_emb = BuildDir(reg.build_dir("b4")).open_items()
+    assert np.array_equal(ids, ref_ids) and np.array_equal(emb, ref_emb)
+    assert local.read_manifest().files["item_ids.npy"]["bytes"] == local.table_path("item_ids").stat().st_size
+    assert other.build_dir("b4") == local.root  # reused, not fetched again
+    ptr = reg.rollback()
+    assert ptr.build_id == "b3" and other.current() == "b3"
+    reg.canary("b4", 10)
+    assert other.pointer().canary == "b4"
+    reg.promote()
+    assert other.current() == "b4"
+    removed = reg.gc(rollback_window=1, keep_extra=0)
+    assert set(removed) == {"b0", "b1", "b2"}  # b4 live, b3 its rollback target
+    assert reg.list_builds() == ["b3", "b4"]
+    assert not list(reg.store.list("builds/b0/"))
+    with pytest.raises(RegistryError, match="no complete build 'b0'"):
+        reg.publish("b0", expected_seq=None)
+
+
+def test_a_corrupted_object_is_refused_before_use(s3, tmp_path, checkpoint):
+    reg = fresh_registry(tmp_path)
+    commit(reg, tmp_path, "good", checkpoint)
+    key = "builds/good/item_embeddings.npy"
+    data, _ = reg.store.get(key)
+    reg.store.put(key, data[:-4] + b"\0\0\0\1")  # same size, other bytes
+    fresh = Registry(reg.store.url, cache=tmp_path / "fresh-node")
+    with pytest.raises(BuildFormatError, match="item_embeddings.npy is .* the manifest says"):
+        fresh.build_dir("good")
+    assert not (fresh.builds / "good").exists()  # nothing half-verified left to be used
+
+
+def test_racing_publishers_exactly_one_wins_each_time(s3, tmp_path, checkpoint):
+    reg = fresh_registry(tmp_path)
+    racers = [f"r{i}" for i in range(4)]
+    for b in ["base", *racers]:
+        commit(reg, tmp_path, b, checkpoint, n_items=50, n_users=10)
+    reg.publish("base", expected_seq=0)
+    for race in range(20):
+        seq = reg.pointer().seq
+        barrier = threading.Barrier(len(racers))
+        outcome: dict[str, str] = {}
+
+        def publish(build_id: str, seq=seq, barrier=barrier, outcome=outcome) -> None:
+            own = Registry(reg.store.url, cache=tmp_path / "racers")  # one client each, as separate jobs
+            barrier.wait()
+            try:
+                own.publish(build_id, expected_seq=seq)
+                outcome[build_id] = "won"
+            except PublishConflict as e:
+                outcome[build_id] = str(e)
+
+        threads = [threading.Thread(target=publish, args=(b,)) for b in racers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [b for b, o in outcome.items() if o == "won"]
+        assert len(winners) == 1, (race, outcome)
+        ptr = reg.pointer()
+        assert ptr.build_id == winners[0] and ptr.seq == seq + 1
+        for b, o in outcome.items():
+            if b != winners[0]:
+                assert f"live build {winners[0]}" in o, (race, o)
+
+
+UPLOADER = """
+import sys, time
+from pathlib import Path
+from core.storage.registry import Registry
+reg = Registry(sys.argv[1], cache=Path(sys.argv[2]))
+def slow(line):
+    print(line, flush=True)
+    time.sleep(0.3)  # room for the test's kill between two files
+reg.commit(Path(sys.argv[3]), sys.argv[4], progress=slow)
+print("committed", flush=True)
+reg.publish(sys.argv[4], expected_seq=1)
+print("published", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 3, "committed"])
+def test_an_upload_killed_part_way_is_never_a_build(s3, tmp_path, checkpoint, kill_after):
+    """SIGKILL between files (or between the commit and the publish): CURRENT still names the old
+    complete build, the half-uploaded one is invisible to every reader, and gc removes its objects."""
+    reg = fresh_registry(tmp_path)
+    commit(reg, tmp_path, "old", checkpoint)
+    reg.publish("old", expected_seq=0)
+    staged = make_build(tmp_path / "stage-new", "new", checkpoint, seed=7)
+    n_files = len(BuildDir(staged).build_files())
+    proc = subprocess.Popen([sys.executable, "-c", UPLOADER, reg.store.url, str(tmp_path / "up-cache"), str(staged), "new"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    lines = []
+    try:
+        while True:
+            line = proc.stdout.readline()
+            assert line, f"the uploader ended before the kill point: {lines}"
+            lines.append(line.strip())
+            uploaded = sum(ln.startswith("uploaded ") for ln in lines)
+            if line.startswith("committed") if kill_after == "committed" else uploaded == kill_after + 1:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert reg.current() == "old" and reg.pointer().seq == 1
+    if kill_after == "committed":
+        assert reg.list_builds() == ["new", "old"]  # committed, not live: promote would serve it whole
+        assert Registry(reg.store.url, cache=tmp_path / "reader").build_dir("new")
+        return
+    assert 0 < len(list(reg.store.list("builds/new/"))) <= n_files
+    reader = Registry(reg.store.url, cache=tmp_path / "reader")
+    assert reader.list_builds() == ["old"]
+    with pytest.raises(RegistryError, match="no complete build 'new'"):
+        reader.build_dir("new")
+    with pytest.raises(RegistryError):
+        reader.publish("new", expected_seq=None)
+    assert reg.gc(stale_staging_s=3600) == []  # too recent: maybe a running upload
+    removed = reg.gc(stale_staging_s=0)
+    assert any(r.startswith("builds/new/") for r in removed), removed
+    assert not list(reg.store.list("builds/new/"))
+    json.loads(reg.store.get("CURRENT")[0])  # the pointer is intact JSON
+    reg.commit(staged, "new")  # the same id can be uploaded again, whole this time
+    assert reg.list_builds() == ["new", "old"]
