@@ -30,6 +30,7 @@ import ray
 
 from core.rebuild.embed import Embedder
 from core.rebuild.parts import EmbedSettings, PartTask, embed_part
+from core.storage.store import is_remote
 from jobs.common import lower_priority
 
 ATTEMPTS = ".attempts"  # under the parts directory: one empty file per attempt at a part
@@ -117,7 +118,7 @@ def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOp
     """`map_batches`' arguments: one part per call, the pool and what each actor reserves."""
     return dict(
         fn_constructor_kwargs={
-            "package": str(Path(package).resolve()),
+            "package": str(package if is_remote(str(package)) else Path(package).resolve()),
             "parts": str(parts),
             "settings": dataclasses.asdict(settings),
             "threads": opts.threads,

@@ -52,9 +52,10 @@ from core.rebuild.embed import PRECISIONS
 from core.rebuild.validate import ValidationError
 from core.serving.sidecar import fold_into_base
 from core.storage.build_dir import BuildDir
-from core.storage.datasets import DATASET_MANIFEST, DatasetError
+from core.storage.datasets import DatasetError, is_dataset
 from core.storage.fsutil import write_json_atomic
 from core.storage.registry import Registry
+from core.storage.store import location
 from jobs import embed_data
 from jobs.common import lower_priority, run_main
 from jobs.worker_pool import RayPool
@@ -89,6 +90,18 @@ class RebuildConfig:
     nice: int = 0
     resume: str | None = None  # a staged build id whose committed partitions are reused
     compare: CompareOptions = CompareOptions()
+    scratch: Path | None = None  # staging of an object-store registry's build, seen by every pool node
+
+
+def pin_to_this_node(cfg: RebuildConfig, registry: Registry) -> RebuildConfig:
+    """An object-store registry stages its build on this node's disk (then uploads it): without a
+    --scratch every pool node sees, the pools (embedding, assembly) run on this node only."""
+    if not registry.remote or cfg.scratch is not None:
+        return cfg
+    node = f"node:{ray.util.get_node_ip_address()}"
+    print(f"object-store registry without --scratch: the embedding and assembly actors run on this node ({node})",
+          flush=True)  # fmt: skip
+    return dataclasses.replace(cfg, resources_per_worker=(*cfg.resources_per_worker, (node, 0.001)))
 
 
 def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
@@ -149,7 +162,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     inputs: Inputs = preflight(cfg.checkpoint, cfg.catalog, cfg.users)
     ck = inputs.package
     gate = skew_gate.publish_gate(cfg.registry, ck.family, ck.version, cfg.force_unchecked)
-    registry = Registry(cfg.registry)
+    registry = Registry(cfg.registry, scratch=cfg.scratch)
     expected_seq = registry.pointer().seq
     settings = embed_settings(ck, cfg.precision, cfg.batch_size)
     build_id, staging = _staging(cfg, registry, inputs, settings)
@@ -163,6 +176,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         ray.init(address=cfg.address, log_to_driver=True)
         lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
         check_resources(cfg, ray.cluster_resources())
+        cfg = pin_to_this_node(cfg, registry)
         embed = embed_data.EmbedRun(cfg.checkpoint, BuildDir(staging).parts_dir, settings, pool_options(cfg))
         run_info = {
             "num_workers": cfg.num_workers,
@@ -328,19 +342,19 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "--package",
         "--checkpoint",
         dest="checkpoint",
-        type=Path,
+        type=location,
         required=True,
         help="model package directory (core.contract.package.write_package; every vector carries its version)",
     )
     p.add_argument(
         "--catalog",
-        type=Path,
+        type=location,
         required=True,
         help="catalog dataset directory (core.storage.datasets.write_dataset: the item id + the item tower's declared columns)",
     )
     p.add_argument(
         "--users",
-        type=Path,
+        type=location,
         default=d.users,
         help="users dataset; embedded with the SAME checkpoint for serving (default: CATALOG/../users if "
         "present)",
@@ -351,7 +365,8 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         help="do not embed users: the build has no user tables, and its index is tuned and gated on the "
         "user tower over histories sampled from the catalog",
     )
-    p.add_argument("--registry", type=Path, default=d.registry, help="build registry directory")
+    p.add_argument("--registry", type=location, default=d.registry,
+                   help="build registry: a directory, or s3://BUCKET/PREFIX / gs://BUCKET/PREFIX")  # fmt: skip
     p.add_argument(
         "--address",
         default=d.address,
@@ -457,6 +472,14 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         "n x nlist",
     )
     p.add_argument(
+        "--scratch",
+        type=Path,
+        default=d.scratch,
+        help="with an s3:// or gs:// --registry: the directory the build is staged in before its upload "
+        "(partitions, tables, shards), which every node of the pools must see (a shared file system); "
+        "without it the build is staged on this node's disk (SKEWLESS_CACHE_DIR) and the pools run here",
+    )
+    p.add_argument(
         "--resume",
         metavar="BUILD_ID",
         default=d.resume,
@@ -498,7 +521,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
     g.add_argument("--no-compare", action="store_true",
                    help="skip the comparison gate: the quality floor and the comparison with the live build")  # fmt: skip
     g.add_argument("--force", action="store_true", help="publish even if the comparison refuses (recorded)")
-    g.add_argument("--holdout", type=Path, help="held-out interactions (user_id, item_id) for the quality "
+    g.add_argument("--holdout", type=location, help="held-out interactions (user_id, item_id) for the quality "
                    "floor and comparison (default: USERS/../interactions/test when it exists; without it the "
                    "floor is not checked, and the summary says so)")  # fmt: skip
     g.add_argument("--compare-users", type=int, default=CompareOptions.users, help="users compared")
@@ -528,15 +551,9 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         p.error(f"--nice must be in 0..19 (got {a.nice}) and --timeout-s > 0 (got {a.timeout_s:g})")
     users = None
     if not a.no_users:
-        users = a.users or (
-            a.catalog.parent / "users" if (a.catalog.parent / "users" / DATASET_MANIFEST).exists() else None
-        )
+        users = a.users or (a.catalog.parent / "users" if is_dataset(a.catalog.parent / "users") else None)
     holdout = a.holdout
-    if (
-        holdout is None
-        and users is not None
-        and (users.parent / "interactions" / "test" / DATASET_MANIFEST).exists()
-    ):
+    if holdout is None and users is not None and is_dataset(users.parent / "interactions" / "test"):
         holdout = users.parent / "interactions" / "test"
     compare = CompareOptions(
         enabled=not a.no_compare, holdout=holdout, users=a.compare_users, force=a.force,
@@ -551,7 +568,7 @@ def parse(argv: list[str] | None) -> RebuildConfig:
         faiss_threads=a.faiss_threads, index=IndexOptions(kind=a.index, target_recall=a.target_recall, layout=a.layout,
         memory_budget=a.memory_budget, shards=a.shards, nlist=a.nlist),
         timeout_s=a.timeout_s, wait_for_min_actors_s=a.wait_for_min_actors_s, force_unchecked=a.force_unchecked,
-        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume,
+        skip_resource_check=a.skip_resource_check, precision=a.precision, nice=a.nice, resume=a.resume, scratch=a.scratch,
         max_workers=a.max_workers,
     )  # fmt: skip
 

@@ -26,9 +26,10 @@ from pathlib import Path
 from core.quality import compare as cmp
 from core.serving.live_build import load_build
 from core.serving.sidecar import fold_into_base
-from core.storage.datasets import DATASET_MANIFEST, partition_files
+from core.storage.datasets import is_dataset, partition_files
 from core.storage.registry import Registry
-from core.storage.sidecar_log import Position, SidecarLog, entry_problem
+from core.storage.sidecar_log import Position, entry_problem, open_log
+from core.storage.store import Uri, location
 from jobs.common import run_main
 
 
@@ -67,16 +68,16 @@ def _show(reg: Registry, build_id: str) -> dict:
     }
 
 
-def default_holdout(users: Path) -> Path | None:
+def default_holdout(users: Path | Uri) -> Path | Uri | None:
     """Held-out interactions beside a users dataset, (USERS/../interactions/test)."""
-    test = Path(users).parent / "interactions" / "test"
-    return test if (test / DATASET_MANIFEST).exists() else None
+    test = location(users).parent / "interactions" / "test"
+    return test if is_dataset(test) else None
 
 
 def _diff(reg: Registry, a) -> int:
     base = load_build(reg.build_dir(a.base), mmap=True)
     new = load_build(reg.build_dir(a.new), mmap=True)
-    users = a.users or (Path(new.manifest.users.path) if new.manifest.users else None)
+    users = a.users or (location(new.manifest.users.path) if new.manifest.users else None)
     if users is None:
         print(f"build {a.new} has no users dataset on record; name one with --users")
         return 2
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--registry", type=Path, default=Path("registry"))
+    p.add_argument("--registry", type=location, default=Path("registry"),
+                   help="a directory, or s3://BUCKET/PREFIX / gs://BUCKET/PREFIX")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="all complete builds, the live one marked *, the canary ~")
     sub.add_parser("current", help="the live build")
@@ -144,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     df = sub.add_parser("diff", help="compare two builds: health of each, top-k overlap, held-out quality")
     df.add_argument("base", help="the reference build (e.g. the live one)")
     df.add_argument("new", help="the build compared with it")
-    df.add_argument("--users", type=Path, help="users dataset (default: the one NEW was built with)")
+    df.add_argument("--users", type=location, help="users dataset (default: the one NEW was built with)")
     df.add_argument(
-        "--holdout", type=Path, help="held-out interactions (default: USERS/../interactions/test)"
+        "--holdout", type=location, help="held-out interactions (default: USERS/../interactions/test)"
     )
     df.add_argument("--sample-users", type=int, default=2000)
     df.add_argument("--json", action="store_true", help="print the comparison as JSON")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rolled back: canary {canary} ended, every user on {ptr.build_id} (seq {ptr.seq})")
             return 0
         # the sidecar entries folded into the build we left come back: the live build never served them
-        restored = SidecarLog(a.registry).restore_folded(before)
+        restored = open_log(a.registry).restore_folded(before)
         print(
             f"rolled back: {before} -> {ptr.build_id} (seq {ptr.seq}); sidecar entries restored: {restored}"
         )
@@ -222,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         removed = reg.gc(a.rollback_window, a.keep_extra, a.stale_staging_s, a.dry_run)
         print(("would remove: " if a.dry_run else "removed: ") + (", ".join(removed) or "nothing"))
     elif a.cmd == "sidecar":
-        log = SidecarLog(a.registry)
+        log = open_log(a.registry)
         r = log.read(Position())
         bad = sum(entry_problem(e) is not None for e in r.entries)
         latest = {e["item_id"]: e["op"] for e in r.entries if entry_problem(e) is None}
         print(json.dumps({
-            "log": str(log.path), "generation": r.position.generation, "bytes": r.position.offset,
+            "log": log.where, "generation": r.position.generation, "position": r.position.offset,
             "lines": len(r.entries), "malformed_lines": bad,
             "upserted_items": sum(op == "upsert" for op in latest.values()),
             "deleted_items": sum(op == "delete" for op in latest.values()),

@@ -22,6 +22,7 @@ from pathlib import Path
 from core.contract.towers import load_package
 from core.quality import skew, skew_gate
 from core.storage import datasets
+from core.storage.store import Uri, location
 from jobs.common import run_main
 
 
@@ -75,13 +76,16 @@ def parse(argv: list[str] | None) -> SkewConfig:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--packages", "--checkpoints", dest="checkpoints", type=Path, nargs="+", required=True,
+    p.add_argument("--packages", "--checkpoints", dest="checkpoints", type=location, nargs="+", required=True,
                    help="two or more model packages of ONE family")  # fmt: skip
     p.add_argument(
-        "--data", type=Path, required=True, help="a directory with catalog/, users/, interactions/SPLIT/"
+        "--data", type=location, required=True, help="a directory with catalog/, users/, interactions/SPLIT/"
     )
     p.add_argument(
-        "--registry", type=Path, default=Path("registry"), help="results go to REGISTRY/skew/<family>/"
+        "--registry",
+        type=location,
+        default=Path("registry"),
+        help="results go to REGISTRY/skew/<family>/ (a directory, or s3://... / gs://...)",
     )
     p.add_argument("--k", type=int, default=10)
     p.add_argument(
@@ -111,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.max_relative_drop,
     )
     path = skew_gate.save(cfg.registry, result)
-    png = path.with_suffix(".png")
-    _heatmap(result, png)
+    png = None  # beside the verdict in a local registry (object stores get the JSON only)
+    if not isinstance(cfg.registry, Uri) and _heatmap(result, Path(path).with_suffix(".png")):
+        png = Path(path).with_suffix(".png")
     width = max(len(v) for v in result["versions"])
     print(f"Recall@{cfg.k} (rows: query version, columns: index version); overlap@{cfg.k} in brackets")
     print(" " * width + "  " + "  ".join(v.rjust(width) for v in result["versions"]))
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "PASSED" if result["passed"] else "FAILED"
     print(
         f"{verdict}: worst off-diagonal relative drop {worst:.3f} (allowed {cfg.max_relative_drop}); results: {path}"
-        + (f", {png}" if png.exists() else "")
+        + (f", {png}" if png else "")
     )
     print("SKEW " + json.dumps({"passed": result["passed"], "path": str(path), "worst_relative_drop": worst}))
     return 0 if result["passed"] else 3

@@ -54,6 +54,7 @@ from core.serving.compact_body import ARROW_STREAM, BodyError, decode_rows
 from core.serving.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
 from core.serving.sidecar import embeddable
 from core.storage.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
+from core.storage.store import is_remote, location
 from serve_app import features
 from serve_app.auth import AdminAuth
 from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
@@ -158,7 +159,7 @@ class Recommender:
             batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         query = Path(self.args.query_checkpoint) if self.args.query_checkpoint else None
         self.rs = ReplicaState(
-            Path(self.args.registry),
+            location(self.args.registry),
             query_checkpoint=query,
             on_build_event=self._on_build_event,
             on_bad_entry=lambda entry, why: self.metrics.sidecar_skipped.inc(1, self.metrics._t()),
@@ -535,7 +536,8 @@ class Recommender:
 def build_app(args: dict) -> Application:
     """Application builder: `serve run serve_app.app:build_app registry=... broadcast=false`."""
     a = AppArgs(**args)
-    a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
+    if not is_remote(a.registry):  # replicas may start in another directory
+        a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
     # A replica must accept a whole batch at once (max_ongoing_requests caps the batch); the Serve
     # config's `deployments` section can still override this.
     return Recommender.options(

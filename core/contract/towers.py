@@ -20,6 +20,8 @@ from core.contract import encode
 from core.contract import package as pkg
 from core.contract.examples import example_arrays
 from core.contract.spec import ContractError, InputSpec
+from core.storage.remote_trees import fetch_tree
+from core.storage.store import is_remote
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -141,7 +143,10 @@ def _trial(m: ModelPackage) -> None:
 
 
 def load_package(path: str | Path) -> ModelPackage:
-    """Load and verify every file against the manifest; nothing in the package is executed as code."""
+    """Load and verify every file against the manifest; nothing in the package is executed as code.
+    `path`: a directory, or an s3:// / gs:// URL (this node's cached copy of it is what is verified)."""
+    if is_remote(str(path)):
+        path = fetch_tree(str(path), pkg.MANIFEST, "packages")
     path = Path(path)
     if not path.is_dir():
         raise ContractError(f"model package directory {path} does not exist")

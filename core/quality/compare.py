@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from core.rebuild.queries import mix, mix_positions
 from core.serving.live_build import LiveBuild
-from core.storage.datasets import SEEN_COLUMN, partition_files
+from core.storage.datasets import SEEN_COLUMN, parquet_file, partition_files, read_part
 
 # Two vectors at cosine >= this are the same point for retrieval: their scores against any unit
 # query differ by at most sqrt(2 * (1 - 0.99)) ~= 0.14 of the score range.
@@ -108,7 +107,7 @@ def _sample_rows(files: list[Path], columns: list[str], n: int, seed: int) -> pa
     order = np.random.default_rng(seed).permutation(len(files))
     got, rows = [], 0
     for f in order:
-        t = pq.read_table(files[f], columns=columns)
+        t = read_part(files[f], columns)
         got.append(t)
         rows += t.num_rows
         if rows >= n:
@@ -123,7 +122,7 @@ def eval_users(users: Path, holdout: Path | None, feature_columns: list[str], us
                n: int = 2000, seed: int = 0) -> EvalUsers:  # fmt: skip
     """Up to `n` users of a users dataset, with their held-out items (user_id, item_id rows) if given."""
     files = partition_files(users)
-    has_seen = SEEN_COLUMN in pq.read_schema(files[0]).names
+    has_seen = SEEN_COLUMN in parquet_file(files[0]).schema_arrow.names
     cols = list(dict.fromkeys([user_id, *feature_columns, *([SEEN_COLUMN] if has_seen else [])]))
     t = _sample_rows(files, cols, n, seed)
     ids = t[user_id].to_numpy()
@@ -134,7 +133,7 @@ def eval_users(users: Path, holdout: Path | None, feature_columns: list[str], us
         want = pa.array(ids)
         rel: dict[int, set[int]] = {}
         for f in partition_files(holdout):
-            part = pq.read_table(f, columns=["user_id", "item_id"])
+            part = read_part(f, ["user_id", "item_id"])
             part = part.filter(pc.is_in(part["user_id"], value_set=want))
             for u, i in zip(part["user_id"].to_numpy(), part["item_id"].to_numpy(), strict=True):
                 rel.setdefault(int(u), set()).add(int(i))
@@ -210,7 +209,7 @@ def item_popularity(
     """(item ids ascending, how often each occurs) over the seen items of up to `n` users; None when
     the users dataset does not say what its users have seen (no `seen_item_ids` column)."""
     files = partition_files(users)
-    if SEEN_COLUMN not in pq.read_schema(files[0]).names:
+    if SEEN_COLUMN not in parquet_file(files[0]).schema_arrow.names:
         return None
     t = _sample_rows(files, [SEEN_COLUMN], n, seed)
     # flatten(), not .values: a sliced or taken list array's values run past its own rows

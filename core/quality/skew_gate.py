@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.storage.fsutil import write_json_atomic
+from core.storage.store import CREATE, open_store
 
 
 def judge(result: dict, max_relative_drop: float) -> dict:
@@ -40,20 +40,33 @@ def judge(result: dict, max_relative_drop: float) -> dict:
     }
 
 
-def save(registry: Path, result: dict) -> Path:
+def save(registry: Path | str, result: dict) -> str:
+    """One verdict object, created once (never replaced) in the registry (a directory or a URL)."""
     check_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    path = Path(registry) / "skew" / result["family"] / f"{check_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        path,
-        {**result, "check_id": check_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    )
-    return path
+    key = f"skew/{result['family']}/{check_id}.json"
+    stamped = {
+        **result,
+        "check_id": check_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store = open_store(registry)
+    store.put(key, (json.dumps(stamped, indent=2, sort_keys=True) + "\n").encode(), mode=CREATE)
+    return f"{store.url}/{key}"
 
 
-def load_all(registry: Path, family: str) -> list[dict]:
+def load_all(registry: Path | str, family: str) -> list[dict]:
+    store = open_store(registry)
+    keys = sorted(k for k, _ in store.list(f"skew/{family}/") if k.endswith(".json") and k.count("/") == 2)
+    return [json.loads(store.get(k)[0]) for k in keys]
+
+
+def stamp(registry: Path | str, family: str):
+    """Something that changes when a verdict of `family` is added: the directory's mtime, or on an
+    object store the list of verdict objects (one LIST request)."""
+    if isinstance(registry, str) and "://" in registry:
+        return tuple(k for k, _ in open_store(registry).list(f"skew/{family}/"))
     d = Path(registry) / "skew" / family
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    return d.stat().st_mtime_ns if d.is_dir() else None
 
 
 def passed_check_for(registry: Path, family: str, version: str) -> dict | None:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from core.contract.check import check_schema
 from core.contract.towers import ModelPackage, load_package
@@ -33,8 +32,9 @@ from core.rebuild.queries import mix, mix_positions
 from core.rebuild.validate import ValidationError
 from core.serving.live_build import load_build
 from core.storage.build_dir import BuildDir, BuildManifest, CheckpointRef, DatasetRef, IndexInfo, now_iso
-from core.storage.datasets import DatasetError, partition_files, read_dataset_manifest
+from core.storage.datasets import DatasetError, parquet_file, partition_files, read_dataset_manifest
 from core.storage.registry import Registry
+from core.storage.store import location
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,11 @@ def _dataset(path: Path, kind: str, inputs: tuple, id_column: str) -> tuple[list
     the tower's declared inputs (footers only: the values are validated where they are embedded)."""
     manifest = read_dataset_manifest(path, kind)
     files = partition_files(path)
+    rows = 0
     for f in files:
-        check_schema(pq.read_schema(f), inputs, id_column, f"{kind} partition {f}")
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        pf = parquet_file(f)  # the footer only
+        check_schema(pf.schema_arrow, inputs, id_column, f"{kind} partition {f}")
+        rows += pf.metadata.num_rows
     if rows != manifest["row_count"]:
         raise DatasetError(
             f"{path}: _dataset.json says {manifest['row_count']:,} rows but the partitions hold {rows:,}"
@@ -104,10 +106,10 @@ def preflight(package: Path, catalog: Path, users: Path | None) -> Inputs:
     """Everything that can be checked before spending compute; raises with a message naming the problem."""
     m = load_package(package)
     mf = m.manifest
-    cat_files, cat_m = _dataset(Path(catalog), "catalog", m.item_inputs, mf.item_id)
+    cat_files, cat_m = _dataset(location(catalog), "catalog", m.item_inputs, mf.item_id)
     user_files, users_m = [], None
     if users is not None:
-        user_files, users_m = _dataset(Path(users), "users", m.user_inputs, mf.user_id)
+        user_files, users_m = _dataset(location(users), "users", m.user_inputs, mf.user_id)
     return Inputs(m, cat_files, cat_m, user_files, users_m)
 
 
@@ -339,7 +341,9 @@ def build_and_publish(
         manifest = dataclasses.replace(manifest, comparison={"skipped": NOT_COMPARED})
         out.write_manifest(manifest)
         progress(NOT_COMPARED)
-    registry.commit(staging, build_id)  # visible from here on: renamed into place, or uploaded
+    t_commit = time.perf_counter()
+    registry.commit(staging, build_id, progress)  # visible from here on: renamed into place, or uploaded
+    timings["commit_s"] = round(time.perf_counter() - t_commit, 3)
     phase("build_committed")
     if refusal is not None:
         c = manifest.comparison

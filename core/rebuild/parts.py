@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from core.rebuild.validate import check_embedded
+from core.storage.datasets import file_size, parquet_file
+from core.storage.store import location
 
 _IDS, _VECTORS, _RECORD = "ids.npy", "vectors.npy", "part.json"
 # Ids sampled evenly from every part: the driver places shard boundaries by them when the parts'
@@ -50,7 +51,7 @@ class PartTask:
 
 def plan(what: str, files: list[Path]) -> list[PartTask]:
     return [
-        PartTask(what, f"{what}-{i:05d}", str(f), f.stat().st_size, pq.ParquetFile(f).metadata.num_rows)
+        PartTask(what, f"{what}-{i:05d}", str(f), file_size(f), parquet_file(f).metadata.num_rows)
         for i, f in enumerate(files)
     ]
 
@@ -103,7 +104,7 @@ def embed_part(embedder, task: PartTask, parts: Path, settings: EmbedSettings, n
     columns = embedder.columns(task.what)
     fn = embedder.items if task.what == "items" else embedder.users
     id_name = columns[0]
-    tables = [fn(pa.Table.from_batches([b])) for b in pq.ParquetFile(task.source).iter_batches(
+    tables = [fn(pa.Table.from_batches([b])) for b in parquet_file(location(task.source)).iter_batches(
         batch_size=settings.batch_size, columns=columns)]  # fmt: skip
     if tables:
         ids_a, x = check_embedded(

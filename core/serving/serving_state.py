@@ -27,7 +27,8 @@ from core.quality import skew_gate
 from core.serving import canary as canary_mod
 from core.serving.live_build import BuildWatcher, LiveBuild
 from core.serving.sidecar import Sidecar, SidecarSnapshot, merge_topk
-from core.storage.sidecar_log import Position, SidecarLog
+from core.storage.sidecar_log import Position, open_log
+from core.storage.store import location
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,10 @@ class ReplicaState:
         on_bad_entry: Callable[[dict, str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.registry = Path(registry)
+        self.registry = location(registry)
         self.watcher = BuildWatcher(self.registry, query_checkpoint, on_event=on_build_event)
-        self.sidecar = Sidecar(SidecarLog(self.registry), on_bad_entry=on_bad_entry)
-        self.canary_sidecar = Sidecar(SidecarLog(self.registry), on_bad_entry=on_bad_entry)
+        self.sidecar = Sidecar(open_log(self.registry), on_bad_entry=on_bad_entry)
+        self.canary_sidecar = Sidecar(open_log(self.registry), on_bad_entry=on_bad_entry)
         self.sidecar_errors = 0
         self.current: ServingState | None = None  # the live build's state
         self.canary: ServingState | None = None
@@ -124,8 +125,7 @@ class ReplicaState:
         directory changes (a check can pass after the build went live). An unreadable record counts as
         no check, reported once per change; it never stops a swap."""
         family = live.manifest.checkpoint.family
-        d = self.registry / "skew" / family
-        key = (live.build_id, d.stat().st_mtime_ns if d.is_dir() else None)  # a new check changes it
+        key = (live.build_id, skew_gate.stamp(self.registry, family))  # a new check changes it
         cached = self._skew_cache.get(live.build_id)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -24,7 +24,8 @@ from core.contract.encode import rows_table, table_arrays
 from core.contract.spec import ContractError, InputSpec
 from core.serving.live_build import LiveBuild
 from core.storage.registry import Registry
-from core.storage.sidecar_log import Position, SidecarLog, entry_problem, served_by_catalog
+from core.storage.sidecar_log import Position, SidecarLog, entry_problem, open_log, served_by_catalog
+from core.storage.store import arrow_path
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ def catalog_rows(
     catalog are absent from the result. Reads only those columns and the matching rows."""
     if not ids:
         return {}
-    ds = pads.dataset([str(f) for f in catalog_files], format="parquet")
+    located = [arrow_path(f) for f in catalog_files]  # (file system or None, path): one kind per catalog
+    ds = pads.dataset([p for _, p in located], format="parquet", filesystem=located[0][0])
     cols = [c for c in dict.fromkeys([id_column, *fields]) if c in ds.schema.names]
     t = ds.to_table(columns=cols, filter=pc.field(id_column).isin(pa.array(ids, pa.int64())))
     return {int(r.pop(id_column)): r for r in t.to_pylist()}
@@ -191,8 +193,8 @@ def fold_into_base(
     the upserts that package cannot embed (no replica applies them: they were skipped and counted),
     archived, so they stop counting against the cap. Nothing is dropped unless `build_id` is still
     the live build when the log is rewritten."""
-    log = SidecarLog(registry)
-    if not log.path.exists():
+    log = open_log(registry)
+    if not log.exists():
         return {"folded": 0, "kept": 0}
 
     def served(entries: list[dict]) -> list[bool]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from core.ann import index as ann
 from core.storage.fsutil import write_json_atomic
+from core.storage.remote_trees import tree_files
 
 KIND = "skewless.build"
 # 2: user tables optional (a build without users is servable by history), quality.queries records
@@ -204,16 +205,13 @@ class BuildDir:
         one = {"items": "item", "users": "user"}[what]
         return self.table_path(f"{one}_ids"), self.table_path(f"{one}_embeddings")
 
+    STAGING_ONLY = (_PARTS_DIR, _RESUME_FILE)
+
     def build_files(self) -> list[tuple[str, Path]]:
         """(relative path, path) of every file a complete build consists of, its manifest excepted:
-        what the rebuild's staging directory holds besides the staging-only parts and records."""
-        skip = {_PARTS_DIR, _RESUME_FILE, MANIFEST_FILE}
-        out = []
-        for p in sorted(self.root.rglob("*")):
-            rel = p.relative_to(self.root)  # hidden names: the owner record, temp files, markers
-            if p.is_file() and rel.parts[0] not in skip and not any(n.startswith(".") for n in rel.parts):
-                out.append((rel.as_posix(), p))
-        return out
+        what the rebuild's staging directory holds besides the staging-only parts and records (and
+        hidden names: the owner record, temp files, markers)."""
+        return tree_files(self.root, MANIFEST_FILE, self.STAGING_ONLY)
 
     def is_complete(self) -> bool:
         """A complete build has its manifest, which the writer adds last."""

@@ -2,14 +2,19 @@
 
 A dataset directory holds `part-NNNNN.parquet` files (what Ray Data maps over) and `_dataset.json`:
 kind, row count, columns, source, and a fingerprint of the partition files' bytes. It is staged
-in a temp directory and renamed into place, so a reader never sees a half-written dataset.
+in a temp directory and renamed into place, so a reader never sees a half-written dataset. On an
+object store (s3://, gs://) the partitions are uploaded first and `_dataset.json` last, create-only
+(core.storage.remote_trees): without it there is no dataset. The readers here take a local Path or
+a Uri and read partitions in place, through pyarrow's file system for the bucket.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.storage.fsutil import commit_dir, sha256_file, staging_dir
+from core.storage.remote_trees import upload_tree
+from core.storage.store import Uri, arrow_path, location, open_store
 
 DATASET_MANIFEST = "_dataset.json"
 # An optional list column of a users dataset: the items each user has already seen, left out of their
@@ -40,9 +47,15 @@ def write_dataset(
     source: dict,
     overwrite: bool = False,
 ) -> dict:
-    """Write each table of `parts` as one partition file, then the manifest, then rename into place.
+    """Write each table of `parts` as one partition file, then the manifest, then rename into place
+    (to an s3:// or gs:// `final`: staged in a local temp directory, then uploaded, manifest last).
     Memory stays bounded by one part: `parts` may be a generator."""
-    final = Path(final)
+    final = location(final)
+    if isinstance(final, Uri):
+        with tempfile.TemporaryDirectory(prefix="dataset-") as d:
+            manifest = write_dataset(Path(d) / "ds", parts, kind=kind, source=source)
+            _upload(Path(d) / "ds", final, overwrite)
+        return manifest
     tmp = staging_dir(final)
     n_rows, arrow_schema = 0, None
     try:
@@ -77,6 +90,19 @@ def write_dataset(
     return manifest
 
 
+def _upload(local: Path, final: Uri, overwrite: bool) -> None:
+    store = open_store(final)
+    if store.exists(DATASET_MANIFEST):
+        if not overwrite:
+            raise DatasetError(f"{final} already exists; pass overwrite to replace it")
+        # no rename on an object store: the old dataset stops being one (its manifest goes first),
+        # then its files go; a reader sees the old dataset, no dataset, or the new one
+        store.delete(DATASET_MANIFEST)
+        for key, _ in list(store.list("")):
+            store.delete(key)
+    upload_tree(store, local, "", DATASET_MANIFEST)
+
+
 def fingerprint_files(files: list[Path]) -> str:
     """sha256 over (name, sha256 of bytes) of each partition, in name order."""
     h = hashlib.sha256()
@@ -85,28 +111,60 @@ def fingerprint_files(files: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def read_dataset_manifest(path: Path, kind: str) -> dict:
-    path = Path(path)
-    mf = path / DATASET_MANIFEST
-    if not mf.is_file():
+def read_dataset_manifest(path: Path | Uri, kind: str) -> dict:
+    path = location(path)
+    try:
+        if isinstance(path, Uri):
+            data = open_store(path).get(DATASET_MANIFEST)[0]
+        else:
+            data = (path / DATASET_MANIFEST).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
         raise DatasetError(
             f"{path} is not a skewless dataset: {DATASET_MANIFEST} not found (write it with core.storage.datasets.write_dataset)"
-        )
-    manifest = json.loads(mf.read_text())
+        ) from None
+    manifest = json.loads(data)
     if manifest.get("kind") != kind:
         raise DatasetError(f"{path}: expected a {kind!r} dataset, got {manifest.get('kind')!r}")
     return manifest
 
 
-def partition_files(path: Path) -> list[Path]:
-    files = sorted(Path(path).glob("part-*.parquet"))
+def is_dataset(path: Path | Uri) -> bool:
+    """Whether a committed dataset (its _dataset.json) is at `path`."""
+    path = location(path)
+    if isinstance(path, Uri):
+        return open_store(path).exists(DATASET_MANIFEST)
+    return (path / DATASET_MANIFEST).is_file()
+
+
+def partition_files(path: Path | Uri) -> list[Path] | list[Uri]:
+    path = location(path)
+    if isinstance(path, Uri):
+        keys = (k for k, _ in open_store(path).list(""))
+        files = sorted(path / k for k in keys if "/" not in k and fnmatch.fnmatch(k, "part-*.parquet"))
+    else:
+        files = sorted(path.glob("part-*.parquet"))
     if not files:
         raise DatasetError(f"{path} has no part-*.parquet partition files")
     return files
 
 
-def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in partition_files(path)])
+def parquet_file(f: Path | Uri) -> pq.ParquetFile:
+    fs, p = arrow_path(f)
+    return pq.ParquetFile(fs.open_input_file(p) if fs else p)
+
+
+def read_part(f: Path | Uri, columns: list[str] | None = None) -> pa.Table:
+    fs, p = arrow_path(f)
+    return pq.read_table(p, columns=columns, filesystem=fs)
+
+
+def file_size(f: Path | Uri) -> int:
+    fs, p = arrow_path(f)
+    return fs.get_file_info(p).size if fs else Path(p).stat().st_size
+
+
+def read_table(path: Path | Uri, columns: list[str] | None = None) -> pa.Table:
+    return pa.concat_tables([read_part(f, columns) for f in partition_files(path)])
 
 
 def split_table(table: pa.Table, num_parts: int) -> list[pa.Table]:

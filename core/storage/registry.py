@@ -72,13 +72,17 @@ def _now() -> str:
 
 
 class Registry:
-    def __init__(self, root: Path | str, clock: Callable[[], str] = _now, cache: Path | None = None):
+    def __init__(self, root: Path | str, clock: Callable[[], str] = _now, cache: Path | None = None,
+                 scratch: Path | None = None):  # fmt: skip
+        """`cache`: this node's copies of a remote registry's builds (default: under SKEWLESS_CACHE_DIR);
+        `scratch`: where a remote registry's builds are staged (default: under the cache)."""
         self.store = open_store(root)
         self.remote = is_remote(root)
         # local: the registry directory; remote: its URL (`cache` holds verified copies and staging)
         self.root = root if self.remote else Path(root)
         self.cache = Path(cache) if cache else remote_builds.cache_dir(self.store.url)
         self.builds = self.cache / "builds" if self.remote else self.root / "builds"
+        self._scratch = Path(scratch) if scratch else self.cache / "staging"
         self._clock = clock
 
     # ---- reading -------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ class Registry:
         return tmp
 
     def _staging_parent(self) -> Path:
-        return self.cache / "staging" if self.remote else self.builds
+        return self._scratch if self.remote else self.builds
 
     def _own(self, tmp: Path) -> None:
         (tmp / OWNER_FILE).write_text(

@@ -15,7 +15,6 @@ a copy that is there was verified, and a restarted replica reuses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,9 +22,9 @@ import time
 import uuid
 from pathlib import Path
 
+from core.storage import remote_trees
 from core.storage.build_dir import MANIFEST_FILE, BuildDir, BuildFormatError, BuildManifest
 from core.storage.fsutil import sha256_file
-from core.storage.store import CREATE
 
 BUILDS = "builds/"
 
@@ -35,10 +34,8 @@ def manifest_key(build_id: str) -> str:
 
 
 def cache_dir(url: str) -> Path:
-    """This node's directory for one remote registry: verified build copies and local staging.
-    SKEWLESS_CACHE_DIR moves it (a fast local disk with room for the builds a replica serves)."""
-    root = Path(os.environ.get("SKEWLESS_CACHE_DIR") or Path.home() / ".cache" / "skewless")
-    return root / "registries" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    """This node's directory for one remote registry: verified build copies and local staging."""
+    return remote_trees.cache_root() / "registries" / remote_trees.url_key(url)
 
 
 def upload_build(store, staging: Path, build_id: str, progress=None) -> dict:
@@ -49,29 +46,26 @@ def upload_build(store, staging: Path, build_id: str, progress=None) -> dict:
     manifest = json.loads(b.manifest_path.read_text())
     if store.exists(manifest_key(build_id)):
         raise FileExistsError(f"build {build_id} is already committed in {store.url}")
-    files = {}
-    for rel, path in b.build_files():
-        files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        store.upload(path, f"{BUILDS}{build_id}/{rel}")
-        if progress is not None:
-            progress(f"uploaded {rel} ({files[rel]['bytes']:,} bytes)")
-    manifest["files"] = files
-    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    store.put(manifest_key(build_id), data, mode=CREATE)
-    b.manifest_path.write_bytes(data)  # the staged copy now says what the bucket says
+
+    def with_files(files: dict) -> bytes:
+        return (json.dumps({**manifest, "files": files}, indent=2, sort_keys=True) + "\n").encode()
+
+    files = remote_trees.upload_tree(store, staging, f"{BUILDS}{build_id}/", MANIFEST_FILE, with_files, progress,
+                                     skip=BuildDir.STAGING_ONLY)  # fmt: skip
+    b.manifest_path.write_bytes(with_files(files))  # the staged copy now says what the bucket says
     return files
 
 
 def adopt(staging: Path, cached: Path) -> None:
     """Keep the uploaded staging directory as this node's verified copy (its files were hashed as
-    they went up); without the staging-only parts."""
-    b = BuildDir(staging)
-    shutil.rmtree(b.parts_dir, ignore_errors=True)
+    they went up), without the staging-only parts; dropped instead when it cannot be renamed there
+    (another file system, or a copy already there): the copy is then fetched when first needed."""
+    shutil.rmtree(BuildDir(staging).parts_dir, ignore_errors=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    if cached.exists():
-        shutil.rmtree(staging)
-        return
-    os.rename(staging, cached)
+    try:
+        os.rename(staging, cached)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_manifest(store, build_id: str) -> BuildManifest:
@@ -103,8 +97,9 @@ def fetch_build(store, build_id: str, cache_builds: Path) -> Path:
                     f"says {meta['bytes']} bytes sha256 {meta['sha256'][:12]}; not using it"
                 )
         (tmp / MANIFEST_FILE).write_bytes(data)  # last: a copy with its manifest is complete
-        if final.exists():  # an older or broken copy under the same name
-            shutil.rmtree(final, ignore_errors=True)
+        if _matches(final, data, files):  # another process on this node got there first: use theirs
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # a broken copy under the same name
         try:
             os.rename(tmp, final)
         except OSError:  # another process on this node renamed its verified copy first

@@ -10,7 +10,8 @@ Readers (every replica) tail the log by byte offset without the lock. Compaction
 new generation (temp file, fsync, os.replace), so a reader that sees another generation in the header
 replays the new file from the start; a crash before the replace leaves the old log whole.
 
-Plain Python: no numpy, torch or Ray, so writers and tests stay light.
+On an object store the log is a list of immutable segments instead (core.storage.sidecar_segments;
+`open_log` picks). Plain Python: no numpy, torch or Ray, so writers and tests stay light.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from core.storage.fsutil import locked, write_bytes_atomic
+from core.storage.store import is_remote
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # An item is the item tower's declared columns (validated against the live build's package where it is
@@ -108,6 +110,13 @@ class SidecarLog:
         self._invalid: list = []  # lines no replica can apply: kept aside, archived by the next rewrite
         self._lines = 0
         self._pos = Position()
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
 
     def locked(self):
         return locked(self.dir / ".lock")
@@ -233,12 +242,7 @@ class SidecarLog:
     def _rewrite(self, served, base_build, before_replace=None) -> dict:
         for tmp in self.dir.glob(f".{self.path.name}.tmp-*"):
             tmp.unlink()  # a rewrite killed before its replace (only lock holders write these)
-        latest = list(self._view.values())
-        keep_mask = [True] * len(latest)
-        if served is not None and latest:
-            keep_mask = [not s for s in served(latest)]
-        kept = [e for e, k in zip(latest, keep_mask, strict=True) if k]
-        dropped = [e for e, k in zip(latest, keep_mask, strict=True) if not k]
+        kept, dropped = split_served(list(self._view.values()), served)
         gen = self._pos.generation + 1
         for what, lines in (("served", dropped), ("invalid", self._invalid)):
             if lines:  # out of the log, never lost
@@ -250,6 +254,26 @@ class SidecarLog:
         self._write_file(gen, kept, base_build, before_replace=before_replace)
         self._catch_up()
         return stats
+
+
+def split_served(latest: list[dict], served) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped): the entries `served(entries)` says a base build serves are dropped."""
+    if served is None or not latest:
+        return latest, []
+    mask = served(latest)
+    return [e for e, s in zip(latest, mask, strict=True) if not s], [
+        e for e, s in zip(latest, mask, strict=True) if s
+    ]
+
+
+def open_log(registry, clock: Callable[[], float] = time.time):
+    """The registry's sidecar log: this file-based one for a directory, the segment log
+    (core.storage.sidecar_segments) for an s3:// or gs:// registry."""
+    if is_remote(str(registry)):
+        from core.storage.sidecar_segments import SegmentLog
+
+        return SegmentLog(str(registry), clock)
+    return SidecarLog(registry, clock)
 
 
 def _line(e: dict) -> bytes:

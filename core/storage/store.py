@@ -20,6 +20,7 @@ for GCS. No credential is ever part of a URL, a log line or an error message her
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import urllib.parse
 import uuid
@@ -54,6 +55,34 @@ OVERWRITE = "overwrite"
 
 def is_remote(url: str | os.PathLike) -> bool:
     return isinstance(url, str) and urllib.parse.urlsplit(url).scheme in REMOTE_SCHEMES
+
+
+class Uri(str):
+    """An object-store URL with the few path-like parts the code asks of a location (name, parent,
+    "/"), so that a dataset's or a package's location is a Path or a Uri and code reads either."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Uri:
+        return Uri(self.rstrip("/").rsplit("/", 1)[0])
+
+    def __truediv__(self, other) -> Uri:
+        return Uri(f"{self.rstrip('/')}/{other}")
+
+    def resolve(self) -> Uri:
+        return self
+
+
+def location(p: str | os.PathLike) -> Path | Uri:
+    """A command-line location: a Uri for s3:// and gs://, else a local Path."""
+    if isinstance(p, Uri | Path):
+        return p
+    if isinstance(p, str) and "://" in p and not is_remote(p):
+        raise ValueError(f"unsupported storage URL {p!r}: expected a local path, s3://... or gs://...")
+    return Uri(p) if is_remote(p) else Path(p)
 
 
 def open_store(url: str | os.PathLike) -> LocalStore | ObjectStore:
@@ -243,6 +272,15 @@ def _obstore_for(scheme: str, bucket: str, prefix: str):
     return S3Store(bucket, prefix=prefix or None, config=config or None, client_options=client)
 
 
+def arrow_path(f: str | os.PathLike):
+    """(pyarrow FileSystem or None for a local path, path for it) of a file location."""
+    if not is_remote(str(f)):
+        return None, str(f)
+    u = urllib.parse.urlsplit(str(f))
+    return arrow_filesystem(u.scheme), u.netloc + u.path
+
+
+@functools.cache
 def arrow_filesystem(scheme: str):
     """pyarrow's file system for `scheme`, configured from the same environment as the object store
     (pyarrow's S3 constructor does not read AWS_ENDPOINT_URL, and without a region it may ask the

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from core.storage.datasets import split_table, write_dataset
+from core.storage.store import location
 from examples.movielens import data as movielens
 from examples.movielens import synthetic
 from examples.movielens.features import FeatureSchema
@@ -133,7 +134,8 @@ def parse(argv: list[str] | None) -> MovieLensConfig | SyntheticConfig:
         default=None,
         help="unpacked ml-latest-small directory (default: ../shared/data/movielens/ml-latest-small, else download)",
     )
-    ml.add_argument("--out", type=Path, default=Path("data/movielens"))
+    ml.add_argument("--out", type=location, default=Path("data/movielens"),
+                    help="a directory, or s3://BUCKET/PREFIX / gs://BUCKET/PREFIX")  # fmt: skip
     ml.add_argument("--download-dir", type=Path, default=Path("data/downloads"))
     ml.add_argument(
         "--partitions", type=int, default=8, help="parquet files per table (Ray Data maps over them)"
@@ -143,7 +145,7 @@ def parse(argv: list[str] | None) -> MovieLensConfig | SyntheticConfig:
     sy.add_argument("--users", type=int, default=0)
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--chunk-rows", type=int, default=500_000, help="rows per partition file (bounds memory)")
-    sy.add_argument("--out", type=Path, required=True)
+    sy.add_argument("--out", type=location, required=True, help="a directory, or s3://... / gs://...")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["movielens", *argv]  # MovieLens is the default source

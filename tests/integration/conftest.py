@@ -22,6 +22,7 @@ import pytest
 
 from serve_app.ingress import MODES, haproxy_pattern, ingress_env
 from tests.conftest import REPO
+from tests.s3server import S3Server
 
 # SKEWLESS_INGRESS=fast runs the cluster on Serve's throughput-optimized path (serve_app/ingress.py);
 # scripts/test.sh runs the HTTP tests in both modes.
@@ -153,11 +154,33 @@ def new_registry(tmp_path_factory, skew_results):
 
 
 @pytest.fixture(scope="session")
-def ray_env() -> dict:
+def s3(tmp_path_factory):
+    """A real S3-compatible server on loopback (SeaweedFS, tests/s3server.py) with a `skewless` bucket.
+    Its endpoint and credentials are in this process's environment and in every Ray process's (as a
+    cluster node has its instance role): nothing passes them on a command line or in a config."""
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        server.make_bucket("skewless")
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_env(s3) -> dict:
     """Environment for Ray processes and clients: token auth on, with the token in the environment
-    (so nothing depends on ~/.ray/auth_token)."""
+    (so nothing depends on ~/.ray/auth_token); the S3 server's endpoint and credentials."""
     env = os.environ.copy()
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    # the Ray processes' cache of object-store artifacts (packages, verified build copies), apart from
+    # what a test's own jobs use: a replica fetches a build from the bucket, not from the job's copy
+    env["SKEWLESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="skewless-node-cache-")
     env.pop("RAY_ADDRESS", None)
     if INGRESS == "fast":
         env.update(ingress_env(INGRESS, Path(tempfile.mkdtemp(prefix="shp-", dir="/tmp"))))
