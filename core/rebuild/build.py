@@ -342,7 +342,12 @@ def build_and_publish(
         out.write_manifest(manifest)
         progress(NOT_COMPARED)
     t_commit = time.perf_counter()
-    registry.commit(staging, build_id, progress)  # visible from here on: renamed into place, or uploaded
+
+    def uploaded(line: str) -> None:
+        progress(line)
+        phase("file_uploaded")
+
+    registry.commit(staging, build_id, uploaded)  # visible from here on: renamed into place, or uploaded
     timings["commit_s"] = round(time.perf_counter() - t_commit, 3)
     phase("build_committed")
     if refusal is not None:

@@ -150,12 +150,15 @@ class LocalStore:
         return self.path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """(key, bytes) of every object under `prefix` (a directory-like prefix ending in "/" or "")."""
+        """(key, bytes) of every object under `prefix` (a directory-like prefix ending in "/" or ""):
+        hidden names (temp files, locks) are not objects."""
         base = self.path(prefix)
         if not base.is_dir():
             return
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
+                if name.startswith("."):
+                    continue
                 p = Path(dirpath) / name
                 yield p.relative_to(self.root).as_posix(), p.stat().st_size
 

@@ -63,7 +63,8 @@ def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tm
            "args": {"registry": registry, "poll_interval_s": 0.2, "max_sidecar_items": 5, "admin_token_file": str(token_file)},
            "deployments": [{"name": "Recommender", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}}]}  # fmt: skip
     base = serve_deploy(ray_head, serve_port, [app], tmp_path_factory.mktemp("serve-s3") / "serve.json")
-    return {"base": base, "registry": registry, "builds": builds, "env": env}
+    return {"base": base, "registry": registry, "builds": builds, "env": env, "job_env": job_env,
+            "packages": packages, "gcs": ray_head["gcs"]}  # fmt: skip
 
 
 def _live_on_every_replica(base: str, build_id: str) -> bool:
@@ -119,3 +120,20 @@ def test_rollback_and_gc_on_the_bucket(on_s3):
     ).stdout
     assert b["build_id"] in out  # neither live nor a rollback target of A
     assert Registry(on_s3["registry"]).list_builds() == [a["build_id"]]
+
+
+def test_a_rebuild_killed_during_its_upload_leaves_current_on_a_complete_build(on_s3, tmp_path):
+    """SIGKILL after the second file of the build went up: CURRENT and the build list are as before,
+    what was uploaded is no build to any reader, and gc removes it once stale."""
+    reg = Registry(on_s3["registry"], cache=tmp_path / "reader")
+    before = (reg.pointer(), reg.list_builds())
+    p = run_module("tests.integration.crash_rebuild", "file_uploaded#2", "--", "--package", on_s3["packages"][1],
+                   "--catalog", f"{BUCKET}/data/catalog", "--registry", on_s3["registry"], "--address", on_s3["gcs"],
+                   "--force", env=on_s3["job_env"], check=False)  # fmt: skip
+    assert p.returncode == -9 and p.stdout.count("phase file_uploaded") == 2, p.stdout[-3000:]
+    assert (reg.pointer(), reg.list_builds()) == before
+    killed = {k.split("/")[1] for k, _ in reg.store.list("builds/")} - set(before[1])
+    assert len(killed) == 1  # its objects are there, without a manifest
+    removed = reg.gc(rollback_window=5, keep_extra=5, stale_staging_s=0)
+    assert any(r.startswith(f"builds/{killed.pop()}/") for r in removed), removed
+    assert reg.list_builds() == before[1]
