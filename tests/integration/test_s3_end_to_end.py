@@ -1,10 +1,11 @@
 """The whole path on object storage, against a real S3-compatible server (tests/s3server.py; the
 Ray head and every worker get its endpoint and credentials from their environment, as cluster nodes
-get theirs): data prepared into the bucket and model packages uploaded to it, two rebuilds that read the package and
-the catalog from it and write their builds to it, Serve replicas that follow the bucket's CURRENT and
-serve /retrieve and /score from verified cached copies, a sidecar write that a second replica reads
-from the bucket's segment log, a rollback, and gc. The job and the Ray processes keep separate node caches, so the replicas
-fetch and verify the build from the bucket as they would on another node."""
+get theirs): data prepared into the bucket and model packages uploaded to it, two rebuilds that read
+the package and the catalog from it and write their builds to it, Serve replicas that follow the
+bucket's CURRENT and serve /retrieve and /score from verified cached copies, a sidecar write that a
+second replica reads from the bucket's segment log, a rollback, gc, and a rebuild killed during its
+upload. The jobs and the Ray processes keep separate node caches, so the replicas fetch and verify
+each build from the bucket as they would on another node."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tm
     registry = f"{BUCKET}/registry"
     store = open_store(registry)
     for f in sorted(Path(skew_results).rglob("*.json")):  # the family's passed skew check, as verdict objects
-        store.put(f.relative_to(skew_results).as_posix(), f.read_bytes(), mode=CREATE)
+        store.put(f"skew/{f.relative_to(skew_results).as_posix()}", f.read_bytes(), mode=CREATE)
     catalog = f"{BUCKET}/data/catalog"
     job_env = {
         **env,
