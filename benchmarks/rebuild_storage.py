@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with S3Server(work / "s3") as s3:
         s3.make_bucket("bench")
         os.environ.update(s3.env())  # this process, the local Ray it starts and every job it runs
+        os.environ["SKEWLESS_CACHE_DIR"] = str(work / "cache")  # node cache and staging: removed with `work`
         env = {**os.environ, "RAY_AUTH_MODE": "token"}
         t0 = time.perf_counter()
         for src, dst in ((args.package, "packages/pkg"), (args.catalog, "catalog"), (args.users, "users")):
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)  # the server's data, the registries, the caches
 
     def med(key, where):
         return round(statistics.median(x[where]["wall_s"] if key == "wall_s" else x[where]["summary"]["timings"].get(key, 0)
