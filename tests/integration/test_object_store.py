@@ -14,9 +14,19 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from core.storage.build_dir import BuildDir, BuildFormatError
+from core.storage.datasets import (
+    DatasetError,
+    part_name,
+    partition_files,
+    read_dataset_manifest,
+    read_table,
+    split_table,
+    write_dataset,
+)
 from core.storage.registry import PublishConflict, Registry, RegistryError
 from core.storage.sidecar_log import (
     COMPACT_FLOOR,
@@ -287,3 +297,18 @@ def test_sidecar_segments_a_kill_loses_nothing_and_doubles_nothing(s3, where):
         3,
         4,
     ]  # each id once, latest entry
+
+
+def test_a_dataset_written_to_the_bucket_is_read_in_place_and_replaced_whole(s3):
+    url = f"s3://skewless/ds-{next(_prefixes)}/catalog"
+    rows = pa.table(
+        {"item_id": pa.array(range(10), pa.int64()), "year_slot": pa.array(range(10), pa.int64())}
+    )
+    write_dataset(url, split_table(rows, 3), kind="catalog", source={"test": 1})
+    assert [f.name for f in partition_files(url)] == [part_name(i) for i in range(3)]
+    assert read_table(url)["item_id"].to_pylist() == list(range(10))
+    with pytest.raises(DatasetError, match="already exists"):
+        write_dataset(url, [rows], kind="catalog", source={"test": 2})
+    write_dataset(url, [rows.slice(0, 4)], kind="catalog", source={"test": 3}, overwrite=True)
+    assert read_dataset_manifest(url, "catalog")["source"] == {"test": 3}
+    assert [f.name for f in partition_files(url)] == [part_name(0)]  # no partition of the old one left

@@ -3,8 +3,8 @@ Ray head and every worker get its endpoint and credentials from their environmen
 get theirs): data prepared into the bucket and model packages uploaded to it, two rebuilds that read
 the package and the catalog from it and write their builds to it, Serve replicas that follow the
 bucket's CURRENT and serve /retrieve and /score from verified cached copies, a sidecar write that a
-second replica reads from the bucket's segment log, a rollback, gc, and a rebuild killed during its
-upload. The jobs and the Ray processes keep separate node caches, so the replicas fetch and verify
+replica started after it reads from the bucket's segment log, a rollback, gc, and a rebuild killed
+during its upload. The jobs and the Ray processes keep separate node caches, so the replicas fetch and verify
 each build from the bucket as they would on another node."""
 
 from __future__ import annotations
@@ -29,17 +29,9 @@ ITEM = {"item_id": FRESH_ID, "genre_ids": [1, 3], "year_slot": 40, "title_tokens
 @pytest.fixture(scope="module")
 def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tmp_path_factory):
     env = ray_head["env"]
-    run_module(
-        "examples.movielens.prepare",
-        "movielens",
-        "--movielens",
-        movielens_dir,
-        "--out",
-        f"{BUCKET}/data",
-        "--partitions",
-        "8",
-        env=env,
-    )  # fmt: skip (the same data the packages were trained on)
+    # the same data the packages were trained on, prepared straight into the bucket
+    run_module("examples.movielens.prepare", "movielens", "--movielens", movielens_dir, "--out", f"{BUCKET}/data",
+               "--partitions", "8", env=env)  # fmt: skip
     packages = [f"{BUCKET}/packages/{c.name}" for c in checkpoints]
     for local, url in zip(checkpoints, packages, strict=True):
         run_module("jobs.upload", local, url, env=env)
@@ -51,7 +43,7 @@ def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tm
     job_env = {
         **env,
         "SKEWLESS_CACHE_DIR": str(tmp_path_factory.mktemp("job-cache")),
-    }  # the driver's own node cache
+    }  # the driver's own cache
     builds = []
     for package, extra in ((packages[0], ()), (packages[1], ("--force",))):
         p = run_module("jobs.rebuild_index", "--package", package, "--catalog", catalog, "--registry", registry,
@@ -62,10 +54,11 @@ def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tm
     token_file.chmod(0o600)
     app = {"name": "s3", "route_prefix": "/", "import_path": "serve_app.app:build_app",
            "args": {"registry": registry, "poll_interval_s": 0.2, "max_sidecar_items": 5, "admin_token_file": str(token_file)},
-           "deployments": [{"name": "Recommender", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}}]}  # fmt: skip
-    base = serve_deploy(ray_head, serve_port, [app], tmp_path_factory.mktemp("serve-s3") / "serve.json")
-    return {"base": base, "registry": registry, "builds": builds, "env": env, "job_env": job_env,
-            "packages": packages, "gcs": ray_head["gcs"]}  # fmt: skip
+           "deployments": [{"name": "Recommender", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}]}  # fmt: skip
+    cfg = tmp_path_factory.mktemp("serve-s3") / "serve.json"
+    base = serve_deploy(ray_head, serve_port, [app], cfg)
+    return {"base": base, "registry": registry, "builds": builds, "env": env, "job_env": job_env, "app": app,
+            "cfg": cfg, "ray_head": ray_head, "port": serve_port, "packages": packages, "gcs": ray_head["gcs"]}  # fmt: skip
 
 
 def _live_on_every_replica(base: str, build_id: str) -> bool:
@@ -87,9 +80,9 @@ def test_rebuilds_read_the_bucket_and_publish_to_it(on_s3):
     assert a["checkpoint_version"] != b["checkpoint_version"]
 
 
-def test_replicas_serve_the_bucket_build_then_a_sidecar_write_reaches_both(on_s3):
+def test_a_replica_serves_the_bucket_build_and_one_started_after_a_sidecar_write_reads_it(on_s3):
     base, b = on_s3["base"], on_s3["builds"][1]
-    wait_for(lambda: _live_on_every_replica(base, b["build_id"]), 240, "both replicas on the bucket's build")
+    wait_for(lambda: _live_on_every_replica(base, b["build_id"]), 240, "the replica on the bucket's build")
     r = requests.post(f"{base}/retrieve", json={"user_id": 1, "k": 10}, timeout=10)
     assert r.status_code == 200 and r.json()["build_id"] == b["build_id"] and len(r.json()["item_ids"]) == 10
     items = r.json()["item_ids"]
@@ -97,6 +90,10 @@ def test_replicas_serve_the_bucket_build_then_a_sidecar_write_reaches_both(on_s3
     assert r.status_code == 200 and len(r.json()["scores"]) == 10, r.text
     r = requests.post(f"{base}/items", json={"items": [ITEM]}, headers=AUTH, timeout=10)
     assert r.status_code == 200, r.text
+    assert open_store(on_s3["registry"]).exists("sidecar/HEAD")
+    # a second replica, started after the write: it loads the build and the log from the bucket
+    on_s3["app"]["deployments"][0]["num_replicas"] = 2
+    serve_deploy(on_s3["ray_head"], on_s3["port"], [on_s3["app"]], on_s3["cfg"])
     seen: dict[str, int] = {}
 
     def both_replicas_have_it() -> bool:  # GET /items/{id} answers from the replica's own view of the log
@@ -104,8 +101,7 @@ def test_replicas_serve_the_bucket_build_then_a_sidecar_write_reaches_both(on_s3
         seen[requests.get(f"{base}/version", timeout=10).json()["replica"]] = got.status_code
         return len(seen) == 2 and set(seen.values()) == {200}
 
-    wait_for(both_replicas_have_it, 30, "the fresh item on both replicas, each reading the bucket's log")
-    assert open_store(on_s3["registry"]).exists("sidecar/HEAD")
+    wait_for(both_replicas_have_it, 240, "the fresh item on the new replica too, read from the bucket's log")
 
 
 def test_rollback_and_gc_on_the_bucket(on_s3):
