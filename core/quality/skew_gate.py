@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.storage.store import CREATE, open_store
+from core.storage.store import CREATE, is_remote, open_store
 
 
 def judge(result: dict, max_relative_drop: float) -> dict:
@@ -63,7 +63,7 @@ def load_all(registry: Path | str, family: str) -> list[dict]:
 def stamp(registry: Path | str, family: str):
     """Something that changes when a verdict of `family` is added: the directory's mtime, or on an
     object store the list of verdict objects (one LIST request)."""
-    if isinstance(registry, str) and "://" in registry:
+    if is_remote(registry):
         return tuple(k for k, _ in open_store(registry).list(f"skew/{family}/"))
     d = Path(registry) / "skew" / family
     return d.stat().st_mtime_ns if d.is_dir() else None

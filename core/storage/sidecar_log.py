@@ -99,17 +99,54 @@ class LogRead:
     restarted: bool  # another generation: the reader must drop what it applied and replay `entries`
 
 
-class SidecarLog:
+class WriterView:
+    """What a writer keeps of the log (both stores): the latest entry per id, the lines no replica can
+    apply (archived by the next rewrite), how many lines it has read and up to where; and the cap
+    and compaction rule decided from it."""
+
+    def __init__(self):
+        self._view: dict[int, dict] = {}
+        self._invalid: list = []
+        self._lines = 0
+        self._pos = Position()
+
+    def _apply(self, r: LogRead) -> None:
+        """Advance the view by what a read returned (from scratch when the generation changed)."""
+        if r.restarted:
+            self._view, self._invalid, self._lines = {}, [], 0
+        for e in r.entries:
+            if entry_problem(e) is None:
+                self._view[int(e["item_id"])] = e
+            else:
+                self._invalid.append(e)
+            self._lines += 1
+        self._pos = r.position
+
+    def live_upserts(self) -> int:
+        return sum(1 for e in self._view.values() if e["op"] == "upsert")
+
+    def _check_room(self, entries: list[dict], max_items: int, counts: Callable[[dict], bool] | None) -> None:
+        """SidecarFull unless `entries` fit under `max_items` upserted ids the base does not serve."""
+        live = {i for i, e in self._view.items() if e["op"] == "upsert" and (counts is None or counts(e))}
+        new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
+        if len(live) + len(new_ids) > max_items:
+            raise SidecarFull(
+                f"sidecar is full: {len(live)} of {max_items} items not yet served by the base build, "
+                f"{len(new_ids)} new in this request; a rebuild whose catalog includes them folds them "
+                "into the base and frees their slots"
+            )
+
+    def _needs_compaction(self) -> bool:
+        return self._lines > COMPACT_RATIO * len(self._view) + COMPACT_FLOOR
+
+
+class SidecarLog(WriterView):
     def __init__(self, registry: Path, clock: Callable[[], float] = time.time):
+        super().__init__()
         self.dir = Path(registry) / "sidecar"
         self.path = self.dir / "log.jsonl"
         self.archive = self.dir / "archive"
-        self._clock = clock
-        # the writer's view (latest entry per id), advanced incrementally under the lock
-        self._view: dict[int, dict] = {}
-        self._invalid: list = []  # lines no replica can apply: kept aside, archived by the next rewrite
-        self._lines = 0
-        self._pos = Position()
+        self._clock = clock  # the writer's view (WriterView) is advanced incrementally under the lock
 
     @property
     def where(self) -> str:
@@ -146,19 +183,7 @@ class SidecarLog:
     # ---- writing -------------------------------------------------------------------------------
     def _catch_up(self) -> None:
         """Advance the writer's view to the end of the log (caller holds the lock)."""
-        r = self.read(self._pos)
-        if r.restarted:
-            self._view, self._invalid, self._lines = {}, [], 0
-        for e in r.entries:
-            if entry_problem(e) is None:
-                self._view[int(e["item_id"])] = e
-            else:
-                self._invalid.append(e)
-            self._lines += 1
-        self._pos = r.position
-
-    def live_upserts(self) -> int:
-        return sum(1 for e in self._view.values() if e["op"] == "upsert")
+        self._apply(self.read(self._pos))
 
     def write(
         self, entries: list[dict], max_items: int, counts: Callable[[dict], bool] | None = None
@@ -172,18 +197,11 @@ class SidecarLog:
             raise ValueError(f"refusing to log {len(bad)} malformed entries, e.g. {bad[0]}")
         with self.locked():
             self._catch_up()
-            live = {i for i, e in self._view.items() if e["op"] == "upsert" and (counts is None or counts(e))}
-            new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
-            if len(live) + len(new_ids) > max_items:
-                raise SidecarFull(
-                    f"sidecar is full: {len(live)} of {max_items} items not yet served by the base build, "
-                    f"{len(new_ids)} new in this request; a rebuild whose catalog includes them folds them "
-                    "into the base and frees their slots"
-                )
+            self._check_room(entries, max_items, counts)
             stamp = self._clock()
             self._append([{**e, "at": stamp} for e in entries])
             self._catch_up()
-            if self._lines > COMPACT_RATIO * len(self._view) + COMPACT_FLOOR:
+            if self._needs_compaction():
                 self._rewrite(served=None, base_build=None)
             return self._pos
 

@@ -29,11 +29,9 @@ import uuid
 from collections.abc import Callable
 
 from core.storage.sidecar_log import (
-    COMPACT_FLOOR,
-    COMPACT_RATIO,
     LogRead,
     Position,
-    SidecarFull,
+    WriterView,
     _line,
     _parse,
     entry_problem,
@@ -46,15 +44,12 @@ MAX_TRIES = 50
 STALE_SEGMENT_S = 3600.0  # an unlisted segment older than this is a dead writer's: deleted by compaction
 
 
-class SegmentLog:
+class SegmentLog(WriterView):
     def __init__(self, registry: str, clock: Callable[[], float] = time.time):
         self.store = open_store(registry)
         self.where = f"{self.store.url}/sidecar"
         self._clock = clock
-        self._view: dict[int, dict] = {}  # the writer's view: latest entry per id
-        self._invalid: list = []
-        self._lines = 0
-        self._pos = Position()
+        super().__init__()
 
     def exists(self) -> bool:
         return self.store.exists(HEAD)
@@ -80,19 +75,7 @@ class SegmentLog:
         return LogRead(entries, Position(gen, len(segs)), restarted)
 
     def _catch_up(self, head: dict) -> None:
-        r = self.read(self._pos, head)
-        if r.restarted:
-            self._view, self._invalid, self._lines = {}, [], 0
-        for e in r.entries:
-            if entry_problem(e) is None:
-                self._view[int(e["item_id"])] = e
-            else:
-                self._invalid.append(e)
-            self._lines += 1
-        self._pos = r.position
-
-    def live_upserts(self) -> int:
-        return sum(1 for e in self._view.values() if e["op"] == "upsert")
+        self._apply(self.read(self._pos, head))
 
     # ---- writing -------------------------------------------------------------------------------
     def write(
@@ -110,14 +93,7 @@ class SegmentLog:
             if name is not None and name in head["segments"]:  # our swap landed, its answer did not
                 break
             self._catch_up(head)
-            live = {i for i, e in self._view.items() if e["op"] == "upsert" and (counts is None or counts(e))}
-            new_ids = {int(e["item_id"]) for e in entries if e["op"] == "upsert"} - live
-            if len(live) + len(new_ids) > max_items:
-                raise SidecarFull(
-                    f"sidecar is full: {len(live)} of {max_items} items not yet served by the base build, "
-                    f"{len(new_ids)} new in this request; a rebuild whose catalog includes them folds them "
-                    "into the base and frees their slots"
-                )
+            self._check_room(entries, max_items, counts)  # again on every retry: against what won
             if name is None:
                 name = self._put_segment([{**e, "at": stamp} for e in entries])
             if self._swap(head, version, {**head, "segments": [*head["segments"], name]}):
@@ -125,7 +101,7 @@ class SegmentLog:
         else:
             raise RuntimeError(f"the sidecar log's HEAD kept changing under {MAX_TRIES} tries; try again")
         self._catch_up(self._head()[0])
-        if self._lines > COMPACT_RATIO * len(self._view) + COMPACT_FLOOR:
+        if self._needs_compaction():
             self.compact()
         return self._pos
 

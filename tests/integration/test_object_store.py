@@ -89,7 +89,8 @@ def test_builds_publish_roll_back_and_gc_on_the_bucket(s3, tmp_path, checkpoint)
     ids, emb = local.open_items()
     ref_ids, ref_emb = BuildDir(reg.build_dir("b4")).open_items()
     assert np.array_equal(ids, ref_ids) and np.array_equal(emb, ref_emb)
-    assert local.read_manifest().files["item_ids.npy"]["bytes"] == local.table_path("item_ids").stat().st_size
+    ids_file = local.table_path("item_ids")
+    assert local.read_manifest().files[ids_file.name]["bytes"] == ids_file.stat().st_size
     assert other.build_dir("b4") == local.root  # reused, not fetched again
     ptr = reg.rollback()
     assert ptr.build_id == "b3" and other.current() == "b3"
@@ -108,11 +109,12 @@ def test_builds_publish_roll_back_and_gc_on_the_bucket(s3, tmp_path, checkpoint)
 def test_a_corrupted_object_is_refused_before_use(s3, tmp_path, checkpoint):
     reg = fresh_registry(tmp_path)
     commit(reg, tmp_path, "good", checkpoint)
-    key = "builds/good/item_embeddings.npy"
+    name = BuildDir(reg.build_dir("good")).table_path("item_embeddings").name
+    key = f"builds/good/{name}"
     data, _ = reg.store.get(key)
     reg.store.put(key, data[:-4] + b"\0\0\0\1")  # same size, other bytes
     fresh = Registry(reg.store.url, cache=tmp_path / "fresh-node")
-    with pytest.raises(BuildFormatError, match="item_embeddings.npy is .* the manifest says"):
+    with pytest.raises(BuildFormatError, match=f"{name} is .* the manifest says"):
         fresh.build_dir("good")
     assert not (fresh.builds / "good").exists()  # nothing half-verified left to be used
 
