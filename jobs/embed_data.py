@@ -8,6 +8,10 @@ one partition file, gates it and commits its part (core.rebuild.parts.embed_part
 part's record, which the driver streams back as parts finish. The unit of work, commit and resume is
 the partition file: Ray Data cannot pin a block to one input file, so the actor reads its file itself.
 
+When the nodes share no file system (an object-store registry without --scratch), each actor also
+uploads its committed part to the bucket (core.rebuild.bucket_parts) and, off the driver's node, drops
+its own copy; the driver fetches what it lacks before the assembly.
+
 Fault tolerance is Ray's: actor-pool actors run with max_restarts=-1 and max_task_retries=-1, so an
 actor that dies (its process killed, its node lost) is restarted and its part's task retried, which
 rewrites the same part (the commit is a rename that replaces an earlier attempt's). Our own exceptions
@@ -28,8 +32,10 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
+from core.rebuild.bucket_parts import BucketParts
 from core.rebuild.embed import Embedder
 from core.rebuild.parts import EmbedSettings, PartTask, embed_part
+from core.storage.remote_trees import cache_root, url_key
 from core.storage.store import is_remote
 from jobs.common import lower_priority
 
@@ -59,16 +65,22 @@ class PartEmbedder:
         renice: Callable[[int], int] = lower_priority,
         node_id: Callable[[], str] = lambda: ray.get_runtime_context().get_node_id(),
         actor_id: Callable[[], str] = lambda: ray.get_runtime_context().get_actor_id() or "local",
+        bucket: str | None = None,
+        home_node: str | None = None,
     ):
         renice(nice)  # before torch starts its threads, which inherit it
         self.node = node_id()
         self.settings = EmbedSettings(**settings)
         self.parts = Path(parts)
+        # Nodes that share no file system (`bucket`): each part is committed on this node's disk, then
+        # uploaded; only the driver's node (`home_node`) keeps its copy, where the assembly reads it.
+        self.bucket = BucketParts(bucket) if bucket else None
+        self.keep = self.bucket is None or self.node == home_node
+        if not self.keep:
+            self.parts = cache_root() / "embedding" / url_key(bucket)
         # one marker per start: Ray restarts a dead actor under the same actor id, so the number of
         # markers beyond the number of distinct ids is the number of restarts
-        starts = self.parts / STARTS
-        starts.mkdir(parents=True, exist_ok=True)
-        (starts / f"{actor_id()}.{uuid.uuid4().hex[:8]}").touch()
+        self._mark(STARTS, actor_id())
         self.embedder = Embedder(package, device=actor_device(assigned_gpus()), threads=threads,
                                  precision=self.settings.precision)  # fmt: skip
         if self.embedder.version != self.settings.checkpoint_version:
@@ -81,14 +93,23 @@ class PartEmbedder:
         keys, rows, records = [], [], []
         for row in batch.to_pylist():
             task = PartTask(**row)
-            attempts = self.parts / ATTEMPTS
-            attempts.mkdir(parents=True, exist_ok=True)
-            (attempts / f"{task.key}.{uuid.uuid4().hex[:8]}").touch()
+            self._mark(ATTEMPTS, task.key)
             rec = embed_part(self.embedder, task, self.parts, self.settings, self.node)
+            if self.bucket is not None:  # its record from here on carries the files' hashes
+                rec = self.bucket.upload(self.parts / task.key)
+                if not self.keep:
+                    shutil.rmtree(self.parts / task.key)
             keys.append(task.key)
             rows.append(rec["rows"])
             records.append(json.dumps(rec))
         return pa.table({"key": keys, "rows": rows, "record": records})
+
+    def _mark(self, kind: str, name: str) -> None:
+        if self.bucket is not None:
+            self.bucket.mark(kind, name)
+            return
+        (self.parts / kind).mkdir(parents=True, exist_ok=True)
+        (self.parts / kind / f"{name}.{uuid.uuid4().hex[:8]}").touch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +135,8 @@ def compute(opts: PoolOptions) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(size=opts.min_workers, max_tasks_in_flight_per_actor=2)
 
 
-def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOptions) -> dict:
+def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOptions,
+               bucket: str | None = None, home_node: str | None = None) -> dict:  # fmt: skip
     """`map_batches`' arguments: one part per call, the pool and what each actor reserves."""
     return dict(
         fn_constructor_kwargs={
@@ -123,6 +145,7 @@ def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOp
             "settings": dataclasses.asdict(settings),
             "threads": opts.threads,
             "nice": opts.nice,
+            **({"bucket": bucket, "home_node": home_node} if bucket else {}),
         },  # fmt: skip
         batch_size=1,
         batch_format="pyarrow",
@@ -136,7 +159,7 @@ def map_kwargs(package: Path, parts: Path, settings: EmbedSettings, opts: PoolOp
 
 
 def dataset(package: Path, tasks: list[PartTask], parts: Path, settings: EmbedSettings, opts: PoolOptions,
-            actor_class: type = None):  # fmt: skip
+            actor_class: type = None, bucket: str | None = None, home_node: str | None = None):  # fmt: skip
     """The embedding's Ray Data plan: one row (and one block) per part task, one output row per part.
     `actor_class`: PartEmbedder (benchmarks pass a subclass)."""
     ctx = ray.data.DataContext.get_current()
@@ -144,7 +167,9 @@ def dataset(package: Path, tasks: list[PartTask], parts: Path, settings: EmbedSe
     ctx.raise_original_map_exception = True  # a failed gate surfaces as itself, not as UserCodeException
     ctx.wait_for_min_actors_s = opts.wait_for_min_actors_s
     ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks], override_num_blocks=len(tasks))
-    ds = ds.map_batches(actor_class or PartEmbedder, **map_kwargs(package, parts, settings, opts))
+    ds = ds.map_batches(
+        actor_class or PartEmbedder, **map_kwargs(package, parts, settings, opts, bucket, home_node)
+    )
     ds.set_name(OP_NAME)
     return ds
 
@@ -161,19 +186,25 @@ def unwrap(e: BaseException) -> BaseException:
 
 
 class EmbedRun:
-    """One embedding execution; `stats` (attempts, retries, actor restarts) once it has run."""
+    """One embedding execution; `stats` (attempts, retries, actor restarts) once it has run.
+    `bucket`: the parts' URL when the nodes share no file system (core.rebuild.bucket_parts), with
+    `home_node` the driver's node, where the assembly reads them."""
 
     def __init__(self, package: Path, parts: Path, settings: EmbedSettings, opts: PoolOptions,
-                 actor_class: type | None = None):  # fmt: skip
+                 actor_class: type | None = None, bucket: str | None = None, home_node: str | None = None):  # fmt: skip
         self.package, self.parts, self.settings, self.opts = package, Path(parts), settings, opts
         self.actor_class = actor_class
+        self.bucket, self.home_node = (BucketParts(bucket) if bucket else None), home_node
         self.stats: dict = {"parts": 0, "attempts": 0, "retries": 0, "actor_restarts": None}
 
     def __call__(self, tasks: list[PartTask]) -> Iterator[dict]:
         for marks in (ATTEMPTS, STARTS):  # count this run's only
+            if self.bucket is not None:
+                self.bucket.clear_marks(marks)
             shutil.rmtree(self.parts / marks, ignore_errors=True)
         try:
-            ds = dataset(self.package, tasks, self.parts, self.settings, self.opts, self.actor_class)
+            ds = dataset(self.package, tasks, self.parts, self.settings, self.opts, self.actor_class,
+                         self.bucket and self.bucket.url, self.home_node)  # fmt: skip
             for row in ds.iter_rows():
                 yield json.loads(row["record"])
         except Exception as e:
@@ -186,6 +217,8 @@ class EmbedRun:
 
     def _count(self, tasks: list[PartTask]) -> dict:
         def names(marks: str) -> list[str]:
+            if self.bucket is not None:
+                return self.bucket.marks(marks)
             d = self.parts / marks
             return [p.name.split(".", 1)[0] for p in d.iterdir()] if d.is_dir() else []
 

@@ -35,6 +35,7 @@ from core.contract.spec import ContractError
 from core.quality import compare as cmp
 from core.quality import skew_gate
 from core.rebuild import assemble as asm
+from core.rebuild.bucket_parts import BucketParts, parts_url
 from core.rebuild.build import (
     CompareOptions,
     ComparisonRefused,
@@ -93,15 +94,36 @@ class RebuildConfig:
     scratch: Path | None = None  # staging of an object-store registry's build, seen by every pool node
 
 
-def pin_to_this_node(cfg: RebuildConfig, registry: Registry) -> RebuildConfig:
-    """An object-store registry stages its build on this node's disk (then uploads it): without a
-    --scratch every pool node sees, the pools (embedding, assembly) run on this node only."""
-    if not registry.remote or cfg.scratch is not None:
-        return cfg
-    node = f"node:{ray.util.get_node_ip_address()}"
-    print(f"object-store registry without --scratch: the embedding and assembly actors run on this node ({node})",
-          flush=True)  # fmt: skip
-    return dataclasses.replace(cfg, resources_per_worker=(*cfg.resources_per_worker, (node, 0.001)))
+def bucket_staged(cfg: RebuildConfig, registry: Registry) -> bool:
+    """An object-store registry without a --scratch every pool node sees: the embedding commits its
+    parts to the bucket (core.rebuild.bucket_parts) and the assembly runs on the driver's node, whose
+    disk holds the staged build until it is uploaded."""
+    return registry.remote and cfg.scratch is None
+
+
+def drop_parts(bucket: BucketParts | None) -> None:
+    """The bucket's staged parts of a build that is committed or refused (a resume has no use for them)."""
+    if bucket is not None:
+        try:
+            bucket.delete()
+        except Exception as e:  # noqa: BLE001 - housekeeping: `jobs.registry gc` removes them later
+            log.warning("could not delete the staged parts under %s: %s", bucket.url, e)
+
+
+def check_home_node(cfg: RebuildConfig, home: str, nodes: list[dict]) -> None:
+    """The assembly pool of a bucket-staged rebuild must fit on the driver's node: fail now, naming
+    it, rather than after --wait-for-min-actors-s."""
+    if cfg.skip_resource_check:
+        return
+    have = next((n.get("Resources", {}).get("CPU", 0) for n in nodes if n.get("NodeID") == home), 0)
+    need = cfg.num_workers * cfg.cpus_per_worker
+    if have < need:
+        raise RuntimeError(
+            f"an object-store rebuild without --scratch assembles on the driver's node, which has {have:g} "
+            f"CPUs; its {cfg.num_workers} assembly workers need {need:g}. Place the driver on a larger node "
+            "(`ray job submit --entrypoint-num-cpus N` or --entrypoint-resources), lower --num-workers/"
+            "--cpus-per-worker, or give every node one --scratch directory."
+        )
 
 
 def check_resources(cfg: RebuildConfig, cluster: dict) -> None:
@@ -172,12 +194,19 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         f"registry {cfg.registry} (seq {expected_seq})",
         flush=True,
     )
+    home, bucket = None, None  # set when the parts go through the bucket (bucket_staged)
     try:
         ray.init(address=cfg.address, log_to_driver=True)
         lower_priority(cfg.nice)  # after ray.init: a local Ray it starts must not inherit the driver's nice
         check_resources(cfg, ray.cluster_resources())
-        cfg = pin_to_this_node(cfg, registry)
-        embed = embed_data.EmbedRun(cfg.checkpoint, BuildDir(staging).parts_dir, settings, pool_options(cfg))
+        if bucket_staged(cfg, registry):
+            home = ray.get_runtime_context().get_node_id()
+            check_home_node(cfg, home, ray.nodes())
+            bucket = BucketParts(parts_url(cfg.registry, build_id))
+            print(f"no shared staging: parts are committed to {bucket.url}; the assembly runs on this node "
+                  f"({home[:12]})", flush=True)  # fmt: skip
+        embed = embed_data.EmbedRun(cfg.checkpoint, BuildDir(staging).parts_dir, settings, pool_options(cfg),
+                                    bucket=bucket and bucket.url, home_node=home)  # fmt: skip
         run_info = {
             "num_workers": cfg.num_workers,
             "max_workers": cfg.max_workers or cfg.num_workers,
@@ -197,7 +226,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
         timings: dict = {}
 
         def start_pool() -> RayPool:  # after the embedding: its actors have given their CPUs back
-            pools.append(RayPool(cfg))
+            pools.append(RayPool(cfg, node=home))
             print(f"assembly: {pools[0].size} workers on {len(set(pools[0].nodes()))} node(s)", flush=True)
             return pools[0]
 
@@ -212,11 +241,14 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
             manifest = build_and_publish(
                 inputs, embed, start_pool, registry, staging, build_id, expected_seq, cfg.index, settings, timings,
                 run_info, on_phase=phase, progress=lambda m: print(m, flush=True), share=ray.put, compare=cfg.compare,
+                parts_bucket=bucket,
             )  # fmt: skip
         finally:
             for p in pools:
                 p.close()
+        drop_parts(bucket)
     except ComparisonRefused as e:  # committed, not live: the operator may canary it
+        drop_parts(bucket)
         summary = {"build_id": e.build_id, "checkpoint_version": ck.version, "published": False,
                    "committed": True, "comparison": e.comparison}  # fmt: skip
         print("SUMMARY " + json.dumps(summary), flush=True)
@@ -224,6 +256,7 @@ def rebuild(cfg: RebuildConfig, on_phase=None) -> dict:
     except (ValidationError, DatasetError, ContractError):
         # a refused build (a gate, a dataset, or data that breaks the package's declared inputs): resuming cannot change the verdict, so nothing of it is kept
         shutil.rmtree(staging, ignore_errors=True)
+        drop_parts(bucket)
         raise
     except (
         ray.exceptions.RayError

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from core.rebuild.worker import Worker
 from jobs.common import lower_priority
@@ -35,7 +36,15 @@ class AssemblyWorker(Worker):
         super().__init__(threads, node=node_id(), faiss_threads=faiss_threads)
 
 
-def actor_options(cfg) -> dict:
+def actor_options(cfg, node: str | None = None) -> dict:
+    """`node`: every worker on that node (the driver's, when the staged build is on its disk only);
+    it reserves CPUs there, not the embedding pool's resource, which that node may not have."""
+    if node is not None:
+        return dict(
+            num_cpus=cfg.cpus_per_worker,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+        )
     return dict(
         num_cpus=cfg.cpus_per_worker,
         # the embedding's pool resource too (not its GPUs): assembly is heavy CPU work, kept off the
@@ -52,10 +61,11 @@ def actor_args(cfg) -> tuple:
 
 
 class RayPool:
-    """`cfg.num_workers` assembly actors, each reserving `cfg.cpus_per_worker` CPUs."""
+    """`cfg.num_workers` assembly actors, each reserving `cfg.cpus_per_worker` CPUs (on `node` only,
+    when given)."""
 
-    def __init__(self, cfg, actor_class: type = AssemblyWorker):
-        actor, opts = ray.remote(actor_class), actor_options(cfg)
+    def __init__(self, cfg, actor_class: type = AssemblyWorker, node: str | None = None):
+        actor, opts = ray.remote(actor_class), actor_options(cfg, node)
         self.actors = [actor.options(**opts).remote(*actor_args(cfg)) for _ in range(cfg.num_workers)]
         self.size = len(self.actors)
         try:

@@ -79,7 +79,7 @@ class S3Server:
                  "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg"]  # fmt: skip
         cmd = [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
                f"-s3.config={self.dir / 's3.json'}", "-metricsPort=0", "-master.volumeSizeLimitMB=256",
-               "-volume.max=0"] + [f"-{n}={p}" for n, p in zip(names, ports, strict=True)]  # fmt: skip
+               "-volume.max=0", "-s3.port.lance=0"] + [f"-{n}={p}" for n, p in zip(names, ports, strict=True)]  # fmt: skip
         with open(self.dir / "weed.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout

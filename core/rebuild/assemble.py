@@ -38,12 +38,20 @@ class Embedded:
         return [self.records[t.key] for t in tasks if t.what == what]
 
 
-def embed_all(embed_parts: Callable, tasks, parts: Path, settings, progress, phase) -> Embedded:
+def embed_all(embed_parts: Callable, tasks, parts: Path, settings, progress, phase, bucket=None) -> Embedded:
     """Every partition of items AND users, in ONE run of `embed_parts` (tasks -> committed part
     records, as they finish: jobs.embed_data on Ray Data, or parts.embed_locally); committed parts
-    that this build would embed identically (a resumed build) are reused, not re-embedded."""
+    that this build would embed identically (a resumed build) are reused, not re-embedded.
+    `bucket` (core.rebuild.bucket_parts.BucketParts): where the parts are committed when the nodes share
+    no file system; every part is then fetched into `parts` (those already there are kept)."""
     partmod.discard_partial(parts)
-    records = {t.key: r for t in tasks if (r := partmod.reusable(parts, t, settings)) is not None}
+
+    def committed(t):
+        if bucket is None:
+            return partmod.reusable(parts, t, settings)
+        return partmod.matches(bucket.record(t.key), t, settings)
+
+    records = {t.key: r for t in tasks if (r := committed(t)) is not None}
     if records:
         progress(f"resume: reusing {len(records)} of {len(tasks)} committed partitions")
     todo = [t for t in tasks if t.key not in records]
@@ -59,6 +67,11 @@ def embed_all(embed_parts: Callable, tasks, parts: Path, settings, progress, pha
         raise ValidationError(
             f"the embedding returned no record for {len(missing)} part(s), e.g. {missing[:3]}"
         )
+    if bucket is not None:
+        t0 = time.perf_counter()
+        fetched = bucket.fetch_all([records[t.key] for t in tasks], parts)
+        progress(f"parts from {bucket.url}: {fetched} fetched to this node in {time.perf_counter() - t0:.1f}s, "
+                 f"{len(tasks) - fetched} already here")  # fmt: skip
     return Embedded(records, reused=len(tasks) - len(todo), embedded=len(todo))
 
 

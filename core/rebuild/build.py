@@ -206,19 +206,22 @@ def build_and_publish(
     progress: Callable[[str], None] = print,
     share: Callable = lambda obj: obj,
     compare: CompareOptions = CompareOptions(),
+    parts_bucket=None,
 ) -> BuildManifest:
     """Embed (reusing committed parts), gate, assemble, tune, commit and publish; returns the manifest.
     Raises before anything is published if a gate fails. `embed_parts`: part tasks -> their committed
     records (core.rebuild.assemble.embed_all; its `stats`, if it has them, go into the manifest's `run`);
     `start_pool`: starts the assembly workers (core.rebuild.worker.Pool) once the embedding is done,
     so that they never compete with it for the cluster; `share`: puts a large
-    argument where every worker reads it once (Ray's object store; identity in-process)."""
+    argument where every worker reads it once (Ray's object store; identity in-process);
+    `parts_bucket`: where the embedding commits its parts when the nodes share no file system
+    (core.rebuild.bucket_parts.BucketParts)."""
     phase = on_phase or (lambda _name: None)
     ck = inputs.package
     out = BuildDir(staging)
     tasks = parts.plan("items", inputs.catalog_files) + parts.plan("users", inputs.user_files)
     t0 = time.perf_counter()
-    emb = asm.embed_all(embed_parts, tasks, out.parts_dir, settings, progress, phase)
+    emb = asm.embed_all(embed_parts, tasks, out.parts_dir, settings, progress, phase, parts_bucket)
     timings["embed_s"] = round(time.perf_counter() - t0, 3)
     run_info["embedding"] = getattr(embed_parts, "stats", None)
     phase("embedded")

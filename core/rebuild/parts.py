@@ -85,7 +85,11 @@ def read_record(directory: Path) -> dict | None:
 
 def reusable(parts: Path, task: PartTask, settings: EmbedSettings) -> dict | None:
     """The record of a committed part that this rebuild would produce identically, else None."""
-    rec = read_record(part_dir(parts, task))
+    return matches(read_record(part_dir(parts, task)), task, settings)
+
+
+def matches(rec: dict | None, task: PartTask, settings: EmbedSettings) -> dict | None:
+    """`rec` if it is the record of what this rebuild would embed for `task`, else None."""
     if rec is None:
         return None
     same = (

@@ -27,6 +27,7 @@ from core.storage.build_dir import MANIFEST_FILE, BuildDir, BuildFormatError, Bu
 from core.storage.fsutil import sha256_file
 
 BUILDS = "builds/"
+STAGING = "staging/"  # parts of rebuilds in progress (core.rebuild.bucket_parts)
 
 
 def manifest_key(build_id: str) -> str:
@@ -139,18 +140,28 @@ def delete_build(store, build_id: str) -> None:
 
 def gc_orphans(store, stale_s: float, dry_run: bool, now: float | None = None) -> list[str]:
     """Objects under builds/<id>/ without a manifest, last written more than `stale_s` ago: an
-    upload that was killed or failed (a running upload writes at least one object per file)."""
+    upload that was killed or failed (a running upload writes at least one object per file); and
+    under staging/<id>/ (parts a stopped rebuild committed to the bucket, core.rebuild.bucket_parts),
+    last written more than `stale_s` ago."""
+    removed = _stale(store, BUILDS, stale_s, dry_run, now, keep=lambda b, keys: manifest_key(b) in keys)
+    return removed + _stale(store, STAGING, stale_s, dry_run, now, keep=lambda b, keys: False)
+
+
+def _stale(store, top: str, stale_s: float, dry_run: bool, now: float | None, keep) -> list[str]:
     now = time.time() if now is None else now
     by_build: dict[str, list[str]] = {}
-    for key, _ in store.list(BUILDS):
-        by_build.setdefault(key[len(BUILDS) :].split("/", 1)[0], []).append(key)
+    for key, _ in store.list(top):
+        by_build.setdefault(key[len(top) :].split("/", 1)[0], []).append(key)
     removed = []
     for build_id, keys in sorted(by_build.items()):
-        if manifest_key(build_id) in keys:
+        if keep(build_id, keys):
             continue
         newest = max(store.modified(k) for k in keys)
         if now - newest > stale_s:
-            removed.append(f"{BUILDS}{build_id}/ ({len(keys)} objects, no manifest)")
+            removed.append(
+                f"{top}{build_id}/ ({len(keys)} objects, "
+                + ("no manifest)" if top == BUILDS else "stopped rebuild)")
+            )
             if not dry_run:
                 for k in keys:
                     store.delete(k)

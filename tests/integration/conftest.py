@@ -7,6 +7,7 @@ authentication, as Ray 2.60 users run it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -154,6 +155,35 @@ def new_registry(tmp_path_factory, skew_results):
 
 
 @pytest.fixture(scope="session")
+def live_a(tmp_path_factory, ray_head, ml_data, checkpoints, skew_results) -> tuple[Path, str]:
+    """(registry, build id): a registry whose live build is package A's over the MovieLens catalog and
+    users, made by ONE rebuild job per test command. Many tests start from exactly that; they copy it
+    (`registry_with_a`) instead of running the same rebuild again."""
+
+    def make(root: Path) -> list[Path]:
+        registry = root / "registry"
+        shutil.copytree(skew_results, registry / "skew")
+        build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+        (root / "build_id").write_text(build)
+        return [registry, root / "build_id"]
+
+    registry, build_file = made_once(tmp_path_factory, "live-a", make)
+    return registry, build_file.read_text()
+
+
+@pytest.fixture(scope="session")
+def registry_with_a(tmp_path_factory, live_a):
+    """Factory: name -> (a private copy of live_a's registry, its live build id)."""
+
+    def make(name: str) -> tuple[Path, str]:
+        registry = tmp_path_factory.mktemp(name)
+        shutil.copytree(live_a[0], registry, dirs_exist_ok=True)
+        return registry, live_a[1]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3-compatible server on loopback (SeaweedFS, tests/s3server.py) with a `skewless` bucket.
     Its endpoint and credentials are in this process's environment and in every Ray process's (as a
@@ -232,13 +262,30 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
         info["session_dir"] = new[-1] if new else Path("/tmp/ray/session_latest").resolve()
         yield info
     finally:
-        proc.terminate()  # --block turns SIGTERM into a clean stop of this cluster's processes
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        # --block turns SIGTERM into a clean stop, which takes ~35 s (Serve, dashboard modules, each
+        # with its own grace period); nothing of this throwaway cluster needs it, so what is left
+        # after a few seconds is killed: every process of the session `ray start` led (workers get
+        # process groups of their own, not sessions).
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        kill_session(proc.pid)
         stop_haproxy(ray_env)
         log.close()
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process whose session id is `sid`."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            # the fields after the command (which may hold spaces): state ppid pgrp session ...
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:
+                os.kill(int(d.name), 9)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 @pytest.fixture(scope="session")

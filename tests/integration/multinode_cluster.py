@@ -1,11 +1,13 @@
 """Start a local multi-node Ray cluster, run the rebuild job on it, report where its workers ran.
 
     python -m tests.integration.multinode_cluster [--pool-nodes N] [--remove-embedding-node] \\
-        -- <jobs.rebuild_index args without --address>
+        [--cpus-per-node C] [--node-caches DIR] -- <jobs.rebuild_index args without --address>
 
-The head advertises no pool resource; N worker nodes (1 CPU each) advertise `gpu_pool` like
-cluster.yaml's GPU worker type. --remove-embedding-node: once two parts are committed, the node of a
-live embedding actor is removed (its processes killed, as when a node is lost), mid-run.
+The head advertises no pool resource; N worker nodes advertise `gpu_pool` like cluster.yaml's GPU
+worker type (every node has C CPUs, 1 by default). --node-caches: every node's processes get their
+own cache directory (SKEWLESS_CACHE_DIR), as nodes that share no disk. --remove-embedding-node: once
+two parts are committed, the node of a live embedding actor is removed (its processes killed, as
+when a node is lost), mid-run.
 
 A separate process because Ray reads its auth settings at import: the test process cannot switch
 token auth on for an in-process cluster after the fact. Prints one JSON line: RESULT {...}.
@@ -46,10 +48,18 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--pool-nodes", type=int, default=2)
     p.add_argument("--remove-embedding-node", action="store_true")
+    p.add_argument("--cpus-per-node", type=int, default=1)
+    p.add_argument("--node-caches", type=Path, help="give node i its own SKEWLESS_CACHE_DIR, DIR/node-i")
     a, rest = p.parse_known_args(sys.argv[1 : sys.argv.index("--")])
     argv = sys.argv[sys.argv.index("--") + 1 :]
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
-    pool = [cluster.add_node(num_cpus=1, resources={"gpu_pool": 1}) for _ in range(a.pool_nodes)]
+
+    def node_env(i: int) -> dict:
+        return {"env_vars": {"SKEWLESS_CACHE_DIR": str(a.node_caches / f"node-{i}")}} if a.node_caches else {}
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": a.cpus_per_node, "include_dashboard": True,
+                                                            **node_env(0)})  # fmt: skip
+    pool = [cluster.add_node(num_cpus=a.cpus_per_node, resources={"gpu_pool": 1}, **node_env(i + 1))
+            for i in range(a.pool_nodes)]  # fmt: skip
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
@@ -69,7 +79,7 @@ def main() -> None:
         ]
         result = {
             "returncode": job.returncode,
-            "stdout": out[-6000:],
+            "stdout": out[-30000:],
             "stderr": err[-4000:],
             "pool_node_ids": [n.node_id for n in pool],
             "head_node_id": cluster.head_node.node_id,

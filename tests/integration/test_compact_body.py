@@ -16,15 +16,14 @@ import requests
 
 from core.serving.compact_body import ARROW_STREAM, encode_rows
 from core.storage.datasets import read_table
-from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
+from tests.integration.conftest import serve_deploy, wait_for
 
 ARROW = {"content-type": ARROW_STREAM}
 
 
 @pytest.fixture(scope="module")
-def app(ray_head, ml_data, checkpoints, new_registry, tmp_path_factory, serve_port):
-    registry = new_registry("reg-compact")
-    build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+def app(ray_head, ml_data, checkpoints, registry_with_a, tmp_path_factory, serve_port):
+    registry, build = registry_with_a("reg-compact")
     spec = {
         "name": "compact",
         "route_prefix": "/c",

@@ -18,10 +18,8 @@ from tests.integration.conftest import rebuild, summary
 
 
 @pytest.fixture(scope="module")
-def live(ray_head, ml_data, checkpoints, new_registry):
-    registry = new_registry("reg-cutover")
-    build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
-    return registry, build_a
+def live(registry_with_a):
+    return registry_with_a("reg-cutover")
 
 
 def _refused(p, registry, build_a):

@@ -176,3 +176,48 @@ def test_an_exception_of_ours_in_an_actor_fails_the_rebuild_at_once_with_one_lin
     [line] = [x for x in out.stderr.splitlines() if x.startswith("FAILED")]
     assert "must be unique; 1 duplicates, e.g. [4]" in line, line
     assert current_build(registry) is None
+
+
+def test_a_bucket_rebuild_embeds_on_nodes_that_share_no_disk_and_assembles_on_the_drivers(
+    heavy, reference, ray_env, s3, tmp_path
+):
+    """An object-store registry and no --scratch, on a 3-node cluster whose nodes each have their own
+    cache directory: the embedding actors (one per pool node) commit their parts to the bucket, the
+    driver's node fetches what it did not embed, verified, and assembles there; the build is bit for
+    bit the uninterrupted embedding, and no staged part is left in the bucket or on a pool node."""
+    registry = f"s3://skewless/mn-{tmp_path.name}"
+    caches = tmp_path / "caches"
+    p = run_module(
+        "tests.integration.multinode_cluster", "--pool-nodes", "2", "--cpus-per-node", "2", "--node-caches", caches,
+        "--", *_args(heavy, registry), "--resources-per-worker", "gpu_pool=1", env=ray_env,
+    )  # fmt: skip
+    result = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    out = result["stdout"]
+    assert result["returncode"] == 0, out + result["stderr"]
+    s = json.loads(next(x for x in out.splitlines() if x.startswith("SUMMARY "))[len("SUMMARY ") :])
+    home = next(x for x in out.splitlines() if x.startswith("no shared staging:")).split("(")[-1].rstrip(")")
+    reg = Registry(registry)
+    m = reg.manifest(s["build_id"])
+    pool = set(result["pool_node_ids"])
+    assert set(m.parts["nodes"]) == pool  # both pool nodes embedded (one actor each: gpu_pool=1)
+    # the assembly ran on the driver's node: fetched every part embedded elsewhere, and only those
+    elsewhere = [k for k, r in _part_nodes(out).items() if not r.startswith(home)]
+    fetched = int(
+        next(x for x in out.splitlines() if x.startswith("parts from s3://")).split(": ")[1].split()[0]
+    )
+    assert fetched == len(elsewhere) > 0, (fetched, elsewhere)
+    assert {x["node"][:12] for x in m.index.shards} == {home}
+    assert _vectors(registry, s["build_id"]) == reference
+    assert s["embedding"]["parts"] == PARTS and s["embedding"]["attempts"] == PARTS  # counted from the bucket
+    assert list(reg.store.list("staging/")) == []  # staged parts dropped once the build is committed
+    left = [p for p in caches.glob("node-*/embedding/*/*") if not p.name.startswith(".")]
+    assert left == []  # pool nodes uploaded their parts and dropped their copies
+
+
+def _part_nodes(log: str) -> dict[str, str]:
+    """part key -> the node prefix it was embedded on, from the job's "part ..." lines."""
+    got = {}
+    for line in log.splitlines():
+        if line.startswith("part ") and " on node " in line:
+            got[line.split()[1].rstrip(":")] = line.split(" on node ")[1].split()[0]
+    return got

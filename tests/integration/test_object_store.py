@@ -5,6 +5,7 @@ storage guarantees on which the rebuild and serving stand."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core.rebuild import parts as partmod
+from core.rebuild.bucket_parts import BucketParts, parts_url
+from core.rebuild.parts import EmbedSettings
 from core.storage.build_dir import BuildDir, BuildFormatError
 from core.storage.datasets import (
     DatasetError,
@@ -117,6 +121,35 @@ def test_a_corrupted_object_is_refused_before_use(s3, tmp_path, checkpoint):
     with pytest.raises(BuildFormatError, match=f"{name} is .* the manifest says"):
         fresh.build_dir("good")
     assert not (fresh.builds / "good").exists()  # nothing half-verified left to be used
+
+
+def test_staged_parts_are_fetched_verified_reused_and_a_stopped_rebuilds_are_gc_ed(s3, tmp_path):
+    """The rebuild's parts on the bucket (core.rebuild.bucket_parts): uploaded record last, fetched
+    once per node and checked against the record's hashes (a changed object is refused, nothing left
+    in place), and a stopped rebuild's staged parts removed by gc once stale."""
+    reg = fresh_registry(tmp_path)
+    bucket = BucketParts(parts_url(reg.store.url, "b-stopped"))
+    local = tmp_path / "embedded"
+    ids = np.arange(10, 20, dtype=np.int64)
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    settings = EmbedSettings("v1", "sha", "fp32", 64)
+    rec = {"key": "items-00000", "rows": 10, "settings": dataclasses.asdict(settings)}
+    partmod._commit(local, "items-00000", ids, x, rec)
+    up = bucket.upload(local / "items-00000")
+    assert bucket.record("items-00000") == up and set(up["files"]) == {"ids.npy", "vectors.npy"}
+    node = tmp_path / "driver-parts"
+    assert bucket.fetch_all([up], node) == 1 and bucket.fetch_all([up], node) == 0  # the second reuses it
+    got_ids, got_x = partmod.open_part(node / "items-00000")
+    assert np.array_equal(got_ids, ids) and np.array_equal(got_x, x)
+    data, _ = bucket.store.get("items-00000/vectors.npy")
+    bucket.store.put("items-00000/vectors.npy", data[:-4] + b"\0\0\0\1")  # same size, other bytes
+    other = tmp_path / "other-node"
+    with pytest.raises(OSError, match="vectors.npy: got .* its part.json says"):
+        bucket.fetch(up, other)
+    assert list(other.iterdir()) == []  # nothing half-verified left in place
+    assert reg.gc(stale_staging_s=3600) == []  # fresh: a running (or resumable) rebuild's parts stay
+    assert reg.gc(stale_staging_s=0) == ["staging/b-stopped/ (3 objects, stopped rebuild)"]
+    assert list(reg.store.list("staging/")) == []
 
 
 def test_racing_publishers_exactly_one_wins_each_time(s3, tmp_path, checkpoint):

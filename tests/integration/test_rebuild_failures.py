@@ -21,10 +21,9 @@ from tests.integration.conftest import rebuild, run_module, summary
 
 
 @pytest.fixture(scope="module")
-def live(ray_head, ml_data, checkpoints, new_registry):
+def live(ml_data, registry_with_a):
     """A registry whose live build came from checkpoint A."""
-    registry = new_registry("reg-live")
-    build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+    registry, build = registry_with_a("reg-live")
     return {
         "registry": registry,
         "build": build,
@@ -185,14 +184,13 @@ def _parts_committed(registry, build_id: str) -> dict[str, int]:
 
 
 def test_a_killed_rebuild_resumes_reusing_its_committed_parts_bit_identically(
-    ray_head, ml_data, checkpoints, new_registry, tmp_path
+    ray_head, ml_data, checkpoints, new_registry, live_a, tmp_path
 ):
     """SIGKILL after three committed partitions; resume: the committed ones are reused, not re-embedded,
     and the published vectors equal an uninterrupted build's bit for bit. A resume with another
     checkpoint or a changed catalog is refused naming what differs, and leaves the staged parts alone."""
     users = ("--users", ml_data / "users")
-    ref_reg = new_registry("reg-resume-ref")
-    ref = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", ref_reg, *users))
+    ref_reg, ref_build = live_a  # the uninterrupted build: package A, this catalog and these users
     registry = new_registry("reg-resume")
     p = run_module(
         "tests.integration.crash_rebuild", "part_committed#3", "--", "--checkpoint", checkpoints[0], "--catalog",
@@ -217,7 +215,7 @@ def test_a_killed_rebuild_resumes_reusing_its_committed_parts_bit_identically(
     assert s["parts"]["reused"] == len(committed) and s["parts"]["embedded"] == 16 - len(committed)
     redone = {x.split()[1].rstrip(":") for x in resumed.stdout.splitlines() if x.startswith("part ")}
     assert redone and not redone & set(committed)  # no committed partition was embedded again
-    a = BuildDir(Registry(ref_reg).build_dir(ref["build_id"]))
+    a = BuildDir(Registry(ref_reg).build_dir(ref_build))
     b = BuildDir(Registry(registry).build_dir(build_id))
     for x, y in zip(
         a.open_items() + a.open_users(a.read_manifest()),

@@ -78,6 +78,7 @@ def test_rebuilds_read_the_bucket_and_publish_to_it(on_s3):
     assert m.catalog.path.startswith(f"{BUCKET}/data/catalog")  # read in place, not copied
     assert m.files and all(meta["sha256"] for meta in m.files.values())  # what replicas verify against
     assert a["checkpoint_version"] != b["checkpoint_version"]
+    assert list(reg.store.list("staging/")) == []  # each rebuild's parts, staged in the bucket, are gone
 
 
 def test_a_replica_serves_the_bucket_build_and_one_started_after_a_sidecar_write_reads_it(on_s3):
@@ -131,6 +132,8 @@ def test_a_rebuild_killed_during_its_upload_leaves_current_on_a_complete_build(o
     assert (reg.pointer(), reg.list_builds()) == before
     killed = {k.split("/")[1] for k, _ in reg.store.list("builds/")} - set(before[1])
     assert len(killed) == 1  # its objects are there, without a manifest
+    staged = {k.split("/")[1] for k, _ in reg.store.list("staging/")}
+    assert staged == killed  # its parts stay in the bucket for --resume, until gc
     removed = reg.gc(rollback_window=5, keep_extra=5, stale_staging_s=0)
     assert any(r.startswith(f"builds/{killed.pop()}/") for r in removed), removed
-    assert reg.list_builds() == before[1]
+    assert reg.list_builds() == before[1] and list(reg.store.list("staging/")) == []

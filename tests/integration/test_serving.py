@@ -46,9 +46,8 @@ APPS = {
 
 
 @pytest.fixture(scope="module")
-def serving(ray_head, ml_data, checkpoints, new_registry, tmp_path_factory, serve_port):
-    registry = new_registry("reg-serve")
-    build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+def serving(ray_head, ml_data, checkpoints, new_registry, registry_with_a, tmp_path_factory, serve_port):
+    registry, build_a = registry_with_a("reg-serve")
     registries = {"nousers": new_registry("reg-nousers")}
     p = rebuild(ray_head, checkpoints[0], ml_data / "catalog", registries["nousers"], "--no-users")
     build_nu = summary(p)["build_id"]
@@ -519,8 +518,9 @@ def test_state_gauges_stay_on_the_dashboard_long_after_they_were_set(serving, ra
         return ok and "ray_skewless_sidecar_items{" in text
 
     for window in range(3):
+        if window:
+            time.sleep(10)
         wait_for(complete, 30, f"the state gauges of both replicas in scrape window {window}", interval_s=1)
-        time.sleep(10)
 
 
 def test_fuzzed_requests_from_the_apps_own_openapi_never_get_a_5xx(serving):

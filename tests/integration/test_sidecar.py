@@ -50,9 +50,8 @@ def _app(registry, token_file, max_k: int = 1000) -> dict:
 
 
 @pytest.fixture(scope="module")
-def app(ray_head, ml_data, checkpoints, new_registry, serve_port, tmp_path_factory):
-    registry = new_registry("reg-sidecar")
-    build_a = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+def app(ray_head, ml_data, checkpoints, registry_with_a, serve_port, tmp_path_factory):
+    registry, build_a = registry_with_a("reg-sidecar")
     secret_dir = tmp_path_factory.mktemp("secret")
     token_file = secret_dir / "admin_token"
     token_file.write_text(TOKEN + "\n")
