@@ -23,9 +23,6 @@ import argparse
 import json
 from pathlib import Path
 
-from core.quality import compare as cmp
-from core.serving.live_build import load_build
-from core.serving.sidecar import fold_into_base
 from core.storage.datasets import is_dataset, partition_files
 from core.storage.registry import Registry
 from core.storage.sidecar_log import Position, entry_problem, open_log
@@ -75,6 +72,11 @@ def default_holdout(users: Path | Uri) -> Path | Uri | None:
 
 
 def _diff(reg: Registry, a) -> int:
+    # torch and faiss load here, for the commands that read builds: a rollback, canary or promote
+    # (pointer swaps, what an operator runs in an incident) answers in well under a second
+    from core.quality import compare as cmp
+    from core.serving.live_build import load_build
+
     base = load_build(reg.build_dir(a.base), mmap=True)
     new = load_build(reg.build_dir(a.new), mmap=True)
     users = a.users or (location(new.manifest.users.path) if new.manifest.users else None)
@@ -239,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if live is None:
             print(f"no live build in {a.registry}: nothing to fold into")
             return 1
+        from core.serving.sidecar import fold_into_base  # torch: see _diff
+
         catalog = reg.manifest(live).catalog.path
         stats = fold_into_base(a.registry, live, partition_files(catalog))
         print(f"folded into {live}: " + json.dumps(stats))

@@ -10,7 +10,7 @@ rebuild's nodes share no file system (an object-store registry without --scratch
 
 An embedding actor commits its part on its own disk (core.rebuild.parts), then uploads it here, part.json
 last: a part whose part.json is in the bucket is complete, whichever node embedded it, so a resumed
-rebuild on any node reuses it. The driver's node fetches each part it lacks into its staging
+rebuild on any node reuses it (the staged build's resume record is there too). The driver's node fetches each part it lacks into its staging
 directory (verified against those hashes, renamed into place whole) and assembles from there. A retried
 task uploads the same part again; the objects are replaced whole, part.json last.
 """
@@ -29,6 +29,7 @@ from core.storage.remote_builds import STAGING
 from core.storage.store import Uri, open_store
 
 _RECORD = "part.json"
+_RESUME = "resume.json"  # what the parts were embedded from: a --resume on any node checks it
 _DATA = ("ids.npy", "vectors.npy")
 
 
@@ -56,6 +57,16 @@ class BucketParts:
         record = {**record, "files": files}
         self.store.put(f"{record['key']}/{_RECORD}", json.dumps(record).encode())
         return record
+
+    # ---- the staged build's resume record (core.rebuild.build.resume_record) --------------------
+    def put_resume(self, record: dict) -> None:
+        self.store.put(_RESUME, json.dumps(record).encode())
+
+    def get_resume(self) -> dict | None:
+        try:
+            return json.loads(self.store.get(_RESUME)[0])
+        except FileNotFoundError:
+            return None
 
     def mark(self, kind: str, name: str) -> None:
         """One empty object per attempt or actor start (counted by the driver: retries, restarts)."""
