@@ -8,11 +8,12 @@ rebuild's nodes share no file system (an object-store registry without --scratch
                                        /.attempts/<key>.<nonce>   one empty object per attempt
                                        /.actor-starts/<actor>.<nonce>
 
-An embedding actor commits its part on its own disk (core.rebuild.parts), then uploads it here, part.json
-last: a part whose part.json is in the bucket is complete, whichever node embedded it, so a resumed
-rebuild on any node reuses it (the staged build's resume record is there too). The driver's node fetches each part it lacks into its staging
-directory (verified against those hashes, renamed into place whole) and assembles from there. A retried
-task uploads the same part again; the objects are replaced whole, part.json last.
+An embedding actor commits its part on its own disk (core.rebuild.parts), then uploads it here,
+part.json last: a part whose part.json is in the bucket is complete, whichever node embedded it, so
+a resumed rebuild on any node reuses it (the staged build's resume record is kept here too). The
+driver's node fetches each part it lacks into its staging directory (verified against those hashes,
+renamed into place whole) and assembles from there. A retried task uploads the same part again: the
+objects are replaced whole, part.json last, and the bucket's record is the one the driver trusts.
 """
 
 from __future__ import annotations
