@@ -5,30 +5,61 @@
 source "$(dirname "$0")/env.sh"
 ruff check .
 ruff format --check .
-# Data, checkpoints and skew check are made once for both pytest sessions (tests/integration/conftest.py).
+# Data, model packages, skew check and first build are made once per command, for every pytest session
+# that needs them (tests/integration/conftest.py: made_once).
 SKEWLESS_TEST_ARTIFACTS=$(mktemp -d -t skewless-tests-XXXXXX)
 export SKEWLESS_TEST_ARTIFACTS
-UNIT_DIR=$(mktemp -d -t skewless-unit-XXXXXX)
-trap 'rm -rf "$SKEWLESS_TEST_ARTIFACTS" "$UNIT_DIR"' EXIT
+RUNS=$(mktemp -d -t skewless-runs-XXXXXX)
+trap 'rm -rf "$SKEWLESS_TEST_ARTIFACTS" "$RUNS"' EXIT
 if [ "$#" -gt 0 ]; then
   python -m pytest -m "not slow" --durations=20 "$@"
   exit
 fi
-# The unit tier runs beside the integration tier at the lowest CPU priority: it takes the cores the
-# integration tests leave idle while they wait on Ray, Serve and HTTP (about two thirds of the time
-# on 2 cores), and yields them whenever an integration test computes.
-nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider --basetemp="$UNIT_DIR/tmp" tests/unit \
-  >"$UNIT_DIR/log" 2>&1 &
+# Three streams at once, on the cores each leaves idle while it waits on Ray, Serve and HTTP (a quarter
+# of the time alone on 2 cores): the integration tier in two pytest sessions, each with its own Ray head
+# and S3 server (the data, model packages and first build are made once, by whichever needs them first:
+# tests/integration/conftest.py), and the unit tier.
+#   serving: normal priority. The HTTP modules, whose latency bounds (a sidecar write served within a
+#            second) must not wait on the other streams; its first module makes the shared artifacts.
+#   rebuilds: the rebuild-heavy modules at the lowest CPU priority, starting with those that need none of
+#            the shared artifacts; then the request path again on Serve's throughput-optimized ingress
+#            (HAProxy, serve_app/ingress.py): JSON and Arrow bodies, a bad body failing alone in a shared
+#            batch. Everything else of serving is decided inside the replica, the same code behind
+#            either ingress, so it runs once.
+#   unit:    the lowest CPU priority.
+SERVING=(test_compact_body test_serving test_sidecar test_s3_end_to_end test_shop_model)
+REBUILDS=(test_embed_faults test_object_store test_cluster_yaml test_rebuild_failures test_cutover test_rebuild_job
+          test_skew)
+# every integration module is in one of the two lists
+listed=$(printf '%s\n' "${SERVING[@]}" "${REBUILDS[@]}" | sort)
+present=$(cd tests/integration && ls test_*.py | sed 's/\.py$//' | sort)
+if [ "$listed" != "$present" ]; then
+  echo "scripts/test.sh: the integration modules and its two lists differ:"
+  diff <(echo "$listed") <(echo "$present") || true
+  exit 1
+fi
+files() { for m in "$@"; do printf 'tests/integration/%s.py ' "$m"; done; }
+mkdir -p "$RUNS/rebuilds" "$RUNS/fast"
+nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider --basetemp="$RUNS/tmp" tests/unit \
+  >"$RUNS/log" 2>&1 &
 unit=$!
+# shellcheck disable=SC2046 # the module list splits into paths on purpose
+(
+  rc=0
+  nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider --durations=20 --basetemp="$RUNS/rebuilds/tmp" \
+    $(files "${REBUILDS[@]}") || rc=$?
+  SKEWLESS_INGRESS=fast nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider \
+    --basetemp="$RUNS/fast/tmp" tests/integration/test_compact_body.py || rc=$?
+  exit "$rc"
+) >"$RUNS/rebuilds/log" 2>&1 &
+rebuilds=$!
 status=0
-python -m pytest -m "not slow" --durations=20 tests/integration || status=$?
+# shellcheck disable=SC2046
+python -m pytest -m "not slow" --durations=20 $(files "${SERVING[@]}") || status=$?
+wait "$rebuilds" || status=$?
+echo "---- rebuild modules, then the fast ingress (ran beside the serving modules) ----"
+cat "$RUNS/rebuilds/log"
 wait "$unit" || status=$?
 echo "---- unit tier (ran beside the integration tier) ----"
-cat "$UNIT_DIR/log"
-# The request path again on Serve's throughput-optimized ingress (HAProxy in front of the replicas,
-# serve_app/ingress.py): JSON and Arrow bodies, answers and a bad body failing alone in a shared batch.
-# Everything else of serving (4xx/429 details, swaps, canary, gauges) is decided inside the replica,
-# the same code behind either ingress, so it runs once (above): the whole command stays under 30 min.
-SKEWLESS_INGRESS=fast python -m pytest -m "not slow" -p no:cacheprovider tests/integration/test_compact_body.py \
-  || status=$?
+cat "$RUNS/log"
 exit "$status"

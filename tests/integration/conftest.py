@@ -8,6 +8,7 @@ authentication, as Ray 2.60 users run it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -70,18 +71,22 @@ ARTIFACTS = os.environ.get("SKEWLESS_TEST_ARTIFACTS")
 
 
 def made_once(tmp_path_factory, name: str, make) -> list[Path]:
-    """make(root) -> paths, run once per test command when $SKEWLESS_TEST_ARTIFACTS is set."""
+    """make(root) -> paths, run once per test command when $SKEWLESS_TEST_ARTIFACTS is set. pytest
+    sessions that run at the same time (scripts/test.sh runs two) take turns: the first makes, the
+    others wait on the lock and then read what it made."""
     if not ARTIFACTS:
         return make(tmp_path_factory.mktemp(name))
     root = Path(ARTIFACTS) / name
     done = root / "done.json"  # written last: a session killed mid-way leaves nothing to reuse
-    if done.exists():
-        return [Path(x) for x in json.loads(done.read_text())]
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    paths = make(root)
-    done.write_text(json.dumps([str(x) for x in paths]))
-    return paths
+    with open(Path(ARTIFACTS) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if done.exists():
+            return [Path(x) for x in json.loads(done.read_text())]
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        paths = make(root)
+        done.write_text(json.dumps([str(x) for x in paths]))
+        return paths
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +132,7 @@ def scratch_checkpoint(tmp_path_factory, ml_data) -> Path:
     """A model package of the same family, trained from scratch with another seed: an unrelated
     embedding space."""
     return made_once(
-        tmp_path_factory, "scratch", lambda root: [_train(ml_data, root, "--epochs", "3", "--seed", "7")]
+        tmp_path_factory, "scratch", lambda root: [_train(ml_data, root, "--epochs", "1", "--seed", "7")]
     )[0]
 
 
@@ -163,7 +168,7 @@ def live_a(tmp_path_factory, ray_head, ml_data, checkpoints, skew_results) -> tu
     def make(root: Path) -> list[Path]:
         registry = root / "registry"
         shutil.copytree(skew_results, registry / "skew")
-        build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry))["build_id"]
+        build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--index", "auto"))["build_id"]
         (root / "build_id").write_text(build)
         return [registry, root / "build_id"]
 
@@ -229,11 +234,14 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     `ray stop` would kill every Ray on the machine). 4 logical CPUs: a rebuild needs one per embedding
     actor plus one for Ray Data's file-listing task, beside the Serve replicas."""
     port, dash, metrics = free_port(), free_port(), free_port()
-    sessions_before = set(Path("/tmp/ray").glob("session_2*"))
+    # this cluster's own temp dir: its session (logs, sockets) apart from any other Ray on the machine,
+    # such as the other pytest session scripts/test.sh runs beside this one (short: socket paths)
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     log = open(tmp_path_factory.mktemp("ray") / "ray-head.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats", f"--metrics-export-port={metrics}"],
+         "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats", f"--metrics-export-port={metrics}",
+         f"--temp-dir={temp}"],
         env=ray_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     info = {
@@ -257,9 +265,8 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
 
     try:
         wait_for(up, 180, "the Ray head to accept job API calls", interval_s=1)
-        # this cluster's logs (tests grep them): the session directory that appeared with this head
-        new = sorted(set(Path("/tmp/ray").glob("session_2*")) - sessions_before)
-        info["session_dir"] = new[-1] if new else Path("/tmp/ray/session_latest").resolve()
+        # this cluster's logs (tests grep them)
+        info["session_dir"] = (Path(temp) / "session_latest").resolve()
         yield info
     finally:
         # --block turns SIGTERM into a clean stop, which takes ~35 s (Serve, dashboard modules, each
@@ -332,10 +339,13 @@ def ray_cli(*args: str, env: dict, timeout: float = 300, check: bool = True) -> 
 def rebuild(
     ray_head: dict, package: Path, catalog: Path, registry: Path, *extra: str, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The rebuild job's driver with a model package, connected to the session's Ray head."""
+    """The rebuild job's driver with a model package, connected to the session's Ray head. Its index is
+    Flat unless `extra` names another: `auto` measures several index families (~5 s of CPU per build),
+    which the tests about the index choice do (live_a, the submitted job), not every test that rebuilds."""
+    index = () if "--index" in map(str, extra) else ("--index", "flat")
     return run_module(
         "jobs.rebuild_index", "--package", package, "--catalog", catalog, "--registry", registry,
-        "--address", ray_head["gcs"], *extra, env=ray_head["env"], check=check,
+        "--address", ray_head["gcs"], *index, *extra, env=ray_head["env"], check=check,
     )  # fmt: skip
 
 

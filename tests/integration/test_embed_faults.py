@@ -79,13 +79,23 @@ def _committed(registry: Path) -> int:
     return len(list(Path(registry).glob("builds/.tmp-*/parts/items-*/part.json")))
 
 
-def _embedding_actor_pids() -> list[int]:
-    """Processes of Ray Data's embedding actors (their title names the map: MapBatches(PartEmbedder))."""
+def _in_flight(registry: Path) -> int:
+    """Parts an actor has started (its attempt marker exists) and not yet committed."""
+    started = {m.name.split(".")[0] for m in Path(registry).glob("builds/.tmp-*/parts/.attempts/items-*")}
+    done = {p.parent.name for p in Path(registry).glob("builds/.tmp-*/parts/items-*/part.json")}
+    return len(started - done)
+
+
+def _embedding_actor_pids(env: dict) -> list[int]:
+    """Processes of Ray Data's embedding actors (their title names the map: MapBatches(PartEmbedder)) in
+    the cluster started with `env` (its node cache directory is its own), not in any other on the machine."""
+    mine = f"SKEWLESS_CACHE_DIR={env['SKEWLESS_CACHE_DIR']}".encode()
     pids = []
     for d in Path("/proc").iterdir():
         try:
             if d.name.isdigit() and b"PartEmbedder" in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
+                if mine in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
         except OSError:
             pass
     return pids
@@ -100,8 +110,11 @@ def test_an_embedding_actor_killed_mid_run_costs_a_retry_not_the_rebuild(
         cwd=REPO, env=ray_head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        wait_for(lambda: _committed(registry) >= 2, 300, "two committed parts", interval_s=0.1)
-        [victim, *_] = wait_for(_embedding_actor_pids, 30, "an embedding actor's process")
+        # both actors mid-part, so the one killed has a part to retry (an actor still starting, or idle
+        # between parts, would cost a restart and no retry)
+        wait_for(lambda: _committed(registry) >= 2 and _in_flight(registry) >= 2, 300,
+                 "two committed parts and two in flight", interval_s=0.05)  # fmt: skip
+        [victim, *_] = wait_for(lambda: _embedding_actor_pids(ray_head["env"]), 30, "an embedding actor's process")
         os.kill(victim, signal.SIGKILL)
         killed_at = _committed(registry)
         out, err = job.communicate(timeout=600)

@@ -50,7 +50,8 @@ def test_sigkill_at_each_phase_leaves_current_on_a_complete_build(
     before = (live["registry"] / POINTER).read_bytes()
     p = run_module(
         "tests.integration.crash_rebuild", phase, "--", "--checkpoint", checkpoints[1], "--catalog", ml_data / "catalog",
-        "--registry", live["registry"], "--address", ray_head["gcs"], env=ray_head["env"], check=False,
+        "--registry", live["registry"], "--address", ray_head["gcs"], "--index", "flat", env=ray_head["env"],
+        check=False,
     )  # fmt: skip
     assert p.returncode == -9, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"phase {phase}" in p.stdout

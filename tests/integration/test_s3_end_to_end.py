@@ -47,7 +47,7 @@ def on_s3(s3, ray_head, movielens_dir, checkpoints, skew_results, serve_port, tm
     builds = []
     for package, extra in ((packages[0], ()), (packages[1], ("--force",))):
         p = run_module("jobs.rebuild_index", "--package", package, "--catalog", catalog, "--registry", registry,
-                       "--address", ray_head["gcs"], *extra, env=job_env)  # fmt: skip
+                       "--address", ray_head["gcs"], "--index", "flat", *extra, env=job_env)  # fmt: skip
         builds.append(summary(p))
     token_file = tmp_path_factory.mktemp("secret-s3") / "admin_token"
     token_file.write_text(TOKEN + "\n")
@@ -128,7 +128,7 @@ def test_a_rebuild_killed_during_its_upload_leaves_current_on_a_complete_build(o
     before = (reg.pointer(), reg.list_builds())
     p = run_module("tests.integration.crash_rebuild", "file_uploaded#2", "--", "--package", on_s3["packages"][1],
                    "--catalog", f"{BUCKET}/data/catalog", "--registry", on_s3["registry"], "--address", on_s3["gcs"],
-                   "--force", env=on_s3["job_env"], check=False)  # fmt: skip
+                   "--force", "--index", "flat", env=on_s3["job_env"], check=False)  # fmt: skip
     assert p.returncode == -9 and p.stdout.count("phase file_uploaded") == 2, p.stdout[-3000:]
     assert (reg.pointer(), reg.list_builds()) == before
     killed = {k.split("/")[1] for k, _ in reg.store.list("builds/")} - set(before[1])
@@ -140,7 +140,7 @@ def test_a_rebuild_killed_during_its_upload_leaves_current_on_a_complete_build(o
     other = {**on_s3["job_env"], "SKEWLESS_CACHE_DIR": str(tmp_path / "other-node")}
     s = summary(run_module("jobs.rebuild_index", "--package", on_s3["packages"][1], "--catalog", f"{BUCKET}/data/catalog",
                            "--registry", on_s3["registry"], "--address", on_s3["gcs"], "--force", "--resume", build_id,
-                           env=other))  # fmt: skip
+                           "--index", "flat", env=other))  # fmt: skip
     assert s["build_id"] == build_id == reg.current()
     assert (
         s["parts"]["embedded"] == 0 and s["parts"]["reused"] == s["parts"]["items"] + s["parts"]["users"] > 0

@@ -211,8 +211,8 @@ def test_sidecar_writes_need_the_admin_token_which_no_log_line_shows(app, ray_he
     r = requests.post(url, json={"items": [item]}, headers=AUTH, timeout=10)
     assert r.status_code == 200 and r.json()["applied"] is True, r.text
     assert requests.delete(f"{url}/9200000", headers=AUTH, timeout=10).status_code == 200
-    # every log file of every Ray session here: the replicas' logs among them, and no line with the token
-    logs = [p for p in Path("/tmp/ray").glob("session_*/logs/**/*") if p.is_file()]
+    # every log file of the cluster: the replicas' logs among them, and no line with the token
+    logs = [p for p in (ray_head["session_dir"] / "logs").glob("**/*") if p.is_file()]
     replica_logs = [p for p in logs if "replica_sidecar" in p.name]
     assert replica_logs and any(
         "sidecar writes need the admin token" in p.read_text(errors="replace") for p in replica_logs
