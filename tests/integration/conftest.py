@@ -168,7 +168,9 @@ def live_a(tmp_path_factory, ray_head, ml_data, checkpoints, skew_results) -> tu
     def make(root: Path) -> list[Path]:
         registry = root / "registry"
         shutil.copytree(skew_results, registry / "skew")
-        build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--index", "auto"))["build_id"]
+        build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--index", "auto"))[
+            "build_id"
+        ]
         (root / "build_id").write_text(build)
         return [registry, root / "build_id"]
 

@@ -93,9 +93,12 @@ def _embedding_actor_pids(env: dict) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"PartEmbedder" in (d / "cmdline").read_bytes():
-                if mine in (d / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(d.name))
+            if (
+                d.name.isdigit()
+                and b"PartEmbedder" in (d / "cmdline").read_bytes()
+                and mine in (d / "environ").read_bytes().split(b"\0")
+            ):
+                pids.append(int(d.name))
         except OSError:
             pass
     return pids
@@ -114,7 +117,9 @@ def test_an_embedding_actor_killed_mid_run_costs_a_retry_not_the_rebuild(
         # between parts, would cost a restart and no retry)
         wait_for(lambda: _committed(registry) >= 2 and _in_flight(registry) >= 2, 300,
                  "two committed parts and two in flight", interval_s=0.05)  # fmt: skip
-        [victim, *_] = wait_for(lambda: _embedding_actor_pids(ray_head["env"]), 30, "an embedding actor's process")
+        [victim, *_] = wait_for(
+            lambda: _embedding_actor_pids(ray_head["env"]), 30, "an embedding actor's process"
+        )
         os.kill(victim, signal.SIGKILL)
         killed_at = _committed(registry)
         out, err = job.communicate(timeout=600)

@@ -120,7 +120,17 @@ def test_a_build_without_users_is_tuned_on_item_mixtures_and_published(
     """--no-users: no user tables, and the index is tuned and gated on the user tower over sampled
     histories (real queries), not on item vectors; --nice reaches the actors and the driver unharmed."""
     registry = new_registry("reg-no-users")
-    out = rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--no-users", "--nice", "5", "--index", "auto")
+    out = rebuild(
+        ray_head,
+        checkpoints[0],
+        ml_data / "catalog",
+        registry,
+        "--no-users",
+        "--nice",
+        "5",
+        "--index",
+        "auto",
+    )
     build = summary(out)["build_id"]
     assert current_build(registry) == build
     version_a = read_manifest(checkpoints[0]).version
