@@ -15,21 +15,21 @@ if [ "$#" -gt 0 ]; then
   python -m pytest -m "not slow" --durations=20 "$@"
   exit
 fi
-# Three streams at once, on the cores each leaves idle while it waits on Ray, Serve and HTTP (a quarter
-# of the time alone on 2 cores): the integration tier in two pytest sessions, each with its own Ray head
-# and S3 server (the data, model packages and first build are made once, by whichever needs them first:
-# tests/integration/conftest.py), and the unit tier.
-#   serving: normal priority. The HTTP modules, whose latency bounds (a sidecar write served within a
-#            second) must not wait on the other streams; its first module makes the shared artifacts.
-#   rebuilds: the rebuild-heavy modules at the lowest CPU priority, starting with those that need none of
-#            the shared artifacts; then the request path again on Serve's throughput-optimized ingress
-#            (HAProxy, serve_app/ingress.py): JSON and Arrow bodies, a bad body failing alone in a shared
-#            batch. Everything else of serving is decided inside the replica, the same code behind
-#            either ingress, so it runs once.
-#   unit:    the lowest CPU priority.
-SERVING=(test_compact_body test_serving test_sidecar test_s3_end_to_end test_shop_model)
-REBUILDS=(test_embed_faults test_object_store test_cluster_yaml test_rebuild_failures test_cutover test_rebuild_job
-          test_skew)
+# Three streams at once, so that the cores one leaves idle while it waits on Ray, Serve and HTTP (a
+# quarter of the time alone on 2 cores) do the others' work: the integration tier in two pytest sessions,
+# each with its own Ray head and S3 server (the data, model packages and first build are made once, by
+# whichever needs them first: tests/integration/conftest.py), and the unit tier.
+#   serving:  the HTTP modules (and two of the rebuild modules, to even the two out), whose latency bounds (a sidecar write served within a second) must not
+#             wait on the other streams: their Ray workers (the Serve replicas) run at the drivers' nice 0,
+#             not at Ray's default 15, which would put them behind every process of the other streams.
+#   rebuilds: the rebuild-heavy modules, starting with those that need none of the shared artifacts; then
+#             the request path again on Serve's throughput-optimized ingress (HAProxy, serve_app/ingress.py):
+#             JSON and Arrow bodies, a bad body failing alone in a shared batch. Everything else of
+#             serving is decided inside the replica, the same code behind either ingress, so it runs once.
+#             Not niced: a Ray cluster starved of CPU misses its own start-up and agent deadlines.
+#   unit:     the lowest CPU priority (plain pytest, no deadlines).
+SERVING=(test_compact_body test_serving test_sidecar test_s3_end_to_end test_shop_model test_skew test_rebuild_job)
+REBUILDS=(test_embed_faults test_object_store test_cluster_yaml test_rebuild_failures test_cutover test_sharded_serving)
 # every integration module is in one of the two lists
 listed=$(printf '%s\n' "${SERVING[@]}" "${REBUILDS[@]}" | sort)
 present=$(cd tests/integration && ls test_*.py | sed 's/\.py$//' | sort)
@@ -46,16 +46,16 @@ unit=$!
 # shellcheck disable=SC2046 # the module list splits into paths on purpose
 (
   rc=0
-  nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider --durations=20 --basetemp="$RUNS/rebuilds/tmp" \
+  python -m pytest -m "not slow" -p no:cacheprovider --durations=20 --basetemp="$RUNS/rebuilds/tmp" \
     $(files "${REBUILDS[@]}") || rc=$?
-  SKEWLESS_INGRESS=fast nice -n 19 python -m pytest -m "not slow" -p no:cacheprovider \
+  SKEWLESS_INGRESS=fast python -m pytest -m "not slow" -p no:cacheprovider \
     --basetemp="$RUNS/fast/tmp" tests/integration/test_compact_body.py || rc=$?
   exit "$rc"
 ) >"$RUNS/rebuilds/log" 2>&1 &
 rebuilds=$!
 status=0
 # shellcheck disable=SC2046
-python -m pytest -m "not slow" --durations=20 $(files "${SERVING[@]}") || status=$?
+RAY_worker_niceness=0 python -m pytest -m "not slow" --durations=20 $(files "${SERVING[@]}") || status=$?
 wait "$rebuilds" || status=$?
 echo "---- rebuild modules, then the fast ingress (ran beside the serving modules) ----"
 cat "$RUNS/rebuilds/log"

@@ -51,8 +51,20 @@ from core.ann import index as ann
 from core.contract.spec import ContractError
 from core.serving.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.serving.compact_body import ARROW_STREAM, BodyError, decode_rows
-from core.serving.serving_state import ReplicaState, RetrieveQuery, Routing, ServingState, retrieve
+from core.serving.scatter import gather_scores, plan_scores
+from core.serving.serving_state import (
+    ReplicaState,
+    RetrieveQuery,
+    Routing,
+    ServingState,
+    merge_sidecar,
+    query_vectors,
+    retrieve,
+    search_depth,
+)
+from core.serving.shard_build import ShardedLiveBuild, load_user_side, shard_of
 from core.serving.sidecar import embeddable
+from core.storage.registry import Registry
 from core.storage.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
 from core.storage.store import is_remote, location
 from serve_app import features
@@ -68,6 +80,7 @@ from serve_app.schemas import (
     ScoreBody,
     ScoreResponse,
 )
+from serve_app.sharded import Fanout, ShardUnavailable, shard_apps
 
 log = logging.getLogger("skewless.serve")
 
@@ -131,9 +144,16 @@ def _by_state(items: list[tuple]) -> list[tuple[ServingState, list[int]]]:
 @serve.deployment(name="Recommender", **DEPLOYMENT_LIMITS)
 @serve.ingress(api)
 class Recommender:
-    def __init__(self, args: dict):
+    def __init__(self, args: dict, shards: list | None = None):
         _into_replica_log()
         self.args = AppArgs(**args)
+        # sharded serving: handles of the shard deployments (serve_app/sharded.py); None: merged builds
+        if not shards and self.args.shard_app and self.args.shards:
+            app, n = self.args.shard_app, self.args.shards
+            shards = lambda: [serve.get_deployment_handle(f"Shard{i}", app) for i in range(n)]  # noqa: E731
+        self.fanout = (
+            None if not shards else Fanout(shards, self.args.shard_attempts, self.args.shard_timeout_s)
+        )
         torch.set_num_threads(self.args.torch_threads)
         ann.configure(self.args.faiss_threads)
         self.bcfg = BroadcastConfig(
@@ -158,17 +178,32 @@ class Recommender:
             batched.set_max_batch_size(self.args.max_batch_size)
             batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         query = Path(self.args.query_checkpoint) if self.args.query_checkpoint else None
+        sharded = {} if self.fanout is None else {"loader": self._user_side, "ready": self._shards_ready}
         self.rs = ReplicaState(
             location(self.args.registry),
             query_checkpoint=query,
             on_build_event=self._on_build_event,
             on_bad_entry=lambda entry, why: self.metrics.sidecar_skipped.inc(1, self.metrics._t()),
+            **sharded,
         )
         self.sidecar_log = self.rs.sidecar.log
         features.REPLICA["state"] = self.rs  # /openapi.json shows its live build's package
         self._stop, self._wake = threading.Event(), threading.Event()
         self._tick()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
+
+    def _user_side(self, build_dir, query, pair_allowed) -> ShardedLiveBuild:
+        """Sharded serving: the ingress loads a build's user side only, for as many shards as deployed."""
+        build = load_user_side(build_dir, query, pair_allowed)
+        if build.n_shards != self.args.shards:
+            raise ValueError(
+                f"build {build.build_id} has {build.n_shards} shards, this app deploys {self.args.shards} "
+                f"shard deployments: redeploy it (`shards` in the app's args) to serve that build"
+            )
+        return build
+
+    def _shards_ready(self, build: ShardedLiveBuild) -> bool:
+        return self.fanout.ready(build.build_id)
 
     def _follow_registry(self) -> None:
         while not self._stop.is_set():
@@ -276,6 +311,14 @@ class Recommender:
             else dict(zip(("build_id", "reason"), refused, strict=True)),
         }
 
+    @api.get("/shards")
+    async def shards(self):
+        """Sharded serving: each shard deployment's answer from one of its replicas (the builds it holds,
+        with their rows, and its resident memory); 404 on a one-deployment app."""
+        if self.fanout is None:
+            raise HTTPException(404, "this app serves merged builds: it has no shard deployments")
+        return {"shards": await self.fanout.info()}
+
     @api.get("/stats")
     def stats(self):
         """This replica's scoring counters since start (the same numbers feed the Prometheus metrics)."""
@@ -359,6 +402,8 @@ class Recommender:
     async def _score_group(self, state: ServingState, requests: list[ScoreRequest]) -> list[ScoreResult]:
         live = state.build
         t0 = time.perf_counter()
+        if isinstance(live, ShardedLiveBuild):
+            return await self._score_sharded(live, requests, t0)
         try:
             results, stats = await asyncio.to_thread(
                 score_batch, live, requests, self.bcfg, self._buffer(live.dim)
@@ -377,6 +422,21 @@ class Recommender:
         # against the request latency and the replica's CPU time to show where a request's time goes
         self.totals["score_ms"] = round(self.totals["score_ms"] + score_ms, 3)
         self.totals.update({f"cap_{policy}": n for policy, n in stats.cap_events.items()})
+        return results
+
+    async def _score_sharded(self, live: ShardedLiveBuild, requests: list[ScoreRequest], t0: float):
+        """The user side here, once per unique user of the batch; each row's pair part on its item's
+        shard (core/serving/scatter.py); a shard that does not answer fails this batch with a 503."""
+        try:
+            plan = await asyncio.to_thread(plan_scores, live, requests, self.bcfg.enabled)
+            answers = await self.fanout.score(live.build_id, plan.calls)
+        except ShardUnavailable as e:
+            log.warning("scoring batch on build %s: %s", live.build_id, e)
+            return [ScoreResult(status=503, error=str(e)) for _ in requests]
+        results, stats = gather_scores(live, plan, answers), plan.stats
+        self.metrics.batch(stats, (time.perf_counter() - t0) * 1000, live.build_id)
+        self.totals.update(batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups,
+                           item_lookups=stats.item_lookups, history_users=stats.history_users)  # fmt: skip
         return results
 
     def _score_one(self, live, req: ScoreRequest) -> ScoreResult:
@@ -411,6 +471,9 @@ class Recommender:
                 raise self._unknown_user(state, body.user_id)
             query = RetrieveQuery(body.k, user_row=int(rows[0]))
         res = await self._retrieve_batch((state, query))
+        if isinstance(res, ShardUnavailable):
+            self.metrics.error(503, b.build_id)
+            raise HTTPException(503, str(res), headers={"Retry-After": "1"})
         if isinstance(res, Exception):
             self.metrics.error(500, b.build_id)
             raise HTTPException(500, f"retrieval failed: {type(res).__name__}")
@@ -428,6 +491,12 @@ class Recommender:
         out: list = [None] * len(items)
         for state, ks in _by_state(items):
             queries = [items[k][1] for k in ks]
+            if isinstance(state.build, ShardedLiveBuild):
+                results, embedded = await self._retrieve_sharded(state, queries)
+                self.totals.update(retrieve_batches=1, retrieved=len(queries), history_users=embedded)
+                for k, r in zip(ks, results, strict=True):
+                    out[k] = r
+                continue
             try:
                 results, embedded = await asyncio.to_thread(retrieve, state, queries)
             except Exception:  # isolate: one query's failure must not fail its neighbours
@@ -437,6 +506,21 @@ class Recommender:
             for k, r in zip(ks, results, strict=True):
                 out[k] = r
         return out
+
+    async def _retrieve_sharded(self, state: ServingState, queries: list[RetrieveQuery]):
+        """Query vectors here; every shard searched for the request's build; merged with the sidecar.
+        A shard that does not answer: every query of the group gets ShardUnavailable (503), never a
+        top-k without that shard's items."""
+        try:
+            xq, embedded = await asyncio.to_thread(query_vectors, state.build, queries)
+            ids, scores = await self.fanout.search(state.build.build_id, xq, search_depth(state, queries))
+            return merge_sidecar(state, queries, xq, ids, scores), embedded
+        except ShardUnavailable as e:
+            log.warning("retrieval batch on build %s: %s", state.build.build_id, e)
+            return [e] * len(queries), 0
+        except Exception as e:  # noqa: BLE001 - reported to these requests only
+            log.exception("sharded retrieval failed")
+            return [e] * len(queries), 0
 
     async def _retrieve_one(self, state: ServingState, query: RetrieveQuery):
         try:
@@ -514,7 +598,7 @@ class Recommender:
         return self._written({"deleted": item_id}, pos, applied)
 
     @api.get("/items/{item_id}")
-    def get_item(self, item_id: ItemId):
+    async def get_item(self, item_id: ItemId):
         """Where an item is served from and which checkpoint version embedded it."""
         state = self._state()
         live, snap = state.build, state.sidecar
@@ -524,7 +608,14 @@ class Recommender:
             raise HTTPException(404, f"item {item_id} was deleted")
         if snap.serves(ids)[0]:
             return {**base, "source": "sidecar"}
-        if not live.item_rows(ids)[1][0]:
+        if isinstance(live, ShardedLiveBuild):
+            shard = int(shard_of(live.shard_edges, ids)[0])
+            try:
+                if shard >= 0 and (await self.fanout.has(live.build_id, shard, ids))[0]:
+                    return {**base, "source": "base", "shard": shard}
+            except ShardUnavailable as e:
+                raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from None
+        elif not live.item_rows(ids)[1][0]:
             return {**base, "source": "base"}
         raise HTTPException(404, f"unknown item_id {item_id} in build {live.build_id} and the sidecar")
 
@@ -540,6 +631,22 @@ def build_app(args: dict) -> Application:
         a = a.model_copy(update={"registry": str(Path(a.registry).resolve())})
     # A replica must accept a whole batch at once (max_ongoing_requests caps the batch); the Serve
     # config's `deployments` section can still override this.
+    n = _shard_count(a)
+    a = a.model_copy(update={"shards": n})
+    own = shard_apps(a, n) if n and not a.shard_app else None
     return Recommender.options(
         max_ongoing_requests=max(64, 2 * a.max_batch_size), max_queued_requests=a.max_queued_requests
-    ).bind(a.model_dump())
+    ).bind(a.model_dump(), own)
+
+
+def _shard_count(a: AppArgs) -> int:
+    """Shard deployments to start: `shards` when given, else as many as the live build has (0: a
+    merged build, or none live yet)."""
+    if a.shards is not None:
+        return a.shards
+    reg = Registry(location(a.registry))
+    live = reg.current()
+    if live is None:
+        return 0
+    m = reg.manifest(live)
+    return len(m.index.shards) if m.index.layout == "sharded" else 0

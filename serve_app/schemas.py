@@ -62,6 +62,18 @@ class AppArgs(BaseModel):
     sidecar_apply_timeout_s: float = Field(5.0, ge=0)
     torch_threads: int = Field(1, ge=1)
     faiss_threads: int = Field(1, ge=1)
+    # Sharded serving (serve_app/sharded.py): one deployment per shard of a sharded build (`Shard0`...),
+    # each replica holding one shard. None: as the live build's manifest says when the app is deployed (a
+    # merged build, or none yet: the one-deployment app); 0: the one-deployment app whatever the build.
+    shards: int | None = Field(None, ge=0)
+    # use the shard deployments of this other application (same registry) instead of starting its own:
+    # ingresses of different settings (broadcast, batching) over one copy of the shards
+    shard_app: str | None = None
+    # a shard replica keeps a build it no longer serves this long, so requests pinned to it finish
+    shard_retain_s: float = Field(30.0, ge=0)
+    # per shard call: tries (another replica of the shard may answer) and the time each may take
+    shard_attempts: int = Field(3, ge=1)
+    shard_timeout_s: float = Field(10.0, gt=0)
 
 
 Features = Annotated[

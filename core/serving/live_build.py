@@ -197,9 +197,17 @@ class BuildWatcher:
     canary leaves every user on the live build). A promoted canary is not loaded twice: the loaded
     canary becomes the live build. Readers take the references once per batch and keep them."""
 
-    def __init__(self, registry: Path, query_checkpoint: Path | None = None, on_event=None):
+    def __init__(self, registry: Path, query_checkpoint: Path | None = None, on_event=None, loader=None,
+                 ready=None):  # fmt: skip
         self.registry = Registry(registry)
         self.query_checkpoint = query_checkpoint
+        # loader(build_dir, query_checkpoint, pair_allowed) -> the build as this process serves it (the
+        # whole build; the ingress of sharded serving: its user side, core.serving.shard_build)
+        self._loader = loader or (lambda d, q, allowed: load_build(d, q, pair_allowed=allowed))
+        # ready(build) -> whether it may serve yet (sharded: every shard holds it); a loaded build that is
+        # not ready waits here and is asked again at the next poll, without being reloaded
+        self._ready = ready or (lambda build: True)
+        self._waiting: dict[str, LiveBuild] = {}
         self.live: LiveBuild | None = None
         self.canary: LiveBuild | None = None
         self.percent = 0.0  # of users the canary serves
@@ -216,9 +224,14 @@ class BuildWatcher:
             if have is not None and have.build_id == target:
                 return have
         try:
-            return load_build(
-                self.registry.build_dir(target), self.query_checkpoint, pair_allowed=self._pair_allowed
+            new = self._waiting.pop(target, None) or self._loader(
+                self.registry.build_dir(target), self.query_checkpoint, self._pair_allowed
             )
+            if not self._ready(new):
+                self._waiting[target] = new
+                log.info("%s build %s loaded here, waiting until it is ready everywhere", role, target)
+                return None
+            return new
         except Exception as e:  # noqa: BLE001 - any failure to load must leave the old build serving
             self.last_refused = (target, str(e))
             log.error(
@@ -228,9 +241,10 @@ class BuildWatcher:
             return None
 
     def poll(self) -> str:
-        """Returns 'unchanged', 'swapped', 'refused' or 'empty' (of the live build; the canary follows
+        """Returns 'unchanged', 'swapped', 'waiting' (loaded, not ready), 'refused' or 'empty' (of the live build; the canary follows
         alongside and reports through `on_event` as 'canary' / 'refused')."""
         ptr = self.registry.pointer()
+        self._waiting = {b: w for b, w in self._waiting.items() if b in (ptr.build_id, ptr.canary)}
         if ptr.build_id is None:
             return "empty"
         outcome = "unchanged"
@@ -238,7 +252,7 @@ class BuildWatcher:
         if stale and not (self.last_refused and self.last_refused[0] == ptr.build_id):
             new = self._load(ptr.build_id, "live", self.live)
             if new is None:
-                outcome = "refused"
+                outcome = "waiting" if ptr.build_id in self._waiting else "refused"
             else:
                 old, self.live, self.last_refused = self.live, new, None
                 log.info("now serving build %s (checkpoint %s), was %s", new.build_id, new.checkpoint_version,

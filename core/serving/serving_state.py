@@ -67,9 +67,13 @@ class ReplicaState:
         on_build_event: Callable | None = None,
         on_bad_entry: Callable[[dict, str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        loader: Callable | None = None,
+        ready: Callable[[LiveBuild], bool] | None = None,
     ):
         self.registry = location(registry)
-        self.watcher = BuildWatcher(self.registry, query_checkpoint, on_event=on_build_event)
+        self.watcher = BuildWatcher(
+            self.registry, query_checkpoint, on_event=on_build_event, loader=loader, ready=ready
+        )
         self.sidecar = Sidecar(open_log(self.registry), on_bad_entry=on_bad_entry)
         self.canary_sidecar = Sidecar(open_log(self.registry), on_bad_entry=on_bad_entry)
         self.sidecar_errors = 0
@@ -200,9 +204,21 @@ def query_vectors(build: LiveBuild, queries: list[RetrieveQuery]) -> tuple[np.nd
 def retrieve(state: ServingState, queries: list[RetrieveQuery]) -> tuple[list[RetrieveResult], int]:
     """Top-k over base + sidecar for a batch of queries of ONE state: one index search for the whole
     batch, deep enough that hidden (upserted or deleted) base entries cannot starve any query."""
-    build, snap = state.build, state.sidecar
-    xq, embedded = query_vectors(build, queries)
-    depth = min(build.index.ntotal, max(q.k for q in queries) + len(snap.hidden))
-    ids, scores = build.search(xq, depth)  # (Q, depth) each
-    out = [RetrieveResult(*merge_topk(snap, ids[i], scores[i], xq[i], q.k)) for i, q in enumerate(queries)]
-    return out, embedded
+    xq, embedded = query_vectors(state.build, queries)
+    ids, scores = state.build.search(xq, search_depth(state, queries))  # (Q, depth) each
+    return merge_sidecar(state, queries, xq, ids, scores), embedded
+
+
+def search_depth(state: ServingState, queries: list[RetrieveQuery]) -> int:
+    """How deep the base index is searched: the largest k plus every base entry the sidecar hides."""
+    b = state.build
+    n = b.index.ntotal if b.index is not None else b.manifest.catalog.row_count  # sharded: the shards' total
+    return max(1, min(n, max(q.k for q in queries) + len(state.sidecar.hidden)))
+
+
+def merge_sidecar(
+    state: ServingState, queries: list[RetrieveQuery], xq: np.ndarray, ids: np.ndarray, scores: np.ndarray
+) -> list[RetrieveResult]:
+    """Each query's top-k of the base results (Q, depth) and the sidecar's items."""
+    snap = state.sidecar
+    return [RetrieveResult(*merge_topk(snap, ids[i], scores[i], xq[i], q.k)) for i, q in enumerate(queries)]

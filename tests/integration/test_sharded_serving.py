@@ -1,0 +1,142 @@
+"""Sharded serving on a local multi-node cluster, through Serve's real HTTP proxy.
+
+Two worker nodes join the session's head, each with room for two shard replicas (`shard_host`). A
+4-shard MovieLens build (Flat shards: exact search) is served by one application whose shard
+deployments Shard0..Shard3 run on the worker nodes, and by a second ingress with broadcast off over the
+same shards (`shard_app`). Answers are checked against the merged build computed in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
+from core.serving.live_build import load_build
+from core.storage.registry import Registry
+from tests.conftest import REPO
+from tests.integration.conftest import kill_session, ray_cli, rebuild, serve_deploy, summary, wait_for
+
+SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def worker_nodes(ray_head, tmp_path_factory):
+    """Two nodes joined to the session's head, two shard slots each; stopped (killed) at the end."""
+    logs = tmp_path_factory.mktemp("nodes")
+    procs = []
+    for i in range(2):
+        temp = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={ray_head['gcs']}", "--block",
+             "--num-cpus=2", '--resources={"shard_host": 2}', f"--temp-dir={temp}", "--disable-usage-stats"],
+            env=ray_head["env"], cwd=REPO, stdout=open(logs / f"node-{i}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            start_new_session=True,
+        ))  # fmt: skip
+
+    def alive() -> int:
+        p = ray_cli("list", "nodes", "--address", ray_head["dashboard"], "--format", "json", "--filter",
+                    "state=ALIVE", env=ray_head["env"], check=False, timeout=60)  # fmt: skip
+        return len(json.loads(p.stdout)) if p.returncode == 0 else 0
+
+    try:
+        wait_for(lambda: alive() >= 3, 180, "two worker nodes to join the head", interval_s=2)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+            kill_session(p.pid)
+
+
+@pytest.fixture(scope="module")
+def sharded(ray_head, worker_nodes, ml_data, checkpoints, new_registry, tmp_path_factory, serve_port):
+    registry = new_registry("reg-sharded")
+    s = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--users", ml_data / "users",
+                        "--layout", "sharded", "--shards", str(SHARDS)))  # fmt: skip
+    build = s["build_id"]
+    assert s["layout"] == "sharded" and s["shards"] == SHARDS
+    shard_deps = [{"name": f"Shard{i}", "num_replicas": 1,
+                   "ray_actor_options": {"num_cpus": 0.1, "resources": {"shard_host": 1}}} for i in range(SHARDS)]  # fmt: skip
+    ingress = {"name": "Recommender", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+    common = {"registry": str(registry), "poll_interval_s": 0.3, "max_candidates": 500}
+    apps = [
+        {"name": "sharded", "route_prefix": "/s", "import_path": "serve_app.app:build_app",
+         "args": {**common, "broadcast": True}, "deployments": [ingress, *shard_deps]},
+        {"name": "sharded-perrow", "route_prefix": "/p", "import_path": "serve_app.app:build_app",
+         "args": {**common, "broadcast": False, "shard_app": "sharded"}, "deployments": [ingress]},
+    ]  # fmt: skip
+    base = serve_deploy(ray_head, serve_port, apps, tmp_path_factory.mktemp("serve") / "serve.json")
+
+    def healthy():
+        try:
+            return all(requests.get(f"{base}{r}/healthz", timeout=5).status_code == 200 for r in ("/s", "/p"))
+        except requests.RequestException:
+            return False
+
+    wait_for(healthy, 300, "both sharded ingresses to serve the build", interval_s=1)
+    merged = load_build(Registry(registry).build_dir(build))  # the same vectors as one index, in-process
+    yield {"base": base, "build": build, "registry": registry, "merged": merged}
+    # before the worker nodes go: Serve would keep trying to restart replicas that need them
+    ray_cli("serve", "shutdown", "-y", "--address", ray_head["dashboard"], env=ray_head["env"], check=False)
+
+
+def test_a_four_shard_build_answers_as_the_merged_build_from_shards_on_two_nodes(sharded):
+    base, merged, build = sharded["base"], sharded["merged"], sharded["build"]
+    info = requests.get(f"{base}/s/shards", timeout=30).json()["shards"]
+    rows = {e["shard"]: e["rows"] for e in merged.manifest.index.shards}
+    assert [x["shard"] for x in info] == list(range(SHARDS)), info
+    assert all(x["builds"] == {build: rows[x["shard"]]} for x in info), info  # each holds its rows only
+    assert len({x["node"] for x in info}) == 2, info  # spread over the two worker nodes
+    print("shard replicas' resident memory (MiB):", [x["rss_mib"] for x in info])
+
+    users = np.asarray(merged.user_ids[:40])
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda u: requests.post(f"{base}/s/retrieve", json={"user_id": int(u), "k": 10},
+                                                    timeout=30), users))  # fmt: skip
+    ids, scores = merged.search(np.asarray(merged.user_emb[merged.user_rows(users)[0]]), 10)
+    for r, want_ids, want_scores in zip(got, ids, scores, strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["build_id"] == build and body["item_ids"] == want_ids.tolist()
+        np.testing.assert_allclose(body["scores"], want_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["/s", "/p"])
+def test_scores_equal_the_unsharded_per_row_scores_with_broadcast_on_and_off(sharded, route):
+    base, merged = sharded["base"], sharded["merged"]
+    rng = np.random.default_rng(0)
+    users, items = np.asarray(merged.user_ids[:5]), np.asarray(merged.item_ids)
+    bodies = [{"rows": [[int(rng.choice(users)), int(i)] for i in rng.choice(items, 60)]} for _ in range(24)]
+    bodies[7] = {
+        "user_id": int(users[0]),
+        "item_ids": [int(items[0]), 10**12],
+    }  # an unknown item: fails alone
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda b: requests.post(f"{base}{route}/score", json=b, timeout=30), bodies))
+    for k, (b, r) in enumerate(zip(bodies, got, strict=True)):
+        if k == 7:
+            assert r.status_code == 404 and "unknown item_id(s) [1000000000000]" in r.text, r.text
+            continue
+        assert r.status_code == 200, r.text
+        rows = np.asarray(b["rows"], np.int64)
+        (want,), _ = score_batch(
+            merged, [ScoreRequest(rows[:, 0], rows[:, 1])], BroadcastConfig(enabled=False)
+        )
+        assert np.max(np.abs(np.asarray(r.json()["scores"]) - want.scores)) <= 1e-5
+    stats = requests.get(f"{base}{route}/stats", timeout=10).json()
+    assert stats["broadcast"] == (route == "/s")
+    if route == "/s":  # one lookup per unique user per batch, not per row
+        assert stats["user_lookups"] < stats["rows"]
+    else:
+        assert stats["user_lookups"] == stats["rows"]
