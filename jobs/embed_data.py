@@ -78,6 +78,7 @@ class PartEmbedder:
         self.keep = self.bucket is None or self.node == home_node
         if not self.keep:
             self.parts = cache_root() / "embedding" / url_key(bucket)
+            self.parts.mkdir(parents=True, exist_ok=True)
         # one marker per start: Ray restarts a dead actor under the same actor id, so the number of
         # markers beyond the number of distinct ids is the number of restarts
         self._mark(STARTS, actor_id())
@@ -108,7 +109,10 @@ class PartEmbedder:
         if self.bucket is not None:
             self.bucket.mark(kind, name)
             return
-        (self.parts / kind).mkdir(parents=True, exist_ok=True)
+        # never parents=True: the driver of a failed rebuild removes its staging directory while queued
+        # tasks may still start here; they must fail, not recreate it
+        self.parts.mkdir(exist_ok=True)
+        (self.parts / kind).mkdir(exist_ok=True)
         (self.parts / kind / f"{name}.{uuid.uuid4().hex[:8]}").touch()
 
 

@@ -51,18 +51,14 @@ from core.ann import index as ann
 from core.contract.spec import ContractError
 from core.serving.broadcast import BroadcastConfig, ScoreRequest, ScoreResult, score_batch
 from core.serving.compact_body import ARROW_STREAM, BodyError, decode_rows
-from core.serving.scatter import gather_scores, plan_scores
 from core.serving.serving_state import (
     ReplicaState,
     RetrieveQuery,
     Routing,
     ServingState,
-    merge_sidecar,
-    query_vectors,
     retrieve,
-    search_depth,
 )
-from core.serving.shard_build import ShardedLiveBuild, load_user_side, shard_of
+from core.serving.shard_build import ShardedLiveBuild, shard_of
 from core.serving.sidecar import embeddable
 from core.storage.registry import Registry
 from core.storage.sidecar_log import INT64_MAX, INT64_MIN, Position, SidecarFull
@@ -81,6 +77,7 @@ from serve_app.schemas import (
     ScoreResponse,
 )
 from serve_app.sharded import Fanout, ShardUnavailable, shard_apps
+from serve_app.sharded_ingress import ShardedIngress
 
 log = logging.getLogger("skewless.serve")
 
@@ -143,7 +140,7 @@ def _by_state(items: list[tuple]) -> list[tuple[ServingState, list[int]]]:
 
 @serve.deployment(name="Recommender", **DEPLOYMENT_LIMITS)
 @serve.ingress(api)
-class Recommender:
+class Recommender(ShardedIngress):
     def __init__(self, args: dict, shards: list | None = None):
         _into_replica_log()
         self.args = AppArgs(**args)
@@ -191,19 +188,6 @@ class Recommender:
         self._stop, self._wake = threading.Event(), threading.Event()
         self._tick()  # serve at once if a build is live; otherwise /healthz says 503 until one is
         threading.Thread(target=self._follow_registry, name="registry-follower", daemon=True).start()
-
-    def _user_side(self, build_dir, query, pair_allowed) -> ShardedLiveBuild:
-        """Sharded serving: the ingress loads a build's user side only, for as many shards as deployed."""
-        build = load_user_side(build_dir, query, pair_allowed)
-        if build.n_shards != self.args.shards:
-            raise ValueError(
-                f"build {build.build_id} has {build.n_shards} shards, this app deploys {self.args.shards} "
-                f"shard deployments: redeploy it (`shards` in the app's args) to serve that build"
-            )
-        return build
-
-    def _shards_ready(self, build: ShardedLiveBuild) -> bool:
-        return self.fanout.ready(build.build_id)
 
     def _follow_registry(self) -> None:
         while not self._stop.is_set():
@@ -424,21 +408,6 @@ class Recommender:
         self.totals.update({f"cap_{policy}": n for policy, n in stats.cap_events.items()})
         return results
 
-    async def _score_sharded(self, live: ShardedLiveBuild, requests: list[ScoreRequest], t0: float):
-        """The user side here, once per unique user of the batch; each row's pair part on its item's
-        shard (core/serving/scatter.py); a shard that does not answer fails this batch with a 503."""
-        try:
-            plan = await asyncio.to_thread(plan_scores, live, requests, self.bcfg.enabled)
-            answers = await self.fanout.score(live.build_id, plan.calls)
-        except ShardUnavailable as e:
-            log.warning("scoring batch on build %s: %s", live.build_id, e)
-            return [ScoreResult(status=503, error=str(e)) for _ in requests]
-        results, stats = gather_scores(live, plan, answers), plan.stats
-        self.metrics.batch(stats, (time.perf_counter() - t0) * 1000, live.build_id)
-        self.totals.update(batches=1, rows=stats.rows, unique_users=stats.unique_users, user_lookups=stats.user_lookups,
-                           item_lookups=stats.item_lookups, history_users=stats.history_users)  # fmt: skip
-        return results
-
     def _score_one(self, live, req: ScoreRequest) -> ScoreResult:
         try:
             return score_batch(live, [req], self.bcfg, None)[0][0]
@@ -506,21 +475,6 @@ class Recommender:
             for k, r in zip(ks, results, strict=True):
                 out[k] = r
         return out
-
-    async def _retrieve_sharded(self, state: ServingState, queries: list[RetrieveQuery]):
-        """Query vectors here; every shard searched for the request's build; merged with the sidecar.
-        A shard that does not answer: every query of the group gets ShardUnavailable (503), never a
-        top-k without that shard's items."""
-        try:
-            xq, embedded = await asyncio.to_thread(query_vectors, state.build, queries)
-            ids, scores = await self.fanout.search(state.build.build_id, xq, search_depth(state, queries))
-            return merge_sidecar(state, queries, xq, ids, scores), embedded
-        except ShardUnavailable as e:
-            log.warning("retrieval batch on build %s: %s", state.build.build_id, e)
-            return [e] * len(queries), 0
-        except Exception as e:  # noqa: BLE001 - reported to these requests only
-            log.exception("sharded retrieval failed")
-            return [e] * len(queries), 0
 
     async def _retrieve_one(self, state: ServingState, query: RetrieveQuery):
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 
 import numpy as np
@@ -76,6 +77,7 @@ class ShardServer:
             "shard": self.shard,
             "replica": self.replica,
             "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
             "builds": builds,
             "rss_mib": round(_resident_mib(), 1),
         }

@@ -149,7 +149,9 @@ def embed_locally(embedders: list, parts: Path, settings: EmbedSettings, node: s
 
 
 def _commit(parts: Path, key: str, ids: np.ndarray, x: np.ndarray, record: dict) -> None:
-    parts.mkdir(parents=True, exist_ok=True)
+    # never parents=True: `parts` lives in a build's staging directory, which a failed rebuild's driver
+    # removes while a worker may still be finishing a part; that commit must fail, not recreate it
+    parts.mkdir(exist_ok=True)
     tmp = parts / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     np.save(tmp / _IDS, ids)

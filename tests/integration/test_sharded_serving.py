@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +26,15 @@ from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
 from core.serving.live_build import load_build
 from core.storage.registry import Registry
 from tests.conftest import REPO
-from tests.integration.conftest import kill_session, ray_cli, rebuild, serve_deploy, summary, wait_for
+from tests.integration.conftest import (
+    kill_session,
+    ray_cli,
+    rebuild,
+    run_module,
+    serve_deploy,
+    summary,
+    wait_for,
+)
 
 SHARDS = 4
 
@@ -69,7 +80,13 @@ def sharded(ray_head, worker_nodes, ml_data, checkpoints, new_registry, tmp_path
     shard_deps = [{"name": f"Shard{i}", "num_replicas": 1,
                    "ray_actor_options": {"num_cpus": 0.1, "resources": {"shard_host": 1}}} for i in range(SHARDS)]  # fmt: skip
     ingress = {"name": "Recommender", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
-    common = {"registry": str(registry), "poll_interval_s": 0.3, "max_candidates": 500}
+    # a shard call that takes 3 s is retried: a request facing a dead shard replica answers 503 within ~10 s
+    common = {
+        "registry": str(registry),
+        "poll_interval_s": 0.3,
+        "max_candidates": 500,
+        "shard_timeout_s": 3.0,
+    }
     apps = [
         {"name": "sharded", "route_prefix": "/s", "import_path": "serve_app.app:build_app",
          "args": {**common, "broadcast": True}, "deployments": [ingress, *shard_deps]},
@@ -140,3 +157,138 @@ def test_scores_equal_the_unsharded_per_row_scores_with_broadcast_on_and_off(sha
         assert stats["user_lookups"] < stats["rows"]
     else:
         assert stats["user_lookups"] == stats["rows"]
+
+
+class _Load:
+    """Clients sending /score and /retrieve for a few users until stopped; every answer kept."""
+
+    def __init__(self, base: str, bodies: list[dict], users: list[int], threads: int = 4):
+        self.base, self.bodies, self.users = base, bodies, users
+        self.answers: list[tuple] = []  # (kind, index, status, json or text, retry-after)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
+
+    def _run(self, t: int) -> None:
+        rng = np.random.default_rng(t)
+        while not self.stop.is_set():
+            k = int(rng.integers(len(self.bodies)))
+            u = int(rng.integers(len(self.users)))
+            kind = "score" if rng.random() < 0.5 else "retrieve"
+            try:
+                if kind == "score":
+                    r = requests.post(f"{self.base}/score", json=self.bodies[k], timeout=60)
+                else:
+                    k = u
+                    r = requests.post(
+                        f"{self.base}/retrieve", json={"user_id": self.users[u], "k": 10}, timeout=60
+                    )
+            except requests.RequestException as e:  # recorded: a check below fails on it
+                self.answers.append((kind, k, -1, repr(e), None))
+                continue
+            body = r.json() if r.status_code == 200 else r.text
+            self.answers.append((kind, k, r.status_code, body, r.headers.get("retry-after")))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def builds_since(self, n: int) -> set:
+        return {a[3]["build_id"] for a in self.answers[n:] if a[2] == 200}
+
+
+def _references(merged_by_build: dict, bodies: list[dict], users: list[int]) -> dict:
+    """Per build: each body's per-row scores and each user's top-10, computed in-process."""
+    out = {}
+    for build, b in merged_by_build.items():
+        scores = []
+        for body in bodies:
+            rows = np.asarray(body["rows"], np.int64)
+            (res,), _ = score_batch(b, [ScoreRequest(rows[:, 0], rows[:, 1])], BroadcastConfig(enabled=False))
+            scores.append(res.scores)
+        ids, _ = b.search(np.asarray(b.user_emb[b.user_rows(np.asarray(users))[0]]), 10)
+        out[build] = {"scores": scores, "top": ids}
+    return out
+
+
+def _check_answers(answers: list[tuple], refs: dict) -> dict:
+    """Every 200 names a build and equals that build's answer (so no answer mixes builds); returns counts."""
+    counts = {"ok": 0, "503": 0}
+    for kind, k, status, body, retry_after in answers:
+        if status == 503:
+            assert retry_after, body
+            counts["503"] += 1
+            continue
+        assert status == 200, (kind, status, body)
+        ref = refs[body["build_id"]]
+        if kind == "score":
+            assert np.max(np.abs(np.asarray(body["scores"]) - ref["scores"][k])) <= 1e-5, body["build_id"]
+        else:
+            assert body["item_ids"] == ref["top"][k].tolist(), body["build_id"]
+        counts["ok"] += 1
+    return counts
+
+
+def _load_inputs(merged) -> tuple[list[dict], list[int]]:
+    rng = np.random.default_rng(3)
+    users = [int(u) for u in np.asarray(merged.user_ids)[rng.choice(len(merged.user_ids), 60, replace=False)]]
+    items = np.asarray(merged.item_ids)
+    bodies = [{"rows": [[u, int(i)] for i in rng.choice(items, 40)]} for u in users[:20]]
+    return bodies, users
+
+
+def test_publish_canary_promote_and_rollback_of_sharded_builds_under_load_fail_nothing(
+    sharded, ray_head, ml_data, checkpoints
+):
+    registry, build_a, merged_a = sharded["registry"], sharded["build"], sharded["merged"]
+    bodies, users = _load_inputs(merged_a)
+    reg = ["jobs.registry", "--registry", registry]
+    with _Load(f"{sharded['base']}/s", bodies, users) as load:
+        wait_for(lambda: len(load.answers) > 20, 60, "answers under load")
+        b = summary(rebuild(ray_head, checkpoints[1], ml_data / "catalog", registry, "--users", ml_data / "users",
+                            "--layout", "sharded", "--shards", str(SHARDS)))["build_id"]  # fmt: skip
+        wait_for(
+            lambda: load.builds_since(len(load.answers) - 20) == {b}, 90, "every answer from B (published)"
+        )
+        run_module(*reg, "rollback")
+        wait_for(lambda: load.builds_since(len(load.answers) - 20) == {build_a}, 90, "A again (rolled back)")
+        run_module(*reg, "canary", b, "--percent", "10")
+        wait_for(lambda: load.builds_since(len(load.answers) - 60) == {build_a, b}, 90, "B for ~10% of users")
+        run_module(*reg, "promote")
+        wait_for(lambda: load.builds_since(len(load.answers) - 20) == {b}, 90, "B for every user (promoted)")
+        run_module(*reg, "rollback")
+        wait_for(lambda: load.builds_since(len(load.answers) - 20) == {build_a}, 90, "A again (rolled back)")
+    merged_b = load_build(Registry(registry).build_dir(b))
+    counts = _check_answers(load.answers, _references({build_a: merged_a, b: merged_b}, bodies, users))
+    print("answers under publish/rollback/canary/promote/rollback:", counts)
+    assert counts["503"] == 0 and counts["ok"] > 200
+    canaried = {a[1] for a in load.answers if a[0] == "retrieve" and a[2] == 200 and a[3]["build_id"] == b}
+    assert canaried, "no retrieval answered by B"
+
+
+def test_a_killed_shard_replica_costs_503s_with_retry_after_never_an_incomplete_answer(sharded):
+    base, merged, build = sharded["base"], sharded["merged"], sharded["build"]
+    assert Registry(sharded["registry"]).current() == build
+    bodies, users = _load_inputs(merged)
+    victim = next(x for x in requests.get(f"{base}/s/shards", timeout=30).json()["shards"] if x["shard"] == 2)
+    with _Load(f"{base}/s", bodies, users) as load:
+        wait_for(lambda: len(load.answers) > 20, 60, "answers under load")
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = len(load.answers)
+
+        def recovered():
+            info = requests.get(f"{base}/s/shards", timeout=30).json()["shards"]
+            back = info[2].get("pid") not in (None, victim["pid"]) and build in info[2].get("builds", {})
+            return (
+                back and len(load.answers) > killed_at + 20 and all(a[2] == 200 for a in load.answers[-20:])
+            )
+
+        wait_for(recovered, 180, "Serve to restart the shard replica and answers to be whole again")
+    counts = _check_answers(load.answers, _references({build: merged}, bodies, users))
+    print("answers around a killed shard replica (one replica per shard):", counts)
+    assert counts["ok"] > 40
