@@ -235,7 +235,10 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     """`ray start --head --block` as a child process: stopping it stops only THIS cluster (a plain
     `ray stop` would kill every Ray on the machine). 4 logical CPUs: a rebuild needs one per embedding
     actor plus one for Ray Data's file-listing task, beside the Serve replicas."""
-    port, dash, metrics = free_port(), free_port(), free_port()
+    # every port its own: a second Ray head on the machine (scripts/test.sh runs two) must not meet this
+    # one's, and a head's dashboard agent defaults to port 52365 (the loser's job API says "No available
+    # agent to submit job")
+    port, dash, metrics, agent = free_port(), free_port(), free_port(), free_port()
     # this cluster's own temp dir: its session (logs, sockets) apart from any other Ray on the machine,
     # such as the other pytest session scripts/test.sh runs beside this one (short: socket paths)
     temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
@@ -243,7 +246,7 @@ def ray_head(ray_env, tmp_path_factory) -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats", f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp}"],
+         f"--temp-dir={temp}", f"--dashboard-agent-listen-port={agent}"],
         env=ray_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     info = {

@@ -16,6 +16,7 @@ token auth on for an in-process cluster after the fact. Prints one JSON line: RE
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,12 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _committed(registry: str) -> int:
@@ -56,8 +63,9 @@ def main() -> None:
     def node_env(i: int) -> dict:
         return {"env_vars": {"SKEWLESS_CACHE_DIR": str(a.node_caches / f"node-{i}")}} if a.node_caches else {}
 
+    # its head's dashboard agent on a free port, not Ray's 52365: other Ray heads may run on this machine
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": a.cpus_per_node, "include_dashboard": True,
-                                                            **node_env(0)})  # fmt: skip
+                                                            "dashboard_agent_listen_port": _free_port(), **node_env(0)})  # fmt: skip
     pool = [cluster.add_node(num_cpus=a.cpus_per_node, resources={"gpu_pool": 1}, **node_env(i + 1))
             for i in range(a.pool_nodes)]  # fmt: skip
     cluster.wait_for_nodes()

@@ -27,6 +27,7 @@ from core.serving.live_build import load_build
 from core.storage.registry import Registry
 from tests.conftest import REPO
 from tests.integration.conftest import (
+    free_port,
     kill_session,
     ray_cli,
     rebuild,
@@ -48,7 +49,8 @@ def worker_nodes(ray_head, tmp_path_factory):
         temp = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", f"--address={ray_head['gcs']}", "--block",
-             "--num-cpus=2", '--resources={"shard_host": 2}', f"--temp-dir={temp}", "--disable-usage-stats"],
+             "--num-cpus=2", '--resources={"shard_host": 2}', f"--temp-dir={temp}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}"],
             env=ray_head["env"], cwd=REPO, stdout=open(logs / f"node-{i}.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
             start_new_session=True,
         ))  # fmt: skip
