@@ -26,7 +26,7 @@ fi
 #             the request path again on Serve's throughput-optimized ingress (HAProxy, serve_app/ingress.py):
 #             JSON and Arrow bodies, a bad body failing alone in a shared batch. Everything else of
 #             serving is decided inside the replica, the same code behind either ingress, so it runs once.
-#             Not niced: a Ray cluster starved of CPU misses its own start-up and agent deadlines.
+#             Not niced: a Ray cluster starved of CPU can miss its own start-up deadlines.
 #   unit:     the lowest CPU priority (plain pytest, no deadlines).
 SERVING=(test_compact_body test_serving test_sidecar test_s3_end_to_end test_shop_model test_skew test_rebuild_job)
 REBUILDS=(test_embed_faults test_object_store test_cluster_yaml test_rebuild_failures test_cutover test_sharded_serving)
