@@ -1,4 +1,5 @@
-"""The PNG of a serve_load result: capacity and unloaded latency against candidates per request."""
+"""The PNGs of the serving benchmarks: serve_load (capacity and unloaded latency against candidates per
+request) and serve_sharded (latency against offered load, sharded vs merged)."""
 
 from __future__ import annotations
 
@@ -58,5 +59,31 @@ def plot(result: dict, path: Path) -> None:
         f"{b['items']:,} items), {m['cpu_count']} CPUs, ray {m['ray_version']}, torch {m['torch_version']}",
         fontsize=10,
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_sharded(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = list(result["summary"])
+    fig, axes = plt.subplots(1, len(eps), figsize=(6.5 * len(eps), 4.8), squeeze=False)
+    for ax, ep in zip(axes[0], eps, strict=True):
+        rows = result["summary"][ep]["rates"]
+        for app, color in (("merged", "C0"), ("sharded", "C1")):
+            ok = [r for r in rows if r[app]["passed"]]
+            x = [r["offered_rps"] for r in ok]
+            ax.plot(x, [r[app]["p50_ms"] for r in ok], "o-", color=color, label=f"{app} p50")
+            ax.plot(x, [r[app]["p99_ms"] for r in ok], "^--", color=color, label=f"{app} p99")
+        ax.set(xlabel="offered load, req/s", ylabel="latency, ms (median of repeats)", title=f"POST /{ep}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    b, c = result["build"], result["config"]
+    fig.suptitle(f"{b['shards']} shard replicas vs one merged replica: build {b['build_id']} ({b['items']:,} items, "
+                 f"{b['users']:,} users, {b['index']}), open loop, {c['repeats']} repeats interleaved, "
+                 f"{result['machine']['cpu_count']} CPUs", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)

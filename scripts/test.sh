@@ -22,10 +22,11 @@ fi
 #   serving:  the HTTP modules (and two of the rebuild modules, to even the two out), whose latency bounds (a sidecar write served within a second) must not
 #             wait on the other streams: their Ray workers (the Serve replicas) run at the drivers' nice 0,
 #             not at Ray's default 15, which would put them behind every process of the other streams.
-#   rebuilds: the rebuild-heavy modules, starting with those that need none of the shared artifacts; then
-#             the request path again on Serve's throughput-optimized ingress (HAProxy, serve_app/ingress.py):
-#             JSON and Arrow bodies, a bad body failing alone in a shared batch. Everything else of
-#             serving is decided inside the replica, the same code behind either ingress, so it runs once.
+#             Then the request path again on Serve's throughput-optimized ingress (HAProxy,
+#             serve_app/ingress.py): JSON and Arrow bodies, a bad body failing alone in a shared batch.
+#             Everything else of serving is decided inside the replica, the same code behind either
+#             ingress, so it runs once.
+#   rebuilds: the rebuild-heavy modules, starting with those that need none of the shared artifacts.
 #             Not niced: a Ray cluster starved of CPU can miss its own start-up deadlines.
 #   unit:     the lowest CPU priority (plain pytest, no deadlines).
 SERVING=(test_compact_body test_serving test_sidecar test_s3_end_to_end test_shop_model test_skew test_rebuild_job)
@@ -48,16 +49,16 @@ unit=$!
   rc=0
   python -m pytest -m "not slow" -p no:cacheprovider --durations=20 --basetemp="$RUNS/rebuilds/tmp" \
     $(files "${REBUILDS[@]}") || rc=$?
-  SKEWLESS_INGRESS=fast python -m pytest -m "not slow" -p no:cacheprovider \
-    --basetemp="$RUNS/fast/tmp" tests/integration/test_compact_body.py || rc=$?
   exit "$rc"
 ) >"$RUNS/rebuilds/log" 2>&1 &
 rebuilds=$!
 status=0
 # shellcheck disable=SC2046
 RAY_worker_niceness=0 python -m pytest -m "not slow" --durations=20 $(files "${SERVING[@]}") || status=$?
+RAY_worker_niceness=0 SKEWLESS_INGRESS=fast python -m pytest -m "not slow" -p no:cacheprovider \
+  --basetemp="$RUNS/fast/tmp" tests/integration/test_compact_body.py || status=$?
 wait "$rebuilds" || status=$?
-echo "---- rebuild modules, then the fast ingress (ran beside the serving modules) ----"
+echo "---- rebuild modules (ran beside the serving modules and the fast ingress) ----"
 cat "$RUNS/rebuilds/log"
 wait "$unit" || status=$?
 echo "---- unit tier (ran beside the integration tier) ----"

@@ -66,10 +66,11 @@ from core.storage.store import is_remote, location
 from serve_app import features
 from serve_app.auth import AdminAuth
 from serve_app.bodies import SCORE_BODIES, body_kind, parse_json_body
-from serve_app.metrics import ReplicaMetrics
+from serve_app.metrics import ReplicaMetrics, resident_mib
 from serve_app.schemas import (
     DEPLOYMENT_LIMITS,
     AppArgs,
+    Coverage,
     ItemsBody,
     RetrieveBody,
     RetrieveResponse,
@@ -143,6 +144,7 @@ def _by_state(items: list[tuple]) -> list[tuple[ServingState, list[int]]]:
 class Recommender(ShardedIngress):
     def __init__(self, args: dict, shards: list | None = None):
         _into_replica_log()
+        self.rss_at_start = resident_mib()  # the process's fixed cost (Ray, torch, faiss), before any build
         self.args = AppArgs(**args)
         # sharded serving: handles of the shard deployments (serve_app/sharded.py); None: merged builds
         if not shards and self.args.shard_app and self.args.shards:
@@ -310,6 +312,8 @@ class Recommender(ShardedIngress):
             "replica": self.replica,
             "broadcast": self.bcfg.enabled,
             "cap_policy": self.bcfg.policy,
+            "rss_mib": round(resident_mib(), 1),
+            "rss_mib_at_start": round(self.rss_at_start, 1),
             **self.totals,
         }
 
@@ -453,6 +457,8 @@ class Recommender(ShardedIngress):
         return RetrieveResponse(
             item_ids=res.item_ids, scores=res.scores, sources=res.sources, build_id=b.build_id,
             checkpoint_version=b.checkpoint_version, user_source="table" if body.features is None else "features",
+            coverage=None if res.coverage is None else Coverage(answered=res.coverage[0], shards=res.coverage[1],
+                                                                full=res.coverage[0] == res.coverage[1]),
         )  # fmt: skip
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

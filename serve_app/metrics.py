@@ -13,6 +13,13 @@ from __future__ import annotations
 
 from ray.util import metrics
 
+
+def resident_mib() -> float:
+    """This process's resident memory (VmRSS), MiB: what GET /stats and GET /shards report."""
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+
+
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536]
 _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
 

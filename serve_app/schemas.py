@@ -74,6 +74,9 @@ class AppArgs(BaseModel):
     # per shard call: tries (another replica of the shard may answer) and the time each may take
     shard_attempts: int = Field(3, ge=1)
     shard_timeout_s: float = Field(10.0, gt=0)
+    # /retrieve when a shard does not answer: False -> 503 + Retry-After; True -> the top-k of the shards
+    # that answered, flagged by `coverage` (answered < shards). /score always needs every row: 503.
+    shard_partial: bool = False
 
 
 Features = Annotated[
@@ -135,6 +138,15 @@ class RetrieveBody(BaseModel):
         return self
 
 
+class Coverage(BaseModel):
+    """A sharded build's answer: how many of its shards it came from (`full` false: some did not answer
+    and the app allows partial answers, so the top-k lacks those shards' items)."""
+
+    answered: int
+    shards: int
+    full: bool
+
+
 class RetrieveResponse(BaseModel):
     item_ids: list[int]
     scores: list[float]
@@ -142,6 +154,7 @@ class RetrieveResponse(BaseModel):
     build_id: str
     checkpoint_version: str
     user_source: Literal["table", "features"]
+    coverage: Coverage | None = None  # sharded builds only
 
 
 Item = Annotated[

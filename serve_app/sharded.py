@@ -25,20 +25,17 @@ import torch
 from ray import serve
 
 from core.ann import index as ann
+from core.ann import ivf_lists
 from core.serving.scatter import ShardCall
 from core.serving.shard_build import NotHeld, ShardHolder
 from core.storage.store import location
+from serve_app.metrics import resident_mib
 
 log = logging.getLogger("skewless.serve")
 
 
 class ShardUnavailable(RuntimeError):
     """A shard did not answer for the request's build after every try: the request gets a 503."""
-
-
-def _resident_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
 
 
 @serve.deployment(name="Shard", max_ongoing_requests=64)
@@ -48,6 +45,7 @@ class ShardServer:
 
     def __init__(self, args: dict):
         self.shard = int(args["shard"])
+        self.rss_at_start = resident_mib()  # the process's fixed cost (Ray, torch, faiss), before any build
         torch.set_num_threads(int(args.get("torch_threads", 1)))
         ann.configure(int(args.get("faiss_threads", 1)))
         self.holder = ShardHolder(location(args["registry"]), self.shard, retain_s=float(args["retain_s"]))
@@ -79,7 +77,8 @@ class ShardServer:
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "builds": builds,
-            "rss_mib": round(_resident_mib(), 1),
+            "rss_mib": round(resident_mib(), 1),
+            "rss_mib_at_start": round(self.rss_at_start, 1),
         }
 
     async def search(self, build_id: str, xq: np.ndarray, k: int):
@@ -115,9 +114,16 @@ class Fanout:
 
     def __init__(self, shards, attempts: int, timeout_s: float):
         """`shards`: the shard deployments' handles, or a function returning them (another application's
-        deployments, looked up when first needed: that application may still be deploying)."""
+        deployments, looked up when first needed: that application may still be deploying). Made in
+        the replica's constructor, which runs on the event loop its requests are served on."""
         self._shards = shards
         self.attempts, self.timeout_s = attempts, timeout_s
+        # Handle calls are awaited on this loop: Serve's throughput-optimized mode runs the handles'
+        # router on it, and then a response cannot be waited for synchronously (`.result()` raises).
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     @property
     def shards(self) -> list:
@@ -143,13 +149,26 @@ class Fanout:
             f"shard {s} did not answer for build {build_id} ({self.attempts} tries): {why[:300]}"
         )
 
-    async def search(self, build_id: str, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (ids, scores) (Q, k) over every shard: each answers its top-k, the lists are merged."""
+    async def search(
+        self, build_id: str, xq: np.ndarray, k: int, partial: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Top-k (ids, scores) (Q, k) over every shard, and how many shards answered: each answers its
+        top-k, the lists are merged. A shard that does not answer raises ShardUnavailable, unless
+        `partial` (then only if none answered)."""
         got = await asyncio.gather(
-            *(self._call(s, "search", build_id, xq, k) for s in range(len(self.shards)))
+            *(self._call(s, "search", build_id, xq, k) for s in range(len(self.shards))),
+            return_exceptions=partial,
         )
-        scores, ids = ann.merge_topk([(d, i) for i, d in got], k)
-        return ids, scores
+        answered = [g for g in got if not isinstance(g, BaseException)]
+        if not answered:
+            raise next(g for g in got if isinstance(g, BaseException))
+        if len(answered) < len(got):
+            missing = [s for s, g in enumerate(got) if isinstance(g, BaseException)]
+            log.warning(
+                "build %s: partial answer without shard(s) %s: %s", build_id, missing, got[missing[0]]
+            )
+        scores, ids = ivf_lists.merge_proposals(answered, k)
+        return ids, scores, len(answered)
 
     async def score(
         self, build_id: str, calls: dict[int, ShardCall]
@@ -169,18 +188,31 @@ class Fanout:
 
         return list(await asyncio.gather(*(one(s) for s in range(len(self.shards)))))
 
+    async def _held_everywhere(self, build_id: str, probes: int) -> bool:
+        for h in self.shards:
+            for _ in range(probes):
+                if build_id not in await asyncio.wait_for(h.held.remote(), self.timeout_s):
+                    return False
+        return True
+
     def ready(self, build_id: str, probes: int = 3) -> bool:
         """Whether every shard holds the build: asked `probes` times per shard (calls may land on
-        different replicas). Blocking: the ingress's registry follower thread asks, never a request."""
+        different replicas). Blocking, for the ingress's registry follower thread; the calls run on the
+        replica's loop. Asked on that loop itself (the constructor's first poll): not yet, the follower
+        asks again at its next poll."""
         try:
-            for h in self.shards:
-                for _ in range(probes):
-                    if build_id not in h.held.remote().result(timeout_s=self.timeout_s):
-                        return False
+            asyncio.get_running_loop()
+            return False
+        except RuntimeError:
+            pass
+        try:
+            if self._loop is None:  # no loop at construction: the router runs in its own
+                return asyncio.run(self._held_everywhere(build_id, probes))
+            done = asyncio.run_coroutine_threadsafe(self._held_everywhere(build_id, probes), self._loop)
+            return done.result(timeout=self.timeout_s * probes * len(self.shards) + 5)
         except Exception as e:  # noqa: BLE001 - a shard still starting: not ready yet
             log.info("shards not ready for build %s: %s", build_id, e)
             return False
-        return True
 
 
 def shard_apps(args, n: int) -> list:

@@ -10,6 +10,7 @@ requests with 503 + Retry-After, never with an incomplete answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -56,11 +57,18 @@ class ShardedIngress:
     async def _retrieve_sharded(self, state: ServingState, queries: list[RetrieveQuery]):
         """Query vectors here; every shard searched for the request's build; merged with the sidecar.
         A shard that does not answer: every query of the group gets ShardUnavailable (503), never a
-        top-k without that shard's items."""
+        top-k without that shard's items, unless the app allows partial answers (`shard_partial`):
+        then each answer carries its coverage (shards answered, shards)."""
         try:
             xq, embedded = await asyncio.to_thread(query_vectors, state.build, queries)
-            ids, scores = await self.fanout.search(state.build.build_id, xq, search_depth(state, queries))
-            return merge_sidecar(state, queries, xq, ids, scores), embedded
+            ids, scores, answered = await self.fanout.search(
+                state.build.build_id, xq, search_depth(state, queries), self.args.shard_partial
+            )
+            coverage = (answered, state.build.n_shards)
+            if answered < coverage[1]:
+                self.totals.update(partial_answers=len(queries))
+            results = merge_sidecar(state, queries, xq, ids, scores)
+            return [dataclasses.replace(r, coverage=coverage) for r in results], embedded
         except ShardUnavailable as e:
             log.warning("retrieval batch on build %s: %s", state.build.build_id, e)
             return [e] * len(queries), 0

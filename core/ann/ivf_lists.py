@@ -40,14 +40,35 @@ def refit_centroids(indexes: list[faiss.Index], sums: np.ndarray, counts: np.nda
         quantizer.add(cents)
 
 
-def rescore(xq: np.ndarray, D: np.ndarray, I: np.ndarray, ids: np.ndarray, vectors: np.ndarray):
+def exact_scores(xq: np.ndarray, I: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """The exact float32 inner products of the hits I (Q, k) from the id-sorted table (ids, vectors),
-    best first (-1 ids last, -inf): an index with compressed codes proposes, the table scores."""
-    valid = I >= 0
+    aligned with I (-inf where I is -1)."""
     rows = np.minimum(np.searchsorted(ids, I.clip(min=0)), len(ids) - 1)
     true = np.einsum(
         "qd,qkd->qk", np.asarray(xq, np.float32), np.asarray(vectors[rows.ravel()]).reshape(*rows.shape, -1)
     )
-    true = np.where(valid, true, -np.inf).astype(np.float32)
-    order = np.argsort(-true, axis=1, kind="stable")
-    return np.take_along_axis(true, order, 1), np.take_along_axis(I, order, 1)
+    return np.where(I >= 0, true, -np.inf).astype(np.float32)
+
+
+def rescore(xq: np.ndarray, D: np.ndarray, I: np.ndarray, ids: np.ndarray, vectors: np.ndarray):
+    """The hits I (Q, k) by their exact scores, best first (-1 ids last, -inf): an index with
+    compressed codes proposes, the table scores."""
+    return by_exact(I, exact_scores(xq, I, ids, vectors))
+
+
+def by_exact(I: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) ordered by the exact scores; ties keep the proposal's order."""
+    order = np.argsort(-exact, axis=1, kind="stable")
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(I, order, 1)
+
+
+def merge_proposals(results: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int):
+    """(scores, ids) (Q, k) over shards with disjoint ids, each (ids, exact scores, index scores): the
+    top-k by the index's own scores, as ONE index over every shard would propose them, then ordered by
+    their exact scores, as that index's hits are rescored. Rescoring each shard's list before merging
+    would rank more candidates exactly than the merged index does, so the answers would differ."""
+    I = np.concatenate([r[0] for r in results], axis=1)
+    E = np.concatenate([r[1] for r in results], axis=1)
+    D = np.where(I >= 0, np.concatenate([r[2] for r in results], axis=1), -np.inf)
+    top = np.argsort(-D, axis=1, kind="stable")[:, :k]
+    return by_exact(np.take_along_axis(I, top, 1), np.take_along_axis(E, top, 1))

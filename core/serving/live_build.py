@@ -30,7 +30,7 @@ class BuildRefused(RuntimeError):
     """A build could not be loaded or failed validation; the message says why."""
 
 
-def _lookup(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lookup_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `ids` in a sorted id table, and a mask of ids that are not in it."""
     pos = np.searchsorted(sorted_ids, ids)
     pos_c = np.minimum(pos, len(sorted_ids) - 1)
@@ -60,12 +60,12 @@ class LiveBuild:
         return int(self.item_emb.shape[1])
 
     def item_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _lookup(self.item_ids, ids)
+        return lookup_sorted(self.item_ids, ids)
 
     def user_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not len(self.user_ids):
             return np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
-        return _lookup(self.user_ids, ids)
+        return lookup_sorted(self.user_ids, ids)
 
     def feature_vectors(self, features: pa.Table) -> np.ndarray:
         """(U, D) query vectors of users given by their features (the user tower's declared columns,

@@ -183,6 +183,7 @@ class RetrieveResult:
     item_ids: list[int]
     scores: list[float]
     sources: list[str]
+    coverage: tuple[int, int] | None = None  # sharded builds: (shards that answered, shards)
 
 
 def query_vectors(build: LiveBuild, queries: list[RetrieveQuery]) -> tuple[np.ndarray, int]:

@@ -27,7 +27,7 @@ import torch
 from core.ann import index as ann
 from core.ann import ivf_lists
 from core.contract.towers import ModelPackage, load_package
-from core.serving.live_build import BuildRefused, LiveBuild, _lookup
+from core.serving.live_build import BuildRefused, LiveBuild, lookup_sorted
 from core.storage.build_dir import BuildDir, BuildManifest
 from core.storage.registry import Registry
 
@@ -74,24 +74,27 @@ class ShardBuild:
     model: ModelPackage  # its scorer (pair_scores / scores), the build's own version
     loaded_at: float
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (ids, scores) of this shard for query vectors (Q, D): (Q, k) each, -1 padded. The same
-        search parameters as the merged index, and the same exact rescoring of approximate codes."""
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This shard's top-k for query vectors (Q, D) at the merged index's search parameters: (ids,
+        exact scores, the index's scores), (Q, k) each in the index's order, -1 padded. The index's
+        scores are approximate for compressed codes: the ingress merges by them and ranks the merged
+        top-k by the exact ones (core.ann.ivf_lists.merge_proposals), as the merged build does."""
         xq = np.ascontiguousarray(xq, np.float32)
         D, I = ann.search(self.index, self.spec, self.search_params, xq, min(k, max(1, self.index.ntotal)))
-        if ann.approximate(self.spec):
-            D, I = ivf_lists.rescore(xq, D, I, self.item_ids, self.item_emb)
+        E = ivf_lists.exact_scores(xq, I, self.item_ids, self.item_emb) if ann.approximate(self.spec) else D
         if I.shape[1] < k:  # fewer items than k in this shard
-            pad = k - I.shape[1]
-            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
-            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return I, D
+            pad = ((0, 0), (0, k - I.shape[1]))
+            I, E, D = (
+                np.pad(I, pad, constant_values=-1),
+                *(np.pad(x, pad, constant_values=-np.inf) for x in (E, D)),
+            )
+        return I, E, D
 
     def has(self, ids: np.ndarray) -> np.ndarray:
         """Which of `ids` this shard holds."""
         if not len(self.item_ids):
             return np.zeros(len(ids), bool)
-        return ~_lookup(self.item_ids, ids)[1]
+        return ~lookup_sorted(self.item_ids, ids)[1]
 
     @torch.inference_mode()
     def score(
@@ -107,7 +110,7 @@ class ShardBuild:
         only the pair part runs here. `per_row`: the per-row reference, the whole scorer for every row.
         Returns (scores (R,) float32, NaN where unknown; unknown (R,) bool: ids this shard lacks)."""
         if len(self.item_ids):
-            rows, unknown = _lookup(self.item_ids, item_ids)
+            rows, unknown = lookup_sorted(self.item_ids, item_ids)
         else:
             rows, unknown = np.zeros(len(item_ids), np.int64), np.ones(len(item_ids), bool)
         scores = np.full(len(item_ids), np.nan, np.float32)

@@ -1,4 +1,5 @@
-"""POST /score with the compact Arrow body, through Serve's real HTTP ingress (either mode).
+"""POST /score with the compact Arrow body, through Serve's real HTTP ingress (either mode); behind the
+fast ingress, a sharded build too.
 
 One application, one replica, a long batch wait and a batch size of 8: eight concurrent requests, Arrow
 and JSON, land in ONE batch (the replica's /stats counts it), so the test sees both forms share a batch
@@ -7,6 +8,7 @@ and a bad request among them fail alone.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,9 +16,12 @@ import numpy as np
 import pytest
 import requests
 
+from core.serving.broadcast import BroadcastConfig, ScoreRequest, score_batch
 from core.serving.compact_body import ARROW_STREAM, encode_rows
+from core.serving.live_build import load_build
 from core.storage.datasets import read_table
-from tests.integration.conftest import serve_deploy, wait_for
+from core.storage.registry import Registry
+from tests.integration.conftest import rebuild, serve_deploy, summary, wait_for
 
 ARROW = {"content-type": ARROW_STREAM}
 
@@ -160,3 +165,49 @@ def test_arrow_and_json_requests_share_one_batch_and_a_bad_one_fails_alone(app):
         assert r.status_code == 200, (kind, r.text)
         ref = requests.post(f"{app['base']}/score", json=_json(users, items), timeout=30).json()["scores"]
         np.testing.assert_allclose(r.json()["scores"], ref, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    os.environ.get("SKEWLESS_INGRESS") != "fast",
+    reason="the default ingress serves sharded builds in tests/integration/test_sharded_serving.py",
+)
+def test_a_sharded_build_behind_the_fast_ingress_answers_as_its_merged_build(
+    ray_head, ml_data, checkpoints, new_registry, tmp_path_factory, serve_port
+):
+    """Serve's throughput-optimized mode runs the handles' router on the replica's event loop, where a
+    response cannot be waited for synchronously: the ingress's readiness probe of its shards must still
+    go through (it did not, and the app never became healthy), and the answers equal the merged build's."""
+    registry = new_registry("reg-sharded-fast")
+    build = summary(rebuild(ray_head, checkpoints[0], ml_data / "catalog", registry, "--users", ml_data / "users",
+                            "--layout", "sharded", "--shards", "2"))["build_id"]  # fmt: skip
+    small = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}
+    spec = {"name": "sharded-fast", "route_prefix": "/sf", "import_path": "serve_app.app:build_app",
+            "args": {"registry": str(registry), "shards": 2, "poll_interval_s": 0.3},
+            "deployments": [{"name": n, **small} for n in ("Recommender", "Shard0", "Shard1")]}  # fmt: skip
+    base = serve_deploy(ray_head, serve_port, [spec], tmp_path_factory.mktemp("serve") / "sf.json") + "/sf"
+
+    def healthy():
+        try:
+            return requests.get(f"{base}/healthz", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(healthy, 240, "the sharded app behind the fast ingress to report healthy", interval_s=1)
+    merged = load_build(Registry(registry).build_dir(build))
+    users = np.asarray(merged.user_ids[:8])
+    want, _ = merged.search(np.asarray(merged.user_emb[merged.user_rows(users)[0]]), 10)
+    for u, ids in zip(users, want, strict=True):
+        r = requests.post(f"{base}/retrieve", json={"user_id": int(u), "k": 10}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["build_id"] == build and body["item_ids"] == ids.tolist()
+        assert body["coverage"] == {"answered": 2, "shards": 2, "full": True}
+    items = np.asarray(merged.item_ids)[:: max(1, len(merged.item_ids) // 30)][:30]
+    r = requests.post(
+        f"{base}/score", data=encode_rows(np.full(len(items), users[0]), items), headers=ARROW, timeout=30
+    )
+    assert r.status_code == 200, r.text
+    (ref,), _ = score_batch(
+        merged, [ScoreRequest(np.full(len(items), users[0]), items)], BroadcastConfig(enabled=False)
+    )
+    np.testing.assert_allclose(r.json()["scores"], ref.scores, atol=1e-5)

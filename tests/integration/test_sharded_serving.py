@@ -3,7 +3,8 @@
 Two worker nodes join the session's head, each with room for two shard replicas (`shard_host`). A
 4-shard MovieLens build (Flat shards: exact search) is served by one application whose shard
 deployments Shard0..Shard3 run on the worker nodes, and by a second ingress with broadcast off over the
-same shards (`shard_app`). Answers are checked against the merged build computed in this process.
+same shards (`shard_app`) that allows partial retrievals (`shard_partial`). Answers are checked against
+the merged build computed in this process.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def sharded(ray_head, worker_nodes, ml_data, checkpoints, new_registry, tmp_path
         {"name": "sharded", "route_prefix": "/s", "import_path": "serve_app.app:build_app",
          "args": {**common, "broadcast": True}, "deployments": [ingress, *shard_deps]},
         {"name": "sharded-perrow", "route_prefix": "/p", "import_path": "serve_app.app:build_app",
-         "args": {**common, "broadcast": False, "shard_app": "sharded"}, "deployments": [ingress]},
+         "args": {**common, "broadcast": False, "shard_app": "sharded", "shard_partial": True},
+         "deployments": [ingress]},
     ]  # fmt: skip
     base = serve_deploy(ray_head, serve_port, apps, tmp_path_factory.mktemp("serve") / "serve.json")
 
@@ -164,8 +166,10 @@ def test_scores_equal_the_unsharded_per_row_scores_with_broadcast_on_and_off(sha
 class _Load:
     """Clients sending /score and /retrieve for a few users until stopped; every answer kept."""
 
-    def __init__(self, base: str, bodies: list[dict], users: list[int], threads: int = 4):
-        self.base, self.bodies, self.users = base, bodies, users
+    def __init__(
+        self, base: str, bodies: list[dict], users: list[int], threads: int = 4, score_frac: float = 0.5
+    ):
+        self.base, self.bodies, self.users, self.score_frac = base, bodies, users, score_frac
         self.answers: list[tuple] = []  # (kind, index, status, json or text, retry-after)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(threads)]
@@ -175,7 +179,7 @@ class _Load:
         while not self.stop.is_set():
             k = int(rng.integers(len(self.bodies)))
             u = int(rng.integers(len(self.users)))
-            kind = "score" if rng.random() < 0.5 else "retrieve"
+            kind = "score" if rng.random() < self.score_frac else "retrieve"
             try:
                 if kind == "score":
                     r = requests.post(f"{self.base}/score", json=self.bodies[k], timeout=60)
@@ -294,3 +298,54 @@ def test_a_killed_shard_replica_costs_503s_with_retry_after_never_an_incomplete_
     counts = _check_answers(load.answers, _references({build: merged}, bodies, users))
     print("answers around a killed shard replica (one replica per shard):", counts)
     assert counts["ok"] > 40
+
+
+def test_a_stalled_shard_gives_503s_or_with_shard_partial_answers_flagged_by_their_coverage(sharded):
+    """Shard 2's replica frozen (SIGSTOP): its calls time out. The strict ingress (/s) answers 503 +
+    Retry-After; the one with `shard_partial` (/p) answers retrievals from the three other shards, flagged
+    `coverage` 3/4, equal to the exact top-10 over the items outside shard 2; both whole again after."""
+    base, merged, build = sharded["base"], sharded["merged"], sharded["build"]
+    bodies, users = _load_inputs(merged)
+    victim = next(x for x in requests.get(f"{base}/s/shards", timeout=30).json()["shards"] if x["shard"] == 2)
+    lo, hi = next((e["id_lo"], e["id_hi"]) for e in merged.manifest.index.shards if e["shard"] == 2)
+    deep, _ = merged.search(np.asarray(merged.user_emb[merged.user_rows(np.asarray(users))[0]]), 200)
+    without = [[int(i) for i in row if not lo <= i < hi][:10] for row in deep]
+
+    def partial(answers):
+        return [a for a in answers if a[2] == 200 and not a[3]["coverage"]["full"]]
+
+    with (
+        _Load(f"{base}/s", bodies, users, threads=2) as strict,
+        _Load(f"{base}/p", bodies, users, score_frac=0) as part,
+    ):
+        wait_for(lambda: len(strict.answers) > 10 and len(part.answers) > 10, 60, "answers under load")
+        os.kill(victim["pid"], signal.SIGSTOP)
+        try:
+            wait_for(lambda: any(a[2] == 503 for a in strict.answers) and len(partial(part.answers)) >= 2,
+                     90, "503s from /s and partial answers from /p while shard 2 is frozen")  # fmt: skip
+        finally:
+            os.kill(victim["pid"], signal.SIGCONT)
+        n_s, n_p = len(strict.answers), len(part.answers)
+        wait_for(lambda: len(strict.answers) > n_s + 10 and len(part.answers) > n_p + 10
+                 and all(a[2] == 200 for a in strict.answers[-10:] + part.answers[-10:])
+                 and not partial(part.answers[-10:]), 120, "whole answers again")  # fmt: skip
+    counts = _check_answers(strict.answers, _references({build: merged}, bodies, users))
+    refs = _references({build: merged}, bodies, users)[build]["top"]
+    flagged = {"full": 0, "partial": 0}
+    for kind, k, status, body, _ in part.answers:
+        assert kind == "retrieve" and status == 200, (status, body)  # partial instead of a 503
+        cov = body["coverage"]
+        assert (
+            body["build_id"] == build
+            and cov["shards"] == SHARDS
+            and cov["full"] == (cov["answered"] == SHARDS)
+        )
+        if cov["full"]:
+            assert body["item_ids"] == refs[k].tolist()
+        else:  # only shard 2 was stalled: the exact top-10 of the other three shards' items
+            assert cov["answered"] == SHARDS - 1 and body["item_ids"] == without[k], (body, without[k])
+        flagged["partial" if not cov["full"] else "full"] += 1
+    print("a stalled shard: strict ingress", counts, "| partial-answers ingress", flagged)
+    assert counts["503"] >= 1 and flagged["partial"] >= 2
+    stats = requests.get(f"{base}/p/stats", timeout=10).json()
+    assert stats["partial_answers"] >= flagged["partial"]
