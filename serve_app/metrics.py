@@ -112,6 +112,11 @@ class ReplicaMetrics:
             "Unique users embedded from their request features by the user tower",
             tag_keys=keys,
         )
+        self.partial_answers = metrics.Counter(
+            "skewless_partial_answers",
+            "Retrievals answered without every shard of their build (shard_partial: coverage < 1)",
+            tag_keys=by_build,
+        )
         self.latency_ms = metrics.Histogram(
             "skewless_score_latency_ms", "Scoring batch compute time", boundaries=_MS, tag_keys=by_build
         )

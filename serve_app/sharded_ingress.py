@@ -65,8 +65,9 @@ class ShardedIngress:
                 state.build.build_id, xq, search_depth(state, queries), self.args.shard_partial
             )
             coverage = (answered, state.build.n_shards)
-            if answered < coverage[1]:
+            if answered < coverage[1]:  # a degraded answer: on the dashboard, not only in GET /stats
                 self.totals.update(partial_answers=len(queries))
+                self.metrics.partial_answers.inc(len(queries), self.metrics._t(build_id=state.build.build_id))
             results = merge_sidecar(state, queries, xq, ids, scores)
             return [dataclasses.replace(r, coverage=coverage) for r in results], embedded
         except ShardUnavailable as e:
