@@ -39,15 +39,19 @@ def app(ray_head, ml_data, checkpoints, registry_with_a, tmp_path_factory, serve
     }  # fmt: skip
     base = serve_deploy(ray_head, serve_port, [spec], tmp_path_factory.mktemp("serve") / "serve.yaml") + "/c"
 
+    _wait_healthy(base, "the compact-body app")
+    users = read_table(ml_data / "users")["user_id"].to_numpy()
+    return {"base": base, "build": build, "users": users, "items": read_table(ml_data / "catalog")["item_id"].to_numpy()}  # fmt: skip
+
+
+def _wait_healthy(base: str, what: str) -> None:
     def healthy():
         try:
             return requests.get(f"{base}/healthz", timeout=5).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_for(healthy, 240, "the compact-body app to report healthy", interval_s=1)
-    users = read_table(ml_data / "users")["user_id"].to_numpy()
-    return {"base": base, "build": build, "users": users, "items": read_table(ml_data / "catalog")["item_id"].to_numpy()}  # fmt: skip
+    wait_for(healthy, 240, f"{what} to report healthy", interval_s=1)
 
 
 def _rows(app, rng, n):
@@ -186,13 +190,7 @@ def test_a_sharded_build_behind_the_fast_ingress_answers_as_its_merged_build(
             "deployments": [{"name": n, **small} for n in ("Recommender", "Shard0", "Shard1")]}  # fmt: skip
     base = serve_deploy(ray_head, serve_port, [spec], tmp_path_factory.mktemp("serve") / "sf.json") + "/sf"
 
-    def healthy():
-        try:
-            return requests.get(f"{base}/healthz", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(healthy, 240, "the sharded app behind the fast ingress to report healthy", interval_s=1)
+    _wait_healthy(base, "the sharded app behind the fast ingress")
     merged = load_build(Registry(registry).build_dir(build))
     users = np.asarray(merged.user_ids[:8])
     want, _ = merged.search(np.asarray(merged.user_emb[merged.user_rows(users)[0]]), 10)
